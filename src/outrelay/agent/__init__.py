@@ -1,0 +1,3 @@
+"""The agent (sidecar): session with the relay, consumer and provider roles."""
+
+from __future__ import annotations

@@ -1,0 +1,170 @@
+"""The agent process: one relay session, explicit consumer listeners, providers.
+
+Owns every task it starts: the session loop, one task per application
+connection and one per relay-opened stream. :meth:`Agent.shutdown` stops
+accepting, lets in-flight streams finish within a grace period, then cancels
+what is left and closes the relay connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+from outrelay.agent.consumer import CONSUMER_MODE_WAIT, handle_consumer_connection
+from outrelay.agent.provider import PROVIDER_MODE_WAIT, handle_incoming_stream, split_host_port
+from outrelay.agent.session import RelayRefused, RelaySession, SessionConfig
+from outrelay.observe import kv
+from outrelay.transport import SocketStream, Stream
+
+__all__ = ["Agent", "AgentConfig", "ListenerError"]
+
+log = logging.getLogger("outrelay.agent")
+
+SHUTDOWN_GRACE = 10.0
+
+
+class ListenerError(Exception):
+    """An explicit ``--consume`` listener could not be bound."""
+
+
+@dataclass
+class AgentConfig:
+    session: SessionConfig
+    consumes: list[tuple[str, str]] = field(default_factory=list)
+    """(service, bind ``host:port``) per explicit ``--consume``."""
+    shutdown_grace: float = SHUTDOWN_GRACE
+    consumer_mode_wait: float = CONSUMER_MODE_WAIT
+    provider_mode_wait: float = PROVIDER_MODE_WAIT
+    exit_on_refusal: bool = True
+    """Exit (code 1) if the relay refuses us before we were ever accepted."""
+
+
+class Agent:
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.session = RelaySession(
+            config.session, on_incoming=self._on_incoming, on_refused=self._on_refused
+        )
+        self._servers: list[asyncio.Server] = []
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._session_task: asyncio.Task[None] | None = None
+        self._stopped = asyncio.Event()
+        self.refused: RelayRefused | None = None
+        self.bound: list[tuple[str, str, int]] = []
+        """(service, host, port) of every explicit listener, once bound."""
+
+    # -- lifecycle ------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Bind every ``--consume`` listener, then start the session loop.
+
+        Raises:
+            ListenerError: a bind failed (listeners already bound are closed).
+        """
+        try:
+            for service, bind in self.config.consumes:
+                host, port = split_host_port(bind) if bind else ("", 0)
+                server = await asyncio.start_server(
+                    functools.partial(self._on_local_connection, service=service),
+                    host or None,
+                    port,
+                )
+                self._servers.append(server)
+                sock = server.sockets[0].getsockname()
+                self.bound.append((service, sock[0], sock[1]))
+                log.info(
+                    "intercept: explicit listener bound",
+                    extra=kv(bind=f"{sock[0]}:{sock[1]}", svc=service),
+                )
+        except (OSError, ValueError) as exc:
+            for server in self._servers:
+                server.close()
+            self._servers.clear()
+            raise ListenerError(f"cannot listen for --consume {service}@{bind}: {exc}") from exc
+        self._session_task = asyncio.get_running_loop().create_task(
+            self.session.run(), name="session"
+        )
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+    async def shutdown(self) -> None:
+        """Stop accepting, drain in-flight streams (bounded), close everything."""
+        for server in self._servers:
+            server.close()
+        self.session.stop_accepting()
+        pending = {t for t in self._tasks if not t.done()}
+        if pending:
+            log.info(
+                "shutdown: waiting for in-flight streams",
+                extra=kv(streams=len(pending), grace=f"{self.config.shutdown_grace:g}s"),
+            )
+            _, still = await asyncio.wait(pending, timeout=self.config.shutdown_grace)
+            for task in still:
+                task.cancel()
+            if still:
+                await asyncio.wait(still, timeout=2.0)
+        if self._session_task is not None:
+            self._session_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._session_task
+        await self.session.close()
+        self._stopped.set()
+
+    # -- tasks ------------------------------------------------------------------------
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.get_running_loop().create_task(self._guard(coro, name), name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    @staticmethod
+    async def _guard(coro: Coroutine[Any, Any, None], name: str) -> None:
+        try:
+            await coro
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("agent task failed", extra=kv(task=name))
+
+    def _on_incoming(self, stream: Stream) -> None:
+        self._spawn(
+            handle_incoming_stream(
+                self.session,
+                stream,
+                self.config.session.services,
+                mode_wait=self.config.provider_mode_wait,
+            ),
+            "incoming",
+        )
+
+    async def _on_local_connection(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, service: str
+    ) -> None:
+        local = SocketStream(reader, writer)
+        log.debug("intercept: new conn accepted", extra=kv(svc=service, orig_dst=local.sockname))
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        try:
+            await self._guard(
+                handle_consumer_connection(
+                    self.session, local, service, mode_wait=self.config.consumer_mode_wait
+                ),
+                "consumer",
+            )
+        finally:
+            self._tasks.discard(task)
+            await local.aclose()
+
+    async def _on_refused(self, refused: RelayRefused) -> None:
+        log.error("dial relay: refused", extra=kv(err=str(refused)))
+        if self.config.exit_on_refusal:
+            self.refused = refused
+            self._stopped.set()

@@ -1,0 +1,255 @@
+"""``outrelay-agent``: the sidecar's command line (flags as spec 03 §1.2).
+
+Every flag is validated before any network I/O, with the reference's exit
+codes (spec 03 §1.6, §11 item 11): 2 for usage errors (missing or malformed
+flags, bad URI, ``--expose-service`` without a target), 1 for TLS material,
+listeners and a relay that refuses us, 0 for ``--version``, ``--help`` and a
+clean SIGINT/SIGTERM shutdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+
+from outrelay import __version__
+from outrelay.agent.agent import Agent, AgentConfig, ListenerError
+from outrelay.agent.session import SessionConfig
+from outrelay.cliutil import go_style_argv, parse_host_port
+from outrelay.identity import InvalidIdentity, parse_identity
+from outrelay.observe import kv, setup_logging
+from outrelay.pki import PkiError, load_certificates, load_identity
+from outrelay.transport import QuicTlsConfig
+
+__all__ = ["build_parser", "main"]
+
+log = logging.getLogger("outrelay.agent")
+
+EPILOG = """\
+examples:
+  provider, exposing a local web server as service "web":
+    outrelay-agent --relay relay.example:7443 --uri outrelay://acme/agent/<uuid> \\
+      --cert agent.crt --key agent.key --ca ca.crt --expose web=127.0.0.1:8080
+
+  consumer, reaching "web" on localhost:18080:
+    outrelay-agent --relay relay.example:7443 --uri outrelay://acme/agent/<uuid> \\
+      --cert agent.crt --key agent.key --ca ca.crt --consume web@127.0.0.1:18080
+
+Single-dash spellings (-relay, -consume=...) are accepted as in the reference.
+exit codes: 0 clean stop, 1 TLS/listener/relay refusal, 2 bad flags.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="outrelay-agent",
+        description=(
+            "OutRelay agent: dials out to a relay over mTLS QUIC so local apps reach "
+            "remote services (--consume) and remote agents reach local ones (--expose), "
+            "with no inbound port."
+        ),
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--relay",
+        default="127.0.0.1:7443",
+        help="relay QUIC endpoints, comma-separated host:port; all are tried at once and "
+        "the first to answer wins (default %(default)s)",
+    )
+    p.add_argument(
+        "--uri",
+        default="",
+        help="this agent's identity outrelay://<tenant>/agent/<uuid> (required)",
+    )
+    p.add_argument("--cert", default="", help="PEM client certificate (required)")
+    p.add_argument("--key", default="", help="PEM private key (required)")
+    p.add_argument("--ca", default="", help="PEM CA bundle that verifies the relay (required)")
+    p.add_argument(
+        "--server-name",
+        default="localhost",
+        help="TLS server name the relay certificate must carry (default %(default)s)",
+    )
+    p.add_argument("--expose-service", default="", help="one service name to provide")
+    p.add_argument("--expose-target", default="", help="backend host:port for --expose-service")
+    p.add_argument(
+        "--expose",
+        action="append",
+        default=[],
+        metavar="SVC=HOST:PORT",
+        help="provide SVC, bridging each stream to the TCP backend HOST:PORT (repeatable)",
+    )
+    p.add_argument(
+        "--intercept",
+        default="explicit",
+        help="interception mode: explicit (tproxy is not available yet) (default %(default)s)",
+    )
+    p.add_argument(
+        "--consume",
+        action="append",
+        default=[],
+        metavar="SVC@HOST:PORT",
+        help="listen on HOST:PORT; each connection is carried to remote service SVC (repeatable)",
+    )
+    p.add_argument(
+        "--shutdown-grace",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="on SIGINT/SIGTERM, how long in-flight streams may finish (default %(default)s)",
+    )
+    p.add_argument("--log-format", default="text", help="text or json (default %(default)s)")
+    p.add_argument(
+        "--log-level", default="info", help="debug, info, warn or error (default %(default)s)"
+    )
+    p.add_argument("--version", action="store_true", help="print the version and exit")
+    return p
+
+
+class UsageError(Exception):
+    """A flag problem: exit 2."""
+
+
+class SetupError(Exception):
+    """TLS material or similar: exit 1."""
+
+
+def _build_config(args: argparse.Namespace) -> AgentConfig:
+    missing = [name for name in ("cert", "key", "ca", "uri") if not getattr(args, name)]
+    if missing:
+        raise UsageError(f"missing required flags: {', '.join('--' + m for m in missing)}")
+    try:
+        identity = parse_identity(args.uri)
+    except InvalidIdentity as exc:
+        raise UsageError(f"invalid agent URI: {exc}") from exc
+    if identity.role != "agent":
+        raise UsageError(f"invalid agent URI: {args.uri!r} is a relay identity")
+
+    relays: list[tuple[str, int]] = []
+    for item in args.relay.split(","):
+        if not item.strip():
+            continue
+        try:
+            relays.append(parse_host_port(item, what="--relay endpoint"))
+        except ValueError as exc:
+            raise UsageError(str(exc)) from exc
+    if not relays:
+        raise UsageError("--relay needs at least one host:port")
+
+    services: dict[str, str] = {}
+    if args.expose_service:
+        if not args.expose_target:
+            raise UsageError("--expose-service requires --expose-target")
+        services[args.expose_service] = args.expose_target
+    for item in args.expose:
+        name, sep, target = item.partition("=")
+        if not sep or not name:
+            raise UsageError(f"--expose must be <svc>=<host:port>, got {item!r}")
+        services[name] = target
+    for name, target in services.items():
+        try:
+            parse_host_port(target, what=f"backend for service {name!r}")
+        except ValueError as exc:
+            raise UsageError(str(exc)) from exc
+
+    consumes: list[tuple[str, str]] = []
+    if args.consume:
+        if args.intercept != "explicit":
+            if args.intercept == "tproxy":
+                raise SetupError(
+                    "start interceptor: tproxy mode is not available in this build yet"
+                )
+            raise SetupError(f"start interceptor: unknown intercept mode: {args.intercept}")
+        for item in args.consume:
+            service, sep, bind = item.partition("@")
+            if not sep:
+                raise SetupError(
+                    f"start interceptor: explicit --consume must be <svc>@<bind-addr>: {item!r}"
+                )
+            if bind:
+                try:
+                    parse_host_port(bind, what=f"--consume bind address for {service!r}")
+                except ValueError as exc:
+                    raise UsageError(str(exc)) from exc
+            consumes.append((service, bind))
+
+    try:
+        load_identity(args.cert, args.key)
+        load_certificates(args.ca)
+    except (OSError, PkiError, ValueError) as exc:
+        raise SetupError(f"load tls: {exc}") from exc
+
+    tls = QuicTlsConfig(args.cert, args.key, args.ca, server_name=args.server_name)
+    return AgentConfig(
+        session=SessionConfig(relays=tuple(relays), uri=args.uri, tls=tls, services=services),
+        consumes=consumes,
+        shutdown_grace=args.shutdown_grace,
+    )
+
+
+async def run_agent(config: AgentConfig) -> int:
+    """Run until SIGINT/SIGTERM (exit 0) or a refusal before first contact (exit 1)."""
+    agent = Agent(config)
+    try:
+        await agent.start()
+    except ListenerError as exc:
+        log.error("start interceptor", extra=kv(err=str(exc)))
+        return 1
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    log.info(
+        "agent started",
+        extra=kv(
+            uri=config.session.uri,
+            relays=",".join(f"{h}:{p}" for h, p in config.session.relays),
+            services=",".join(config.session.services) or "-",
+            consumes=",".join(f"{s}@{h}:{p}" for s, h, p in agent.bound) or "-",
+            version=__version__,
+        ),
+    )
+    stop_task = loop.create_task(stop.wait())
+    stopped_task = loop.create_task(agent.wait_stopped())
+    await asyncio.wait({stop_task, stopped_task}, return_when=asyncio.FIRST_COMPLETED)
+    stop_task.cancel()
+    stopped_task.cancel()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, lambda: None)  # later signals are swallowed
+    if agent.refused is None:
+        log.info("shutting down")
+    await agent.shutdown()
+    return 1 if agent.refused is not None else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(go_style_argv(sys.argv[1:] if argv is None else argv, parser))
+    if args.version:
+        print(__version__)
+        return 0
+    setup_logging(args.log_format, args.log_level)
+    try:
+        config = _build_config(args)
+    except UsageError as exc:
+        log.error(str(exc))
+        parser.print_usage(sys.stderr)
+        return 2
+    except SetupError as exc:
+        log.error(str(exc))
+        return 1
+    try:
+        return asyncio.run(run_agent(config))
+    except KeyboardInterrupt:  # pragma: no cover - signal arrived before the handler
+        return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

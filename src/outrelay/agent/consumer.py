@@ -1,0 +1,183 @@
+"""Consumer role: an intercepted local connection becomes an OPEN_STREAM.
+
+Spec 03 §3.5 with its [REC] (a)–(c): the relay's answer is read properly.
+
+* STREAM_READY on the control stream: bridge at once (splice mode).
+* Data on the data stream before any mode signal: if it is a complete
+  STREAM_REJECT frame followed by EOF, the open was refused -- log the code
+  and reason, reset the application's connection; never hand the frame to
+  the application as data. Anything else is an inter-relay splice (which
+  gets no STREAM_READY): bridge now, delivering the bytes already read.
+* Neither within 10 s: bridge as splice, like the reference.
+* ALLOC_GRANTED (forward mode): not supported yet; the connection is closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+
+from outrelay.agent.session import NotConnected, RelaySession, StreamMode
+from outrelay.observe import kv
+from outrelay.orp import FrameDecoder, FrameType, OrpError, StreamReject, decode_message
+from outrelay.splice import splice
+from outrelay.transport import SocketStream, Stream, TransportError
+
+__all__ = ["CONSUMER_MODE_WAIT", "Rejected", "handle_consumer_connection"]
+
+log = logging.getLogger("outrelay.agent.consumer")
+
+CONSUMER_MODE_WAIT = 10.0  # spec 03 §3.5 / §10
+READ_CHUNK = 64 * 1024
+
+
+@dataclass(frozen=True)
+class Rejected:
+    code: int
+    reason: str
+
+
+async def _await_answer(
+    stream: Stream, mode: asyncio.Future[str], wait: float
+) -> tuple[str | Rejected, bytes]:
+    """Wait for the relay's verdict on an open.
+
+    Returns:
+        (``StreamMode.SPLICE``/``FORWARD`` or a :class:`Rejected`, bytes already
+        read from the stream that belong to the application).
+    """
+    buffered = bytearray()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait
+    eof = False
+    while True:
+        if mode.done():
+            verdict = StreamMode.SPLICE if mode.cancelled() else mode.result()
+            return verdict, bytes(buffered)
+        remaining = deadline - loop.time()
+        if remaining <= 0 or eof:
+            if eof and not buffered:
+                # EOF with nothing at all: the relay closed the stream (e.g. the
+                # provider's stream ended before it answered).
+                return Rejected(0, "stream closed by relay before any answer"), b""
+            return StreamMode.SPLICE, bytes(buffered)
+        read = loop.create_task(stream.receive_some(READ_CHUNK))
+        waitables: set[asyncio.Future[Any]] = {read, mode}
+        try:
+            done, _ = await asyncio.wait(
+                waitables, timeout=remaining, return_when="FIRST_COMPLETED"
+            )
+        except BaseException:
+            read.cancel()
+            raise
+        if read not in done:
+            read.cancel()
+            with contextlib.suppress(asyncio.CancelledError, TransportError):
+                data = await read
+                buffered += data  # pragma: no cover - cancellation raced a completed read
+            continue
+        data = read.result()
+        if not data:
+            eof = True
+        buffered += data
+        answer = _classify(bytes(buffered), eof)
+        if answer is None:
+            continue  # maybe a STREAM_REJECT still arriving
+        if isinstance(answer, Rejected):
+            return answer, b""
+        return StreamMode.SPLICE, bytes(buffered)
+
+
+def _classify(data: bytes, eof: bool) -> Rejected | str | None:
+    """Is ``data`` (+EOF) a STREAM_REJECT frame, application data, or undecided?"""
+    if len(data) >= 2 and (data[0] & 0x1F, data[1]) != (0x00, 0x13):
+        return StreamMode.SPLICE
+    if not data:
+        return None
+    if len(data) == 1:
+        return None if data[0] & 0x1F == 0 and not eof else StreamMode.SPLICE
+    decoder = FrameDecoder()
+    decoder.receive_data(data)
+    try:
+        frame = decoder.next_frame()
+    except OrpError:
+        return StreamMode.SPLICE
+    if frame is None:
+        return StreamMode.SPLICE if eof else None
+    if decoder.buffered:
+        return StreamMode.SPLICE
+    if not eof:
+        return None  # a whole frame: a reject is followed by EOF; wait for it
+    try:
+        reject = decode_message(frame)
+    except OrpError:
+        return StreamMode.SPLICE
+    if frame.type != FrameType.STREAM_REJECT or not isinstance(reject, StreamReject):
+        return StreamMode.SPLICE
+    return Rejected(reject.code, reject.reason)
+
+
+async def handle_consumer_connection(
+    session: RelaySession,
+    local: SocketStream,
+    service: str,
+    *,
+    mode_wait: float = CONSUMER_MODE_WAIT,
+) -> None:
+    """Carry one accepted application connection to ``service``."""
+    peer = f"{local.peername[0]}:{local.peername[1]}" if local.peername else "?"
+    try:
+        stream, sid, mode = await session.open_stream(service)
+    except (NotConnected, TransportError) as exc:
+        log.warning("session dial", extra=kv(svc=service, err=str(exc)))
+        local.abort()
+        return
+    session.track(sid)
+    log.debug("session: stream opened", extra=kv(svc=service, stream_id=sid, app=peer))
+    try:
+        try:
+            verdict, prefix = await _await_answer(stream, mode, mode_wait)
+        except TransportError as exc:
+            log.warning(
+                "stream lost before the relay answered", extra=kv(svc=service, err=str(exc))
+            )
+            stream.abort()
+            local.abort()
+            return
+        finally:
+            session.forget_mode(sid, mode)
+        if isinstance(verdict, Rejected):
+            log.warning(
+                "stream rejected",
+                extra=kv(svc=service, stream_id=sid, code=verdict.code, reason=verdict.reason),
+            )
+            local.abort()
+            await stream.aclose()
+            return
+        if verdict == StreamMode.FORWARD:
+            log.warning(
+                "forward mode (ALLOC_GRANTED) is not supported by this agent yet; closing",
+                extra=kv(svc=service, stream_id=sid),
+            )
+            local.abort()
+            await stream.aclose()
+            return
+        result = await splice(
+            local,
+            stream,
+            b_to_a_prefix=prefix,
+            abort_a_on_b_error=True,
+        )
+        log.debug(
+            "bridge teardown",
+            extra=kv(
+                svc=service,
+                stream_id=sid,
+                sent=result.a_to_b.bytes,
+                received=result.b_to_a.bytes,
+            ),
+        )
+    finally:
+        session.untrack(sid)

@@ -1,0 +1,156 @@
+"""Provider role: INCOMING_STREAM -> dial the backend -> STREAM_ACCEPT -> bridge.
+
+Spec 03 §3.6. Unknown service: ``STREAM_REJECT{404, "no handler"}``; backend
+unreachable: ``STREAM_REJECT{502, <dial error>}`` (the reference relay shows
+the consumer 503 either way). After accepting we wait for STREAM_READY (up to
+5 s) -- or, our addition, for the consumer's first bytes, which prove the
+relay spliced (inter-relay streams never get STREAM_READY).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+from outrelay.agent.session import RelaySession, StreamMode
+from outrelay.observe import kv
+from outrelay.orp import (
+    FrameType,
+    IncomingStream,
+    OrpError,
+    RejectCode,
+    StreamReject,
+    encode_message,
+)
+from outrelay.splice import splice
+from outrelay.transport import SocketStream, Stream, TransportError, open_tcp
+from outrelay.wire import FrameReader, expect_message, frame_name
+
+__all__ = ["PROVIDER_MODE_WAIT", "handle_incoming_stream"]
+
+log = logging.getLogger("outrelay.agent.provider")
+
+PROVIDER_MODE_WAIT = 5.0  # spec 03 §3.6 / §10
+FIRST_FRAME_TIMEOUT = 10.0
+"""Ours: a relay-opened stream must carry INCOMING_STREAM promptly."""
+BACKEND_DIAL_TIMEOUT = 10.0
+
+
+def split_host_port(target: str) -> tuple[str, int]:
+    host, sep, port = target.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"not host:port: {target!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+async def _reject(stream: Stream, code: int, reason: str) -> None:
+    with contextlib.suppress(TransportError):
+        await stream.send_all(
+            encode_message(FrameType.STREAM_REJECT, StreamReject(code=code, reason=reason))
+        )
+    await stream.aclose()
+
+
+async def _wait_mode_or_data(
+    stream: Stream, mode: asyncio.Future[str] | None, wait: float
+) -> tuple[str, bytes]:
+    """STREAM_READY / ALLOC_GRANTED, or the consumer's first bytes, or the timeout."""
+    read = asyncio.get_running_loop().create_task(stream.receive_some(64 * 1024))
+    waitables: set[asyncio.Future[Any]] = {read}
+    if mode is not None:
+        waitables.add(mode)
+    await asyncio.wait(waitables, timeout=wait, return_when="FIRST_COMPLETED")
+    data = b""
+    if not read.done():
+        read.cancel()
+    with contextlib.suppress(asyncio.CancelledError, TransportError):
+        data = await read  # bytes that raced the cancellation are kept
+    if data:
+        return StreamMode.SPLICE, data
+    if mode is not None and mode.done() and not mode.cancelled():
+        return mode.result(), b""
+    return StreamMode.SPLICE, b""
+
+
+async def handle_incoming_stream(
+    session: RelaySession,
+    stream: Stream,
+    services: dict[str, str],
+    *,
+    mode_wait: float = PROVIDER_MODE_WAIT,
+) -> None:
+    """Serve one relay-opened stream."""
+    reader = FrameReader(stream)
+    try:
+        async with asyncio.timeout(FIRST_FRAME_TIMEOUT):
+            frame = await reader.read_frame()
+        if frame is None:
+            await stream.aclose()
+            return
+        if frame.type != FrameType.INCOMING_STREAM:
+            log.warning("agent: expected INCOMING_STREAM", extra=kv(got=frame_name(frame.type)))
+            await stream.aclose()
+            return
+        incoming = expect_message(frame, FrameType.INCOMING_STREAM, IncomingStream)
+    except (TimeoutError, TransportError, OrpError) as exc:
+        log.debug("incoming stream dropped before INCOMING_STREAM", extra=kv(err=repr(exc)))
+        stream.abort()
+        return
+    sid = incoming.stream_id
+    service = incoming.target_service
+    fields = {"svc": service, "stream_id": sid, "consumer": incoming.source_agent_uri}
+    target = services.get(service)
+    if target is None:
+        log.warning("stream for unknown service; rejecting 404", extra=kv(**fields))
+        await _reject(stream, int(RejectCode.NOT_FOUND), "no handler")
+        return
+    try:
+        host, port = split_host_port(target)
+        backend: SocketStream = await open_tcp(host, port, connect_timeout=BACKEND_DIAL_TIMEOUT)
+    except (OSError, TimeoutError, ValueError) as exc:
+        reason = f"dial tcp {target}: {exc or 'timeout'}"
+        log.warning(
+            "backend unreachable; rejecting 502", extra=kv(**fields, target=target, err=reason)
+        )
+        await _reject(stream, int(RejectCode.BAD_GATEWAY), reason)
+        return
+
+    mode = session.expect_mode(sid) if sid != 0 else None
+    try:
+        try:
+            await stream.send_all(encode_message(FrameType.STREAM_ACCEPT))
+        except TransportError as exc:
+            log.info("relay stream lost before accept", extra=kv(**fields, err=str(exc)))
+            backend.abort()
+            stream.abort()
+            return
+        session.track(sid)
+        mode_result, early = await _wait_mode_or_data(stream, mode, mode_wait)
+    finally:
+        if mode is not None:
+            session.forget_mode(sid, mode)
+    try:
+        if mode_result == StreamMode.FORWARD:
+            log.warning(
+                "forward mode is not supported by this agent yet; closing", extra=kv(**fields)
+            )
+            backend.abort()
+            await stream.aclose()
+            return
+        prefix = reader.take_leftover() + early
+        log.debug("bridging", extra=kv(**fields, target=target))
+        result = await splice(
+            backend,
+            stream,
+            b_to_a_prefix=prefix,
+            abort_a_on_b_error=True,
+        )
+        log.debug(
+            "bridge teardown",
+            extra=kv(**fields, to_backend=result.b_to_a.bytes, from_backend=result.a_to_b.bytes),
+        )
+    finally:
+        if sid:
+            session.untrack(sid)

@@ -1,0 +1,434 @@
+"""The agent's session with the relay set: connect, HELLO, REGISTER, reconnect.
+
+Spec 03 §3 with its [REC]s:
+
+* every relay in ``--relay`` is dialled at once and the first to answer
+  HELLO wins; a silent endpoint cannot hang start-up (§3.2);
+* HELLO_ACK and REGISTER_ACK have timeouts (§3.1, §3.3);
+* one control-stream reader for the connection's whole life, started right
+  after HELLO_ACK; REGISTER_ACK is matched in order and OBSERVED_ADDR_RESP
+  by request id, with futures (§3.7);
+* every control-stream write goes through one lock (:class:`ControlChannel`);
+* a lost connection is re-established with capped exponential backoff and
+  jitter, and every service is registered again with its ``local_addr``
+  (§4.5, §11 item 12).
+
+With TLS 1.3 the client sees its handshake complete before the relay has
+judged its certificate, so only HELLO_ACK means "accepted".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from outrelay.observe import kv
+from outrelay.orp import (
+    MESSAGE_TYPES,
+    FrameType,
+    Hello,
+    MalformedPayload,
+    OpenStream,
+    OrpError,
+    Register,
+    RegisterAck,
+    StreamReady,
+    decode_message,
+    encode_message,
+)
+from outrelay.orp import AllocGranted as AllocGrantedMessage
+from outrelay.resume import new_stream_id
+from outrelay.transport import (
+    BrokenResourceError,
+    Connection,
+    QuicTlsConfig,
+    Stream,
+    TransportError,
+    connect_quic,
+)
+from outrelay.wire import ControlChannel, FrameReader, frame_name
+
+__all__ = [
+    "NotConnected",
+    "RelayRefused",
+    "RelaySession",
+    "SessionConfig",
+    "StreamMode",
+]
+
+log = logging.getLogger("outrelay.agent.session")
+
+HELLO_TIMEOUT = 10.0  # spec 03 §3.1 [REC]
+REGISTER_TIMEOUT = 10.0  # spec 03 §3.3 [REC]
+BACKOFF_INITIAL = 1.0  # spec 03 §4.5
+BACKOFF_MAX = 30.0  # spec 03 §4.5
+OPEN_TIMEOUT = 10.0
+"""Ours: opening a relay stream waits for the relay's stream limit, bounded."""
+
+
+class NotConnected(Exception):
+    """No relay connection right now (reconnect in progress)."""
+
+
+class RelayRefused(Exception):
+    """The relay accepted the QUIC handshake but closed before HELLO_ACK.
+
+    Usually the relay did not accept our certificate, or the HELLO uri does
+    not match the certificate's URI SAN; the relay's log says which.
+    """
+
+
+class StreamMode:
+    SPLICE = "splice"
+    FORWARD = "forward"
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    relays: tuple[tuple[str, int], ...]
+    uri: str
+    tls: QuicTlsConfig
+    services: dict[str, str] = field(default_factory=dict)
+    """Exposed service name -> backend ``host:port`` (sent as local_addr)."""
+    hello_timeout: float = HELLO_TIMEOUT
+    register_timeout: float = REGISTER_TIMEOUT
+    backoff_initial: float = BACKOFF_INITIAL
+    backoff_max: float = BACKOFF_MAX
+
+
+@dataclass(eq=False)
+class _Link:
+    """One live relay connection and its control stream."""
+
+    address: str
+    conn: Connection
+    ctrl: ControlChannel
+    reader: FrameReader
+    register_waiters: deque[asyncio.Future[str]] = field(default_factory=deque)
+
+
+class RelaySession:
+    """Keeps one relay connection alive and multiplexes the control stream.
+
+    ``run()`` owns everything it starts. Relay-opened streams go to
+    ``on_incoming``, which the caller runs as its own task.
+    """
+
+    def __init__(
+        self,
+        config: SessionConfig,
+        *,
+        on_incoming: Callable[[Stream], None],
+        on_refused: Callable[[RelayRefused], Awaitable[None]] | None = None,
+    ) -> None:
+        self.config = config
+        self._on_incoming = on_incoming
+        self._on_refused = on_refused
+        self._link: _Link | None = None
+        self._mode_waiters: dict[int, asyncio.Future[str]] = {}
+        self._active_ids: set[int] = set()
+        self.connected = asyncio.Event()
+        self._ever_connected = False
+        self._accepting = True
+
+    @property
+    def link_address(self) -> str | None:
+        return self._link.address if self._link is not None else None
+
+    def stop_accepting(self) -> None:
+        """Graceful shutdown: relay-opened streams are refused from now on."""
+        self._accepting = False
+
+    # -- connection loop ----------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Connect, serve, reconnect; returns only when cancelled."""
+        attempt = 0
+        backoff = self.config.backoff_initial
+        while True:
+            attempt += 1
+            try:
+                link = await self._connect_any()
+            except _AllFailed as exc:
+                if exc.refused is not None and not self._ever_connected and self._on_refused:
+                    await self._on_refused(exc.refused)
+                delay = backoff * random.uniform(0.8, 1.2)
+                level = logging.WARNING if attempt <= 3 or attempt % 10 == 0 else logging.DEBUG
+                log.log(
+                    level,
+                    "session: no relay reachable; retrying",
+                    extra=kv(attempt=attempt, backoff=f"{delay:.1f}s", err=str(exc)),
+                )
+                await asyncio.sleep(delay)
+                backoff = min(backoff * 2, self.config.backoff_max)
+                continue
+            try:
+                await self._serve_link(link, attempt)
+            finally:
+                self._link = None
+                self.connected.clear()
+                link.conn.close(0, "")
+            log.warning(
+                "session: lost; reconnecting",
+                extra=kv(relay=link.address, reason=link.conn.close_reason),
+            )
+            attempt = 0
+            backoff = self.config.backoff_initial
+
+    async def _serve_link(self, link: _Link, attempt: int) -> None:
+        async with asyncio.TaskGroup() as tg:
+            reader_task = tg.create_task(self._control_reader(link))
+            try:
+                for name, target in self.config.services.items():
+                    service_id = await self._register(link, name, target)
+                    log.info(
+                        "service registered",
+                        extra=kv(name=name, target=target, service_id=service_id),
+                    )
+            except (TransportError, TimeoutError, OrpError) as exc:
+                log.error(
+                    "expose: registration failed",
+                    extra=kv(relay=link.address, err=str(exc) or repr(exc)),
+                )
+                reader_task.cancel()
+                return
+            self._link = link
+            self._ever_connected = True
+            self.connected.set()
+            if attempt > 1:
+                log.info("session: reconnected", extra=kv(attempt=attempt, relay=link.address))
+            try:
+                while True:
+                    stream = await link.conn.accept_stream()
+                    if self._accepting:
+                        self._on_incoming(stream)
+                    else:
+                        stream.abort()
+            except TransportError:
+                pass
+            finally:
+                reader_task.cancel()
+
+    async def _connect_any(self) -> _Link:
+        """Happy eyeballs over every relay address (spec 03 §3.2 [REC])."""
+        addresses = self.config.relays
+        if not addresses:
+            raise _AllFailed("session: no relay addresses", None)
+        tasks = {
+            asyncio.get_running_loop().create_task(self._connect_one(host, port)): f"{host}:{port}"
+            for host, port in addresses
+        }
+        errors: list[str] = []
+        refused: RelayRefused | None = None
+        winner: _Link | None = None
+        try:
+            pending = set(tasks)
+            while pending and winner is None:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    exc = task.exception()
+                    if exc is None:
+                        if winner is None:
+                            winner = task.result()
+                        else:
+                            task.result().conn.close(0, "")
+                        continue
+                    if isinstance(exc, RelayRefused):
+                        refused = exc
+                    errors.append(f"{tasks[task]}: {exc}")
+                    if len(addresses) > 1:
+                        log.warning(
+                            "session: relay endpoint unhealthy",
+                            extra=kv(addr=tasks[task], err=str(exc)),
+                        )
+        finally:
+            for task in tasks:
+                if not task.done():
+                    task.cancel()
+            for task in tasks:
+                if task.done() and not task.cancelled() and task.exception() is None:
+                    link = task.result()
+                    if link is not winner:
+                        link.conn.close(0, "")
+        if winner is None:
+            raise _AllFailed("; ".join(errors) or "no relay answered", refused)
+        if len(addresses) > 1:
+            log.info("session: nearest-relay selected", extra=kv(addr=winner.address))
+        return winner
+
+    async def _connect_one(self, host: str, port: int) -> _Link:
+        address = f"{host}:{port}"
+        conn = await connect_quic(host, port, self.config.tls)
+        try:
+            ctrl = await conn.open_stream()
+            channel = ControlChannel(ctrl)
+            await channel.send(
+                FrameType.HELLO, Hello(protocol_version="orp/1", agent_uri=self.config.uri)
+            )
+            reader = FrameReader(ctrl)
+            async with asyncio.timeout(self.config.hello_timeout):
+                frame = await reader.read_frame()
+            if frame is None:
+                raise RelayRefused(f"relay {address} closed the control stream before HELLO_ACK")
+            if frame.type != FrameType.HELLO_ACK:
+                raise BrokenResourceError(
+                    f"relay {address} answered HELLO with {frame_name(frame.type)}"
+                )
+        except TimeoutError as exc:
+            conn.close(0, "")
+            raise BrokenResourceError(
+                f"no HELLO_ACK from {address} within {self.config.hello_timeout:g}s"
+            ) from exc
+        except TransportError as exc:
+            conn.close(0, "")
+            if conn.close_reason and "closed locally" not in conn.close_reason:
+                raise RelayRefused(
+                    f"relay {address} closed the connection before HELLO_ACK "
+                    f"({conn.close_reason}); it did not accept our certificate or HELLO uri"
+                ) from exc
+            raise
+        except BaseException:
+            conn.close(0, "")
+            raise
+        return _Link(address=address, conn=conn, ctrl=channel, reader=reader)
+
+    # -- control stream ---------------------------------------------------------------------
+
+    async def _register(self, link: _Link, name: str, target: str) -> str:
+        waiter: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        link.register_waiters.append(waiter)
+        try:
+            await link.ctrl.send(FrameType.REGISTER, Register(service_name=name, local_addr=target))
+            async with asyncio.timeout(self.config.register_timeout):
+                return await waiter
+        except TimeoutError as exc:
+            raise TimeoutError(
+                f"no REGISTER_ACK for {name!r} within {self.config.register_timeout:g}s "
+                "(the relay refused the registration)"
+            ) from exc
+        finally:
+            if waiter in link.register_waiters:
+                link.register_waiters.remove(waiter)
+
+    async def _control_reader(self, link: _Link) -> None:
+        """The sole reader of the control stream (spec 03 §3.7 [REC])."""
+        try:
+            while True:
+                frame = await link.reader.read_frame()
+                if frame is None:
+                    log.warning("session: ctrl reader stopped", extra=kv(err="end of stream"))
+                    break
+                try:
+                    message = decode_message(frame) if frame.type in MESSAGE_TYPES else None
+                    self._dispatch(link, frame.type, message)
+                except MalformedPayload as exc:
+                    log.warning(
+                        f"session: {frame_name(frame.type)} unmarshal failed",
+                        extra=kv(err=str(exc)),
+                    )
+        except (TransportError, OrpError) as exc:
+            log.warning("session: ctrl reader stopped", extra=kv(err=str(exc)))
+        # The control stream is gone: the connection is no use any more.
+        link.conn.close(0, "")
+
+    def _dispatch(self, link: _Link, frame_type: int, message: object) -> None:
+        if frame_type == FrameType.REGISTER_ACK:
+            service_id = message.service_id if isinstance(message, RegisterAck) else ""
+            while link.register_waiters:
+                waiter = link.register_waiters.popleft()
+                if not waiter.done():
+                    waiter.set_result(service_id)
+                    return
+            log.warning("session: unexpected ctrl frame", extra=kv(type="REGISTER_ACK"))
+        elif frame_type == FrameType.STREAM_READY:
+            sid = message.stream_id if isinstance(message, StreamReady) else 0
+            self._deliver_mode(sid, StreamMode.SPLICE)
+        elif frame_type == FrameType.ALLOC_GRANTED:
+            sid = message.stream_id if isinstance(message, AllocGrantedMessage) else 0
+            self._deliver_mode(sid, StreamMode.FORWARD)
+        elif frame_type in (FrameType.PONG, FrameType.STREAM_CHECKPOINT):
+            pass
+        else:
+            log.warning("session: unexpected ctrl frame", extra=kv(type=frame_name(frame_type)))
+
+    def _deliver_mode(self, stream_id: int, mode: str) -> None:
+        waiter = self._mode_waiters.get(stream_id)
+        if waiter is None or waiter.done():
+            log.debug("session: stream-mode delivery dropped (no waiter)", extra=kv(id=stream_id))
+            return
+        waiter.set_result(mode)
+        log.debug(f"session: stream mode resolved by relay ({mode})", extra=kv(id=stream_id))
+
+    # -- streams ------------------------------------------------------------------------
+
+    def expect_mode(self, stream_id: int) -> asyncio.Future[str]:
+        """Register a waiter for STREAM_READY / ALLOC_GRANTED of ``stream_id``."""
+        waiter: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._mode_waiters[stream_id] = waiter
+        return waiter
+
+    def forget_mode(self, stream_id: int, waiter: asyncio.Future[str]) -> None:
+        if self._mode_waiters.get(stream_id) is waiter:
+            del self._mode_waiters[stream_id]
+        if not waiter.done():
+            waiter.cancel()
+
+    async def open_stream(self, service: str) -> tuple[Stream, int, asyncio.Future[str]]:
+        """OPEN_STREAM on a fresh relay stream (spec 03 §3.4).
+
+        Returns:
+            The stream, its id, and a future resolved with the stream mode.
+
+        Raises:
+            NotConnected: no relay connection right now.
+            TransportError: the relay connection failed during the open.
+        """
+        link = self._link
+        if link is None:
+            raise NotConnected("not connected to a relay (reconnecting)")
+        try:
+            async with asyncio.timeout(OPEN_TIMEOUT):
+                stream = await link.conn.open_stream()
+        except TimeoutError as exc:
+            raise BrokenResourceError("relay stream limit reached; open timed out") from exc
+        sid = new_stream_id(self._active_ids | self._mode_waiters.keys())
+        waiter = self.expect_mode(sid)
+        try:
+            await stream.send_all(
+                encode_message(
+                    FrameType.OPEN_STREAM, OpenStream(target_service=service, stream_id=sid)
+                )
+            )
+        except BaseException:
+            self.forget_mode(sid, waiter)
+            stream.abort()
+            raise
+        return stream, sid, waiter
+
+    def track(self, stream_id: int) -> None:
+        self._active_ids.add(stream_id)
+
+    def untrack(self, stream_id: int) -> None:
+        self._active_ids.discard(stream_id)
+
+    async def close(self) -> None:
+        link = self._link
+        if link is not None:
+            link.conn.close(0, "")
+        for waiter in self._mode_waiters.values():
+            if not waiter.done():
+                waiter.cancel()
+        self._mode_waiters.clear()
+        with contextlib.suppress(Exception):
+            await asyncio.sleep(0)
+
+
+class _AllFailed(Exception):
+    def __init__(self, message: str, refused: RelayRefused | None) -> None:
+        super().__init__(message)
+        self.refused = refused

@@ -1,0 +1,7 @@
+"""Observability: structured logs (and later metrics and the admin endpoint)."""
+
+from __future__ import annotations
+
+from outrelay.observe.logging import LOG_LEVELS, KeyValueFormatter, kv, setup_logging
+
+__all__ = ["LOG_LEVELS", "KeyValueFormatter", "kv", "setup_logging"]

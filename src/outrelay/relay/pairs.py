@@ -1,0 +1,195 @@
+"""The pair table and the migrated cache (spec 02 §5, §6.1 step 6, §7.3).
+
+**Pair table** (spec 02 §5). While a local OPEN_STREAM handler runs, the relay knows which
+consumer and provider share a ``stream_id``. STREAM_CHECKPOINT, CANDIDATE_OFFER and
+CANDIDATE_ANSWER arriving on one agent's ctrl are forwarded to the other agent's ctrl by looking
+the id up here. The relay inserts after INCOMING_STREAM was written (§6.1 step 6) and removes
+when the handler returns; it never inserts ``stream_id == 0``, inter-relay, resumed or demoted
+streams.
+
+**Migrated cache** (spec 02 §7.3, the reference's "migrated LRU"). MIGRATE_TO_P2P on ctrl notes
+``{stream_id, consumer_uri, provider_uri, migrated_at}`` for 60 s; the REQUIRED timer (§7.5)
+and MIGRATE_TO_RELAY (§7.4) look it up.
+
+Sans-IO: no I/O, no clock (``now_ms`` is an argument, any monotonic millisecond clock), no
+tasks; the caller serialises access.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Final, NamedTuple
+
+__all__ = [
+    "MIGRATED_CAPACITY",
+    "MIGRATION_TTL_MS",
+    "MigratedCache",
+    "MigratedStream",
+    "PairTable",
+    "StreamPair",
+]
+
+MIGRATION_TTL_MS: Final = 60_000
+"""How long a MIGRATE_TO_P2P is remembered: 60 s, expired when ``age >= 60 s`` (spec 02 §7.3,
+§12 "MigrationTTL")."""
+
+MIGRATED_CAPACITY: Final = 65_536
+"""[REC] Cap of the migrated cache; the reference has none (spec 02 §7.3, §17 item 10). Any
+authenticated agent can send MIGRATE_TO_P2P with fresh ids on ctrl as fast as it likes, so an
+uncapped map lets one agent grow the relay's memory for 60 s at a time. 65,536 entries (a few
+MiB) is far above the streams one relay migrates in a minute; beyond it the oldest note is
+dropped, which at worst makes a REQUIRED stream's timer fire (its FIN, §7.5) or loses a log
+line."""
+
+
+class StreamPair(NamedTuple):
+    """The two agents of one relay-mediated stream; unpacks as ``consumer, provider``."""
+
+    consumer_uri: str
+    """The agent that sent OPEN_STREAM."""
+    provider_uri: str
+    """The agent that received INCOMING_STREAM."""
+
+
+class PairTable:
+    """``stream_id → (consumer_uri, provider_uri)`` for live local splices (spec 02 §5)."""
+
+    __slots__ = ("_pairs",)
+
+    def __init__(self) -> None:
+        self._pairs: dict[int, StreamPair] = {}
+
+    def record(self, stream_id: int, consumer_uri: str, provider_uri: str) -> bool:
+        """Record the pair of ``stream_id`` (spec 02 §6.1 step 6, the reference's
+        ``recordPair``).
+
+        ``stream_id`` 0 ("unset") is never recorded and always succeeds. Re-recording an
+        identical pair succeeds and changes nothing.
+
+        Returns:
+            ``False`` only when ``stream_id`` already maps to a **different** pair; the entry is
+            then left intact and the relay rejects with ``STREAM_REJECT{409, "stream id
+            collision"}``. ``True`` otherwise.
+        """
+        if stream_id == 0:
+            return True
+        pair = StreamPair(consumer_uri, provider_uri)
+        existing = self._pairs.setdefault(stream_id, pair)
+        return existing == pair
+
+    def forget(self, stream_id: int, consumer_uri: str, provider_uri: str) -> bool:
+        """Remove ``stream_id`` when its OPEN_STREAM handler returns (spec 02 §5 "Remove").
+
+        Only an entry holding this very pair is removed, so a handler whose :meth:`record` was
+        refused cannot delete the pair of the splice that holds the id. (The reference's
+        ``forgetPair`` deletes by id alone and relies on only successful recorders calling it.)
+        As in the reference, two handlers that recorded the same pair share one entry, and the
+        first to finish removes it.
+
+        Returns:
+            Whether an entry was removed.
+        """
+        if self._pairs.get(stream_id) != StreamPair(consumer_uri, provider_uri):
+            return False
+        del self._pairs[stream_id]
+        return True
+
+    def get(self, stream_id: int) -> StreamPair | None:
+        """The pair recorded for ``stream_id``, if any (used by MIGRATE_TO_P2P, spec 02 §7.3)."""
+        return self._pairs.get(stream_id)
+
+    def route(self, stream_id: int, sender_uri: str) -> str | None:
+        """Where to forward a STREAM_CHECKPOINT or CANDIDATE_* from ``sender_uri`` (spec 02 §5
+        step 2).
+
+        Returns:
+            The provider's URI if the sender is the consumer, the consumer's if it is the
+            provider, and ``None`` (drop silently) if there is no entry or the sender is neither.
+        """
+        pair = self._pairs.get(stream_id)
+        if pair is None:
+            return None
+        if sender_uri == pair.consumer_uri:
+            return pair.provider_uri
+        if sender_uri == pair.provider_uri:
+            return pair.consumer_uri
+        return None
+
+    def __len__(self) -> int:
+        return len(self._pairs)
+
+
+@dataclass(frozen=True, slots=True)
+class MigratedStream:
+    """One noted MIGRATE_TO_P2P (spec 02 §7.3)."""
+
+    stream_id: int
+    """The migrated stream's id."""
+    consumer_uri: str
+    """From the pair table, or the sender when the id had no pair."""
+    provider_uri: str
+    """From the pair table, or ``""`` when the id had no pair."""
+    migrated_at_ms: int
+    """When the latest MIGRATE_TO_P2P for this id arrived (the caller's clock, in ms)."""
+
+
+class MigratedCache:
+    """Recent MIGRATE_TO_P2P notes, by stream id (spec 02 §7.3).
+
+    * :meth:`note` overwrites an entry and refreshes its time (repeats from either side).
+    * An entry is absent once ``now_ms - migrated_at_ms >= ttl_ms``: purged on each
+      :meth:`note`, removed lazily by :meth:`lookup`.
+    * [REC] At most ``capacity`` entries; a note beyond it drops the oldest note (see
+      :data:`MIGRATED_CAPACITY`). The reference has no cap.
+
+    Entries are kept in note order. With every entry living the same TTL and a non-decreasing
+    ``now_ms``, the expired ones are a prefix, so purging stops at the first live entry instead
+    of scanning the whole map as the reference does. (If the clock ever steps back, an expired
+    entry may wait behind a live one; :meth:`lookup` still treats it as absent.)
+
+    Args:
+        ttl_ms: Entry lifetime in ms.
+        capacity: The most entries held.
+    """
+
+    __slots__ = ("_capacity", "_entries", "_ttl")
+
+    def __init__(
+        self, *, ttl_ms: int = MIGRATION_TTL_MS, capacity: int = MIGRATED_CAPACITY
+    ) -> None:
+        if ttl_ms <= 0 or capacity <= 0:
+            raise ValueError("ttl_ms and capacity must be positive")
+        self._ttl = ttl_ms
+        self._capacity = capacity
+        self._entries: OrderedDict[int, MigratedStream] = OrderedDict()
+
+    def note(self, stream_id: int, consumer_uri: str, provider_uri: str, now_ms: int) -> None:
+        """Record (or refresh) the migration of ``stream_id`` at ``now_ms``."""
+        entries = self._entries
+        entries.pop(stream_id, None)  # a refreshed note moves to the back
+        entries[stream_id] = MigratedStream(stream_id, consumer_uri, provider_uri, now_ms)
+        while entries:
+            oldest = next(iter(entries.values()))
+            if now_ms - oldest.migrated_at_ms < self._ttl and len(entries) <= self._capacity:
+                break
+            entries.popitem(last=False)
+
+    def lookup(self, stream_id: int, now_ms: int) -> MigratedStream | None:
+        """The note for ``stream_id`` if it is younger than the TTL at ``now_ms``, else ``None``
+        (an expired note is deleted)."""
+        entry = self._entries.get(stream_id)
+        if entry is None:
+            return None
+        if now_ms - entry.migrated_at_ms >= self._ttl:
+            del self._entries[stream_id]
+            return None
+        return entry
+
+    def discard(self, stream_id: int) -> None:
+        """Forget ``stream_id`` (after a MIGRATE_TO_RELAY match, spec 02 §7.4)."""
+        self._entries.pop(stream_id, None)
+
+    def __len__(self) -> int:
+        """Entries held, including expired ones not purged yet."""
+        return len(self._entries)

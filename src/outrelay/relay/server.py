@@ -1,0 +1,562 @@
+"""The relay's asyncio shell: accept agents, run their control streams, splice.
+
+Behaviour follows spec 02 §2–§6 and §13, with the [REC] fixes of §15:
+every control-stream write is serialised (item 4), a disconnect only tears
+down the agent-map entry and registrations that still belong to that
+connection (item 2), and policy rules keep a deterministic order (item 5).
+Our additions: a HELLO that never comes is dropped after ``hello_timeout``;
+a data stream whose first frame never completes, and a provider that never
+answers INCOMING_STREAM, are closed after bounded waits.
+
+The control plane is embedded (DESIGN.md): :class:`ServiceRegistry`, the
+policy engine fed from a file, and audit lines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+
+from cryptography import x509
+
+from outrelay.identity import AgentIdentity, InvalidIdentity, RelayIdentity, parse_identity
+from outrelay.observe import kv
+from outrelay.orp import (
+    Frame,
+    FrameType,
+    IncomingStream,
+    MigrateToP2P,
+    ObservedAddrQuery,
+    ObservedAddrResp,
+    OpenStream,
+    OrpError,
+    Register,
+    RegisterAck,
+    RejectCode,
+    StreamReady,
+    StreamReject,
+    decode_message,
+    encode_frame,
+    encode_message,
+)
+from outrelay.orp import Hello as HelloMessage
+from outrelay.pki import ClientVerifier, load_certificates
+from outrelay.relay.audit import AuditEvent, AuditLog
+from outrelay.relay.pairs import MigratedCache, PairTable
+from outrelay.relay.policy import P2PMode, PolicyResult, PolicyService, RelayMode, combine_p2p
+from outrelay.relay.registry import RegistrationRejected, ServiceRegistry
+from outrelay.splice import splice
+from outrelay.transport import (
+    Connection,
+    QuicServerHandle,
+    QuicTlsConfig,
+    Stream,
+    TransportError,
+    serve_quic,
+)
+from outrelay.wire import ControlChannel, FrameReader, expect_message, frame_name
+
+__all__ = ["Relay", "RelayConfig"]
+
+log = logging.getLogger("outrelay.relay")
+
+HELLO_TIMEOUT = 10.0
+"""Ours: the reference has none (spec 02 §2.3); a silent client is dropped."""
+FIRST_FRAME_TIMEOUT = 60.0
+"""Ours: the reference waits for ever for a data stream's first frame (§6.0)."""
+PROVIDER_ANSWER_TIMEOUT = 30.0
+"""Ours: the reference waits for ever for STREAM_ACCEPT/REJECT (§6.6)."""
+REJECT_DRAIN_TIMEOUT = 5.0
+"""After a STREAM_REJECT we read (and drop) what the consumer still sends, so
+it never gets STOP_SENDING (the reference leaves C's direction untouched)."""
+REQUIRED_PROMOTION_TIMEOUT = 10.0  # spec 02 §7.5
+REQUIRED_POLL_INTERVAL = 0.25  # spec 02 §7.5
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@dataclass
+class RelayConfig:
+    """Everything the relay needs to start (mirrors the CLI flags)."""
+
+    cert_file: str
+    key_file: str
+    ca_file: str
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 7443
+    relay_id: str = ""
+    """Defaults to the listen address, as the reference's ``--relay-id`` does."""
+    region: str = "local"
+    policy: PolicyService | None = None
+    """None means no enforcement (the reference without ``--tenant``)."""
+    audit_file: str | None = None
+    hello_timeout: float = HELLO_TIMEOUT
+    required_promotion_timeout: float = REQUIRED_PROMOTION_TIMEOUT
+
+
+@dataclass(eq=False)
+class AgentSession:
+    """One connected agent: its identity, connection and control channel."""
+
+    uri: str
+    tenant: str
+    conn: Connection
+    ctrl: ControlChannel
+    reader: FrameReader
+    """Reads the control stream; it may already hold bytes after HELLO."""
+    connected_at: float = field(default_factory=time.monotonic)
+
+
+class Relay:
+    """A relay with an embedded control plane. ``await relay.start()``, then ``run``."""
+
+    def __init__(self, config: RelayConfig) -> None:
+        self.config = config
+        self.relay_id = config.relay_id or f"{config.listen_host}:{config.listen_port}"
+        self.agents: dict[str, AgentSession] = {}
+        self.registry = ServiceRegistry(self.relay_id)
+        self.pairs = PairTable()
+        self.migrated = MigratedCache()
+        self.audit = AuditLog(config.audit_file, logger=log)
+        self._verifier = ClientVerifier(load_certificates(config.ca_file))
+        self._server: QuicServerHandle | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._stopping = asyncio.Event()
+        self._audit_task: asyncio.Task[None] | None = None
+
+    # -- lifecycle ------------------------------------------------------------------
+
+    async def start(self) -> tuple[str, int]:
+        """Bind the QUIC listener; returns the bound address.
+
+        Raises:
+            OSError: the listen address could not be bound.
+        """
+        tls = QuicTlsConfig(self.config.cert_file, self.config.key_file, self.config.ca_file)
+        self._server = await serve_quic(
+            self.config.listen_host,
+            self.config.listen_port,
+            tls,
+            verify_client=self._verify_client,
+            on_connection=self._on_connection,
+            on_refused=self._on_refused,
+        )
+        self._audit_task = asyncio.get_running_loop().create_task(self.audit.run())
+        return self._server.address
+
+    async def run(self) -> None:
+        """Serve until :meth:`stop` is called."""
+        await self._stopping.wait()
+
+    async def stop(self) -> None:
+        """Close the listener and every connection; wait for handlers to finish."""
+        self._stopping.set()
+        if self._server is not None:
+            self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=5.0)
+        await self.audit.aclose()
+        if self._audit_task is not None:
+            self._audit_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._audit_task
+
+    def _spawn(self, coro: object, name: str) -> None:
+        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro, name=name)  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            log.error("relay task failed", extra=kv(task=task.get_name(), err=repr(exc)))
+
+    # -- acceptance (spec 02 §2) ----------------------------------------------------------
+
+    def _verify_client(
+        self, leaf: x509.Certificate | None, chain: tuple[x509.Certificate, ...]
+    ) -> str:
+        return self._verifier.verify(leaf, chain)
+
+    def _on_refused(self, address: tuple[str, int], reason: str) -> None:
+        log.warning(
+            "reject conn: client certificate refused",
+            extra=kv(remote=f"{address[0]}:{address[1]}", reason=reason),
+        )
+
+    def _on_connection(self, conn: Connection) -> None:
+        self._spawn(self._handle_connection(conn), "connection")
+
+    async def _handle_connection(self, conn: Connection) -> None:
+        uri = getattr(conn, "identity", None) or ""
+        remote = f"{conn.peer.address[0]}:{conn.peer.address[1]}"
+        try:
+            identity = parse_identity(uri)
+        except InvalidIdentity as exc:
+            log.warning("reject conn: bad identity URI", extra=kv(remote=remote, err=str(exc)))
+            conn.close(0, "")
+            return
+        if isinstance(identity, RelayIdentity):
+            # Inter-relay forwarding (spec 02 §10) is not part of this relay yet.
+            log.warning("peer relay connections are not supported", extra=kv(uri=uri))
+            conn.close(0, "")
+            return
+        session = await self._hello(conn, uri, identity, remote)
+        if session is None:
+            return
+        try:
+            async with asyncio.TaskGroup() as tg:
+                control = tg.create_task(self._control_loop(session))
+                try:
+                    while True:
+                        stream = await conn.accept_stream()
+                        tg.create_task(self._handle_data_stream(session, stream))
+                except TransportError:
+                    pass
+                finally:
+                    control.cancel()
+                    self._teardown(session)
+        finally:
+            conn.close(0, "")
+
+    async def _hello(
+        self, conn: Connection, uri: str, identity: AgentIdentity, remote: str
+    ) -> AgentSession | None:
+        """Spec 02 §2.3: one HELLO whose agent_uri equals the certificate's URI SAN."""
+        try:
+            async with asyncio.timeout(self.config.hello_timeout):
+                ctrl = await conn.accept_stream()
+                reader = FrameReader(ctrl)
+                frame = await reader.read_frame()
+        except TimeoutError:
+            log.warning("HELLO timeout; closing", extra=kv(uri=uri, remote=remote))
+            conn.close(0, "")
+            return None
+        except (TransportError, OrpError) as exc:
+            log.info("connection lost before HELLO", extra=kv(uri=uri, err=str(exc)))
+            conn.close(0, "")
+            return None
+        try:
+            if frame is None:
+                raise OrpError("control stream ended before HELLO")
+            hello = expect_message(frame, FrameType.HELLO, HelloMessage)
+        except OrpError as exc:
+            log.warning("first ctrl frame is not HELLO; closing", extra=kv(uri=uri, err=str(exc)))
+            conn.close(0, "")
+            return None
+        if hello.agent_uri != uri:
+            log.warning(
+                "HELLO uri mismatch",
+                extra=kv(cert_uri=uri, hello_uri=hello.agent_uri, remote=remote),
+            )
+            conn.close(0, "")
+            return None
+        channel = ControlChannel(ctrl)
+        session = AgentSession(
+            uri=uri, tenant=identity.tenant, conn=conn, ctrl=channel, reader=reader
+        )
+        try:
+            await channel.send(FrameType.HELLO_ACK)
+        except TransportError as exc:
+            log.info("connection lost during HELLO", extra=kv(uri=uri, err=str(exc)))
+            conn.close(0, "")
+            return None
+        self.agents[uri] = session
+        log.info("agent connected", extra=kv(uri=uri, remote=remote))
+        return session
+
+    def _teardown(self, session: AgentSession) -> None:
+        """Spec 02 §2.4 with the [REC] of §15 item 2."""
+        if self.agents.get(session.uri) is session:
+            del self.agents[session.uri]
+            removed = self.registry.deregister_agent(session.tenant, session.uri)
+            log.info(
+                "agent disconnected",
+                extra=kv(
+                    uri=session.uri, services=",".join(removed), reason=session.conn.close_reason
+                ),
+            )
+        else:
+            log.info("stale agent connection closed", extra=kv(uri=session.uri))
+
+    # -- control stream (spec 02 §3) ------------------------------------------------------
+
+    async def _control_loop(self, session: AgentSession) -> None:
+        reader = session.reader
+        while True:
+            try:
+                frame = await reader.read_frame()
+            except (TransportError, OrpError) as exc:
+                log.debug("ctrl reader stopped", extra=kv(uri=session.uri, err=str(exc)))
+                return
+            if frame is None:
+                return
+            try:
+                await self._dispatch_control(session, frame.type, frame)
+            except OrpError as exc:
+                log.debug("ctrl frame ignored", extra=kv(uri=session.uri, err=str(exc)))
+            except TransportError as exc:
+                log.debug("ctrl write failed", extra=kv(uri=session.uri, err=str(exc)))
+                return
+
+    async def _dispatch_control(self, session: AgentSession, frame_type: int, frame: Frame) -> None:
+        if frame_type == FrameType.PING:
+            await session.ctrl.send(FrameType.PONG)
+        elif frame_type == FrameType.REGISTER:
+            register = expect_message(frame, FrameType.REGISTER, Register)
+            try:
+                service_id = self.registry.register(
+                    session.tenant, register.service_name, session.uri, register.local_addr
+                )
+            except RegistrationRejected as exc:
+                log.warning("register rejected", extra=kv(uri=session.uri, err=str(exc)))
+                return
+            await session.ctrl.send(FrameType.REGISTER_ACK, RegisterAck(service_id=service_id))
+            log.info("registered", extra=kv(name=register.service_name, agent=session.uri))
+        elif frame_type == FrameType.OBSERVED_ADDR_QUERY:
+            query = expect_message(frame, FrameType.OBSERVED_ADDR_QUERY, ObservedAddrQuery)
+            host, port = session.conn.peer.address
+            await session.ctrl.send(
+                FrameType.OBSERVED_ADDR_RESP,
+                ObservedAddrResp(request_id=query.request_id, ip=host, port=port),
+            )
+        elif frame_type in (
+            FrameType.STREAM_CHECKPOINT,
+            FrameType.CANDIDATE_OFFER,
+            FrameType.CANDIDATE_ANSWER,
+        ):
+            await self._forward_to_pair(session, frame)
+        elif frame_type == FrameType.MIGRATE_TO_P2P:
+            migrate = expect_message(frame, FrameType.MIGRATE_TO_P2P, MigrateToP2P)
+            pair = self.pairs.get(migrate.stream_id)
+            consumer, provider = pair if pair is not None else (session.uri, "")
+            self.migrated.note(migrate.stream_id, consumer, provider, _now_ms())
+            log.info("stream migrated to p2p", extra=kv(stream_id=migrate.stream_id))
+        else:
+            log.debug("ignored ctrl frame", extra=kv(uri=session.uri, type=frame_name(frame_type)))
+
+    async def _forward_to_pair(self, session: AgentSession, frame: Frame) -> None:
+        """Spec 02 §5: blind-forward to the other half of a live pair."""
+        message = decode_message(frame)
+        stream_id = int(getattr(message, "stream_id", 0))
+        target_uri = self.pairs.route(stream_id, session.uri)
+        target = self.agents.get(target_uri) if target_uri else None
+        if target is None:
+            if frame.type != FrameType.STREAM_CHECKPOINT:
+                log.debug("candidate forward: no peer", extra=kv(stream_id=stream_id))
+            return
+        data = encode_frame(frame.type, frame.payload, version=frame.version, flags=frame.flags)
+        with contextlib.suppress(TransportError):
+            await target.ctrl.send_raw(data)
+
+    # -- data streams (spec 02 §6) --------------------------------------------------------
+
+    async def _handle_data_stream(self, session: AgentSession, stream: Stream) -> None:
+        reader = FrameReader(stream)
+        try:
+            async with asyncio.timeout(FIRST_FRAME_TIMEOUT):
+                frame = await reader.read_frame()
+        except (TimeoutError, TransportError, OrpError) as exc:
+            log.debug("data stream closed before its first frame", extra=kv(err=repr(exc)))
+            await stream.aclose()
+            return
+        if frame is None:
+            await stream.aclose()
+            return
+        if frame.type == FrameType.OPEN_STREAM:
+            try:
+                open_msg = expect_message(frame, FrameType.OPEN_STREAM, OpenStream)
+            except OrpError:
+                await stream.aclose()
+                return
+            await self._open_flow(session, stream, open_msg, reader.take_leftover())
+        else:
+            log.warning(
+                "first frame not OPEN_STREAM",
+                extra=kv(uri=session.uri, type=frame_name(frame.type)),
+            )
+            await stream.aclose()
+
+    def _decide(self, caller: str, target: str, method: str, side: str) -> PolicyResult | None:
+        policy = self.config.policy
+        if policy is None:
+            return None
+        now = _now_ms()
+        result = policy.decide(caller, target, method, now)
+        try:
+            tenant = parse_identity(caller).authority
+        except InvalidIdentity:
+            tenant = ""
+        self.audit.emit(
+            AuditEvent(
+                ts_unix_ms=now,
+                tenant=tenant,
+                caller=caller,
+                target=target,
+                method=method,
+                decision="DECISION_ALLOW" if result.allowed else "DECISION_DENY",
+                reason=result.reason,
+                stream_id="",
+                side=side,
+            )
+        )
+        return result
+
+    async def _reject(self, stream: Stream, code: RejectCode, reason: str) -> None:
+        """STREAM_REJECT then FIN (spec 02 §13).
+
+        What the consumer still sends is read and dropped for a few seconds
+        instead of answered with STOP_SENDING: the reference leaves the
+        consumer's direction untouched.
+        """
+        try:
+            await stream.send_all(
+                encode_message(FrameType.STREAM_REJECT, StreamReject(code=int(code), reason=reason))
+            )
+            await stream.send_eof()
+            async with asyncio.timeout(REJECT_DRAIN_TIMEOUT):
+                while await stream.receive_some():
+                    pass
+        except (TransportError, TimeoutError):
+            pass
+        await stream.aclose()
+
+    async def _open_flow(
+        self, consumer: AgentSession, c_stream: Stream, msg: OpenStream, c_leftover: bytes
+    ) -> None:
+        """Spec 02 §6.1, steps 2–9, for a provider on this relay."""
+        sid = msg.stream_id
+        target, method = msg.target_service, msg.method
+        c_uri = consumer.uri
+        fields = kv(stream_id=sid, svc=target, consumer=c_uri)
+
+        caller_side = self._decide(c_uri, target, method, "caller")
+        if caller_side is not None and not caller_side.allowed:
+            log.info("open denied", extra=kv(**fields["attrs"], reason=caller_side.reason))
+            await self._reject(c_stream, RejectCode.FORBIDDEN, f"denied: {caller_side.reason}")
+            return
+
+        binding = self.registry.resolve(consumer.tenant, target)
+        provider = self.agents.get(binding.agent_uri) if binding is not None else None
+        if provider is None:
+            log.info("open rejected: service not found", extra=fields)
+            await self._reject(c_stream, RejectCode.NOT_FOUND, "service not found")
+            return
+        p_uri = provider.uri
+
+        callee_side = self._decide(p_uri, c_uri, method, "callee")
+        if callee_side is not None and not callee_side.allowed:
+            log.info("open denied (callee)", extra=kv(**fields["attrs"], reason=callee_side.reason))
+            await self._reject(
+                c_stream, RejectCode.FORBIDDEN, f"denied (callee): {callee_side.reason}"
+            )
+            return
+        p2p_mode = P2PMode.ALLOWED
+        if caller_side is not None and callee_side is not None:
+            p2p_mode = combine_p2p(caller_side.p2p_mode, callee_side.p2p_mode)
+        relay_mode = caller_side.relay_mode if caller_side is not None else RelayMode.SPLICE
+
+        try:
+            p_stream = await provider.conn.open_stream()
+            await p_stream.send_all(
+                encode_message(
+                    FrameType.INCOMING_STREAM,
+                    IncomingStream(
+                        target_service=target, method=method, source_agent_uri=c_uri, stream_id=sid
+                    ),
+                )
+            )
+        except TransportError as exc:
+            log.warning("provider stream open failed", extra=kv(**fields["attrs"], err=str(exc)))
+            await self._reject(c_stream, RejectCode.BAD_GATEWAY, "provider stream open failed")
+            return
+
+        if not self.pairs.record(sid, c_uri, p_uri):
+            log.warning("stream id collision rejected", extra=fields)
+            await p_stream.aclose()
+            await self._reject(c_stream, RejectCode.STREAM_ID_COLLISION, "stream id collision")
+            return
+        try:
+            await self._answer_and_splice(
+                consumer, c_stream, c_leftover, provider, p_stream, sid, p2p_mode, relay_mode
+            )
+        finally:
+            self.pairs.forget(sid, c_uri, p_uri)
+
+    async def _answer_and_splice(
+        self,
+        consumer: AgentSession,
+        c_stream: Stream,
+        c_leftover: bytes,
+        provider: AgentSession,
+        p_stream: Stream,
+        sid: int,
+        p2p_mode: P2PMode,
+        relay_mode: RelayMode,
+    ) -> None:
+        p_reader = FrameReader(p_stream)
+        try:
+            async with asyncio.timeout(PROVIDER_ANSWER_TIMEOUT):
+                answer = await p_reader.read_frame()
+        except (TimeoutError, TransportError, OrpError) as exc:
+            log.info("provider did not answer", extra=kv(stream_id=sid, err=repr(exc)))
+            answer = None
+        if answer is None or answer.type not in (FrameType.STREAM_ACCEPT, FrameType.STREAM_REJECT):
+            await asyncio.gather(c_stream.aclose(), p_stream.aclose())
+            return
+        if answer.type == FrameType.STREAM_REJECT:
+            with contextlib.suppress(OrpError):
+                rejected = expect_message(answer, FrameType.STREAM_REJECT, StreamReject)
+                log.info(
+                    "provider rejected",
+                    extra=kv(stream_id=sid, code=rejected.code, reason=rejected.reason),
+                )
+            await p_stream.aclose()
+            await self._reject(c_stream, RejectCode.UNAVAILABLE, "provider rejected")
+            return
+
+        # Splice mode (spec 02 §6.3); forward mode needs --listen-forward (not built yet).
+        del relay_mode
+        ready = StreamReady(stream_id=sid)
+        with contextlib.suppress(TransportError):
+            await consumer.ctrl.send(FrameType.STREAM_READY, ready)
+        current_provider = self.agents.get(provider.uri)
+        if current_provider is not None:
+            with contextlib.suppress(TransportError):
+                await current_provider.ctrl.send(FrameType.STREAM_READY, ready)
+
+        async with asyncio.TaskGroup() as tg:
+            enforcer = None
+            if p2p_mode == P2PMode.REQUIRED:
+                enforcer = tg.create_task(self._enforce_required(sid, c_stream))
+            result = await splice(
+                c_stream,
+                p_stream,
+                a_to_b_prefix=c_leftover,
+                b_to_a_prefix=p_reader.take_leftover(),
+            )
+            if enforcer is not None:
+                enforcer.cancel()
+        log.debug(
+            "splice ended",
+            extra=kv(stream_id=sid, c_to_p=result.a_to_b.bytes, p_to_c=result.b_to_a.bytes),
+        )
+
+    async def _enforce_required(self, sid: int, c_stream: Stream) -> None:
+        """Spec 02 §7.5: FIN the consumer if no MIGRATE_TO_P2P arrives in time."""
+        deadline = time.monotonic() + self.config.required_promotion_timeout
+        while time.monotonic() < deadline:
+            if self.migrated.lookup(sid, _now_ms()) is not None:
+                return
+            await asyncio.sleep(REQUIRED_POLL_INTERVAL)
+        log.warning("required p2p promotion timeout — closing splice", extra=kv(stream_id=sid))
+        with contextlib.suppress(TransportError):
+            await c_stream.send_eof()

@@ -1,0 +1,117 @@
+"""Copy bytes both ways between two streams, with half-close (spec 02 §6.5).
+
+Used by the relay (consumer stream <-> provider stream) and by the agent
+(local socket <-> relay stream, spec 03 §5). Each direction is a copy loop
+with a fixed buffer; when its source ends (EOF, or an error), the
+destination's send half is closed (FIN). The splice ends when both
+directions have ended; both streams are then closed.
+
+A direction may instead *abort* its destination when the source broke (not
+a clean EOF): the agent uses that to reset the application's socket when the
+relay stream is lost for good (spec 03 §5.2 [REC]).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass
+
+from outrelay.transport.base import Stream, TransportError
+
+__all__ = ["DirectionResult", "SpliceResult", "splice"]
+
+SPLICE_BUFFER = 64 * 1024  # spec 02 §12: 64 KiB per direction
+
+
+@dataclass
+class DirectionResult:
+    """What one copy direction did."""
+
+    bytes: int = 0
+    read_error: TransportError | None = None
+    """Set when the source broke instead of ending with EOF."""
+    write_error: TransportError | None = None
+    """Set when the destination refused bytes."""
+
+    @property
+    def clean(self) -> bool:
+        return self.read_error is None and self.write_error is None
+
+
+@dataclass
+class SpliceResult:
+    a_to_b: DirectionResult
+    b_to_a: DirectionResult
+
+
+async def _pump(
+    src: Stream,
+    dst: Stream,
+    prefix: bytes,
+    result: DirectionResult,
+    abort_on_error: bool,
+    buffer_size: int,
+) -> None:
+    try:
+        if prefix:
+            await dst.send_all(prefix)
+            result.bytes += len(prefix)
+        while True:
+            try:
+                data = await src.receive_some(buffer_size)
+            except TransportError as exc:
+                result.read_error = exc
+                break
+            if not data:
+                break
+            await dst.send_all(data)
+            result.bytes += len(data)
+    except TransportError as exc:
+        result.write_error = exc
+    if result.read_error is not None and abort_on_error:
+        dst.abort()
+        return
+    with contextlib.suppress(TransportError):
+        await dst.send_eof()
+
+
+async def splice(
+    a: Stream,
+    b: Stream,
+    *,
+    a_to_b_prefix: bytes = b"",
+    b_to_a_prefix: bytes = b"",
+    abort_a_on_b_error: bool = False,
+    abort_b_on_a_error: bool = False,
+    buffer_size: int = SPLICE_BUFFER,
+) -> SpliceResult:
+    """Run both copy directions until both have ended, then close both streams.
+
+    Args:
+        a_to_b_prefix: bytes already read from ``a`` (e.g. the surplus after a
+            frame) that ``b`` must receive first.
+        b_to_a_prefix: likewise for the other direction.
+        abort_a_on_b_error: if reading ``b`` fails (not EOF), reset ``a``
+            instead of sending it a FIN.
+        abort_b_on_a_error: the mirror image.
+
+    Returns:
+        Byte counts and errors per direction. Never raises transport errors;
+        cancellation propagates after both streams are aborted.
+    """
+    result = SpliceResult(DirectionResult(), DirectionResult())
+    try:
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(
+                _pump(a, b, a_to_b_prefix, result.a_to_b, abort_b_on_a_error, buffer_size)
+            )
+            tg.create_task(
+                _pump(b, a, b_to_a_prefix, result.b_to_a, abort_a_on_b_error, buffer_size)
+            )
+    except BaseException:
+        a.abort()
+        b.abort()
+        raise
+    await asyncio.gather(a.aclose(), b.aclose(), return_exceptions=True)
+    return result

@@ -1,0 +1,38 @@
+"""Transports: one Connection/Stream interface, a QUIC backend, local TCP sockets."""
+
+from __future__ import annotations
+
+from outrelay.transport.base import (
+    BrokenResourceError,
+    BusyResourceError,
+    ClosedResourceError,
+    Connection,
+    PeerInfo,
+    Stream,
+    TransportError,
+)
+from outrelay.transport.local import SocketStream, open_tcp
+from outrelay.transport.quic import (
+    ALPN,
+    QuicServerHandle,
+    QuicTlsConfig,
+    connect_quic,
+    serve_quic,
+)
+
+__all__ = [
+    "ALPN",
+    "BrokenResourceError",
+    "BusyResourceError",
+    "ClosedResourceError",
+    "Connection",
+    "PeerInfo",
+    "QuicServerHandle",
+    "QuicTlsConfig",
+    "SocketStream",
+    "Stream",
+    "TransportError",
+    "connect_quic",
+    "open_tcp",
+    "serve_quic",
+]
