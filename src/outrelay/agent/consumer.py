@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 from outrelay.agent.session import NotConnected, RelaySession, StreamMode
 from outrelay.observe import kv

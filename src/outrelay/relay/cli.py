@@ -1,0 +1,170 @@
+"""``outrelay-relay``: the relay's command line (spec 02 §1, embedded control plane).
+
+Exit codes follow the reference: 2 when ``--cert``/``--key``/``--ca`` is
+missing or a flag is malformed, 1 when TLS material, the policy file or the
+listen address is unusable, 0 for ``--version``/``--help`` and SIGINT/SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+
+from outrelay import __version__
+from outrelay.cliutil import go_style_argv, parse_host_port
+from outrelay.observe import kv, setup_logging
+from outrelay.pki import PkiError, load_certificates, load_identity
+from outrelay.relay.policy import PolicyFileError, PolicyService, load_policy_file
+from outrelay.relay.server import Relay, RelayConfig
+
+__all__ = ["build_parser", "main"]
+
+log = logging.getLogger("outrelay.relay")
+
+EPILOG = """\
+policy file (JSON), evaluated twice per open: caller side (consumer URI ->
+service) and callee side (provider URI -> consumer URI); first match wins,
+exact targets before wildcard targets, no match denies:
+  {"rules": [
+    {"id": "web-from-acme", "caller": "outrelay://acme/*", "target": "web", "decision": "allow"},
+    {"id": "providers-answer", "caller": "*", "target": "outrelay://acme/*", "decision": "allow"}
+  ]}
+Without --policy every open is allowed (a warning is logged at start).
+SIGHUP re-reads the policy file.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="outrelay-relay",
+        description=(
+            "OutRelay relay: agents dial in over mTLS QUIC (ALPN orp/1); the relay splices a "
+            "consumer's stream to a provider's stream. Registry, policy and audit are embedded."
+        ),
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--listen", default="127.0.0.1:7443", help="UDP address for QUIC (default %(default)s)"
+    )
+    p.add_argument("--cert", default="", help="PEM server certificate (required)")
+    p.add_argument("--key", default="", help="PEM private key (required)")
+    p.add_argument("--ca", default="", help="PEM CA bundle that verifies agents (required)")
+    p.add_argument("--relay-id", default="", help="this relay's id (default: the --listen address)")
+    p.add_argument("--region", default="local", help="region label (default %(default)s)")
+    p.add_argument("--policy", default="", help="JSON policy file; enables enforcement")
+    p.add_argument("--audit", default="", help="append one JSON line per policy decision here")
+    p.add_argument("--log-format", default="text", help="text or json (default %(default)s)")
+    p.add_argument(
+        "--log-level", default="info", help="debug, info, warn or error (default %(default)s)"
+    )
+    p.add_argument("--version", action="store_true", help="print the version and exit")
+    return p
+
+
+def _load_policy(path: str) -> PolicyService:
+    service = PolicyService()
+    service.load_rules(load_policy_file(path))
+    return service
+
+
+async def run_relay(config: RelayConfig, policy_path: str = "") -> int:
+    relay = Relay(config)
+    try:
+        host, port = await relay.start()
+    except OSError as exc:
+        log.error(
+            "listen", extra=kv(addr=f"{config.listen_host}:{config.listen_port}", err=str(exc))
+        )
+        return 1
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+
+    def reload_policy() -> None:
+        if not policy_path or config.policy is None:
+            log.warning("SIGHUP: no --policy file to reload")
+            return
+        try:
+            config.policy.load_rules(load_policy_file(policy_path))
+        except (OSError, PolicyFileError) as exc:
+            log.error("policy reload failed; keeping the old rules", extra=kv(err=str(exc)))
+            return
+        log.info("policy reloaded", extra=kv(rules=len(config.policy.engine)))
+
+    with contextlib.suppress(NotImplementedError, RuntimeError):
+        loop.add_signal_handler(signal.SIGHUP, reload_policy)
+    log.info(
+        "relay listening",
+        extra=kv(
+            addr=f"{host}:{port}",
+            relay_id=relay.relay_id,
+            region=config.region,
+            policy=policy_path or "off",
+            version=__version__,
+        ),
+    )
+    await stop.wait()
+    log.info("shutting down")
+    await relay.stop()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(go_style_argv(sys.argv[1:] if argv is None else argv, parser))
+    if args.version:
+        print(__version__)
+        return 0
+    setup_logging(args.log_format, args.log_level)
+    missing = [f"--{name}" for name in ("cert", "key", "ca") if not getattr(args, name)]
+    if missing:
+        log.error("missing required flags", extra=kv(flags=",".join(missing)))
+        return 2
+    try:
+        host, port = parse_host_port(args.listen, what="--listen")
+    except ValueError as exc:
+        log.error(str(exc))
+        return 2
+    try:
+        load_identity(args.cert, args.key)
+        load_certificates(args.ca)
+    except (OSError, PkiError, ValueError) as exc:
+        log.error("load tls", extra=kv(err=str(exc)))
+        return 1
+    policy: PolicyService | None = None
+    if args.policy:
+        try:
+            policy = _load_policy(args.policy)
+        except (OSError, PolicyFileError) as exc:
+            log.error("load policy", extra=kv(path=args.policy, err=str(exc)))
+            return 1
+        log.info("policy loaded", extra=kv(path=args.policy, rules=len(policy.engine)))
+    else:
+        log.warning("no --policy given: every open is allowed (no enforcement, no audit)")
+    config = RelayConfig(
+        cert_file=args.cert,
+        key_file=args.key,
+        ca_file=args.ca,
+        listen_host=host,
+        listen_port=port,
+        relay_id=args.relay_id,
+        region=args.region,
+        policy=policy,
+        audit_file=args.audit or None,
+    )
+    try:
+        return asyncio.run(run_relay(config, args.policy))
+    except KeyboardInterrupt:  # pragma: no cover
+        return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
