@@ -375,7 +375,11 @@ def test_combine_p2p_modes(a: P2PMode, b: P2PMode, want: P2PMode) -> None:
 
 def test_p2p_mode_stringer() -> None:
     """TestP2PModeStringer; the numbers are the proto's."""
-    want = {P2PMode.ALLOWED: "allowed", P2PMode.FORBIDDEN: "forbidden", P2PMode.REQUIRED: "required"}
+    want = {
+        P2PMode.ALLOWED: "allowed",
+        P2PMode.FORBIDDEN: "forbidden",
+        P2PMode.REQUIRED: "required",
+    }
     for mode, name in want.items():
         assert str(mode) == name
         assert mode.label == name

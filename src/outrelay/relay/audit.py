@@ -52,6 +52,9 @@ _FILE_MODE: Final = 0o600
 
 _DIR_MODE: Final = 0o750
 
+_monotonic = time.monotonic
+"""The clock of the drop-warning rate limit (a module attribute, so tests can replace it)."""
+
 _DECISIONS: Final = frozenset({"DECISION_ALLOW", "DECISION_DENY"})
 _SIDES: Final = frozenset({"caller", "callee"})
 
@@ -170,20 +173,26 @@ class AuditLog:
     async def run(self) -> None:
         """Write queued events until :meth:`aclose`; the relay runs it in its task group.
 
+        There is one writer at a time: a ``run()`` called while another is running (for
+        example the relay's task, started just as :meth:`aclose` began draining by itself)
+        waits for that one to return. After the log was closed and drained, ``run()`` returns
+        at once.
+
         Raises:
             OSError: The audit file or its directory cannot be created or opened.
-            RuntimeError: ``run()`` is already running.
         """
         if self._running:
-            raise RuntimeError("AuditLog.run() is already running")
+            await self._finished.wait()
+            return
+        if self._drained():
+            return
         self._running = True
         self._finished.clear()
         file: _AuditFile | None = None
         try:
             if self._path is not None:
                 file = await asyncio.to_thread(_AuditFile.open, self._path)
-            # After the end marker was taken, nothing more can arrive: do not wait for it.
-            while not (self._closing and not self._marker_pending and self._queue.empty()):
+            while not self._drained():
                 batch, stop = await self._next_batch()
                 if batch:
                     await self._write(file, batch)
@@ -216,6 +225,10 @@ class AuditLog:
         """A snapshot of the counters."""
         queued = self._queue.qsize() - (1 if self._marker_pending else 0)
         return AuditStatistics(queued, self._written, self._dropped, self._write_errors)
+
+    def _drained(self) -> bool:
+        """Closed, and the end marker taken: nothing more can arrive."""
+        return self._closing and not self._marker_pending and self._queue.empty()
 
     async def _next_batch(self) -> tuple[list[AuditEvent], bool]:
         """Wait for at least one item, then take everything queued. ``stop`` is True once the
@@ -250,7 +263,7 @@ class AuditLog:
     def _drop(self, event: AuditEvent, message: str) -> None:
         self._dropped += 1
         self._drops_unreported += 1
-        now = time.monotonic()
+        now = _monotonic()
         if now - self._last_drop_warning >= _DROP_WARNING_INTERVAL_S:
             self._logger.warning(
                 "%s (caller=%s target=%s; %d dropped since the last warning, %d in total)",

@@ -680,6 +680,8 @@ class PolicyFileError(ValueError):
     'deny', got 'alow'``.
 
     Attributes:
+        detail: What is wrong, without the location.
+        source: The file's path, or ``None`` for :func:`parse_policy`.
         rule_index: 0-based index of the faulty rule in ``"rules"``, or ``None``.
         rule_id: Its id, when it has a valid one.
         field: The faulty field, or ``None`` when the problem is not one field.
@@ -687,18 +689,21 @@ class PolicyFileError(ValueError):
 
     def __init__(
         self,
-        message: str,
+        detail: str,
         *,
+        source: str | None = None,
         rule_index: int | None = None,
         rule_id: str | None = None,
         field: str | None = None,
     ) -> None:
-        where = []
+        where = [] if source is None else [source]
         if rule_index is not None:
             where.append(f"rule #{rule_index}" + (f" (id {rule_id!r})" if rule_id else ""))
         if field is not None:
             where.append(f"field {field!r}")
-        super().__init__(": ".join([*where, message]))
+        super().__init__(": ".join([*where, detail]))
+        self.detail = detail
+        self.source = source
         self.rule_index = rule_index
         self.rule_id = rule_id
         self.field = field
@@ -901,20 +906,24 @@ def load_policy_file(path: str | os.PathLike[str]) -> list[Rule]:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise PolicyFileError(f"{name}: not UTF-8: {exc}") from None
+        raise PolicyFileError(f"not UTF-8: {exc}", source=name) from None
     try:
         obj = json.loads(text, parse_constant=_reject_constant)
     except json.JSONDecodeError as exc:
         raise PolicyFileError(
-            f"{name}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"
+            f"invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}", source=name
         ) from None
     except _NonJsonConstantError as exc:
-        raise PolicyFileError(f"{name}: invalid JSON: {exc}") from None
+        raise PolicyFileError(f"invalid JSON: {exc}", source=name) from None
     try:
         return parse_policy(obj)
     except PolicyFileError as exc:
         raise PolicyFileError(
-            f"{name}: {exc}", rule_index=exc.rule_index, rule_id=exc.rule_id, field=exc.field
+            exc.detail,
+            source=name,
+            rule_index=exc.rule_index,
+            rule_id=exc.rule_id,
+            field=exc.field,
         ) from None
 
 

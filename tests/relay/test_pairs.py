@@ -1,0 +1,189 @@
+"""Tests for outrelay.relay.pairs: pair table and migrated cache (spec 02 §5, §6.1, §7.3)."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from outrelay.relay.pairs import (
+    MIGRATED_CAPACITY,
+    MIGRATION_TTL_MS,
+    MigratedCache,
+    MigratedStream,
+    PairTable,
+    StreamPair,
+)
+
+C1 = "outrelay://acme/agent/c1"
+P1 = "outrelay://acme/agent/p1"
+C2 = "outrelay://acme/agent/c2"
+P2 = "outrelay://acme/agent/p2"
+
+
+# --- pair table ------------------------------------------------------------------------------
+
+
+def test_record_pair_rejects_different_pair() -> None:
+    """TestRecordPairRejectsDifferentPair."""
+    table = PairTable()
+    assert table.record(0xFEED, C1, P1)
+    assert table.record(0xFEED, C1, P1)  # idempotent
+    assert not table.record(0xFEED, C2, P2)  # collision -> 409
+    assert table.get(0xFEED) == StreamPair(C1, P1)  # original intact
+    assert table.forget(0xFEED, C1, P1)
+    assert table.record(0xFEED, C2, P2)  # the slot is reusable
+
+
+def test_record_pair_zero_stream_id_is_noop() -> None:
+    """TestRecordPairZeroStreamIDIsNoop."""
+    table = PairTable()
+    assert table.record(0, "x", "")
+    assert table.record(0, C1, P1)
+    assert table.record(0, C2, P2)  # never collides
+    assert len(table) == 0
+    assert table.route(0, C1) is None
+
+
+@pytest.mark.parametrize(("consumer", "provider"), [(C1, P2), (C2, P1)])
+def test_half_different_pair_collides(consumer: str, provider: str) -> None:
+    table = PairTable()
+    table.record(7, C1, P1)
+    assert not table.record(7, consumer, provider)
+
+
+def test_forget_only_removes_that_pair() -> None:
+    """A refused recorder's cleanup must not remove the live splice's entry."""
+    table = PairTable()
+    table.record(9, C1, P1)
+    assert not table.record(9, C2, P2)
+    assert not table.forget(9, C2, P2)
+    assert table.get(9) == StreamPair(C1, P1)
+    assert not table.forget(10, C1, P1)  # unknown id
+    assert table.forget(9, C1, P1)
+    assert len(table) == 0
+    assert not table.forget(9, C1, P1)
+
+
+def test_route() -> None:
+    """Spec 02 §5 step 2: the other side's URI, None for a stranger or an unknown id."""
+    table = PairTable()
+    table.record(0xCAFEF00D, C1, P1)
+    assert table.route(0xCAFEF00D, C1) == P1
+    assert table.route(0xCAFEF00D, P1) == C1
+    assert table.route(0xCAFEF00D, C2) is None
+    assert table.route(0xDEAD, C1) is None
+
+
+def test_stream_pair_unpacks() -> None:
+    consumer, provider = StreamPair(C1, P1)
+    assert (consumer, provider) == (C1, P1)
+
+
+@given(
+    ops=st.lists(
+        st.tuples(
+            st.sampled_from(["record", "forget"]),
+            st.integers(min_value=0, max_value=3),
+            st.sampled_from([(C1, P1), (C2, P2), (C1, P2)]),
+        ),
+        max_size=40,
+    )
+)
+def test_pair_table_matches_dict_model(ops: list[tuple[str, int, tuple[str, str]]]) -> None:
+    table = PairTable()
+    model: dict[int, tuple[str, str]] = {}
+    for op, sid, pair in ops:
+        if op == "record":
+            ok = sid == 0 or model.setdefault(sid, pair) == pair
+            assert table.record(sid, *pair) is ok
+        else:
+            removed = model.get(sid) == pair
+            if removed:
+                del model[sid]
+            assert table.forget(sid, *pair) is removed
+        assert len(table) == len(model)
+        for key, (c, p) in model.items():
+            assert table.route(key, c) == p
+            assert table.route(key, p) == c
+
+
+# --- migrated cache --------------------------------------------------------------------------
+
+T0 = 1_000_000
+
+
+def test_migrated_note_and_lookup() -> None:
+    """TestMigratedLRUNoteAndLookup."""
+    cache = MigratedCache()
+    cache.note(0xC0FFEE, C1, P1, T0)
+    assert cache.lookup(0xC0FFEE, T0 + 1) == MigratedStream(0xC0FFEE, C1, P1, T0)
+    cache.discard(0xC0FFEE)
+    assert cache.lookup(0xC0FFEE, T0 + 1) is None
+    assert len(cache) == 0
+    cache.discard(0xC0FFEE)  # no-op
+
+
+def test_migrated_expires_after_ttl() -> None:
+    """TestMigratedLRUExpiresAfterTTL: age >= 60 s is absent."""
+    assert MIGRATION_TTL_MS == 60_000
+    cache = MigratedCache()
+    cache.note(1, C1, P1, T0)
+    assert cache.lookup(1, T0 + 59_999) is not None
+    assert cache.lookup(1, T0 + 60_000) is None
+    assert len(cache) == 0  # removed lazily by the lookup
+
+
+def test_migrated_repeat_overwrites_and_refreshes() -> None:
+    """Spec 02 §7.3: repeats from either side overwrite the entry and refresh its time."""
+    cache = MigratedCache()
+    cache.note(1, C1, P1, T0)
+    cache.note(1, P1, "", T0 + 50_000)
+    entry = cache.lookup(1, T0 + 100_000)
+    assert entry == MigratedStream(1, P1, "", T0 + 50_000)
+    assert len(cache) == 1
+
+
+def test_migrated_purges_expired_on_note() -> None:
+    cache = MigratedCache()
+    cache.note(1, C1, P1, T0)
+    cache.note(2, C1, P1, T0 + 30_000)
+    cache.note(3, C1, P1, T0 + 60_000)  # entry 1 is exactly 60 s old: purged
+    assert len(cache) == 2
+    cache.note(4, C1, P1, T0 + 90_000)  # entry 2 purged
+    assert len(cache) == 2
+    assert cache.lookup(3, T0 + 90_000) is not None
+
+
+def test_migrated_refresh_moves_entry_behind_younger_ones() -> None:
+    cache = MigratedCache()
+    cache.note(1, C1, P1, T0)
+    cache.note(2, C1, P1, T0 + 10_000)
+    cache.note(1, C1, P1, T0 + 20_000)  # refreshed: now younger than 2
+    cache.note(3, C1, P1, T0 + 70_000)  # 2 is 60 s old and goes; 1 (50 s) stays
+    assert cache.lookup(2, T0 + 70_000) is None
+    assert cache.lookup(1, T0 + 70_000) is not None
+    assert len(cache) == 2
+
+
+def test_migrated_cap_drops_oldest() -> None:
+    """[REC] The cache is capped (the reference's is not)."""
+    assert MIGRATED_CAPACITY == 65_536
+    cache = MigratedCache(capacity=3)
+    for sid in range(1, 6):
+        cache.note(sid, C1, P1, T0 + sid)
+    assert len(cache) == 3
+    assert [cache.lookup(sid, T0 + 10) is not None for sid in range(1, 6)] == [
+        False,
+        False,
+        True,
+        True,
+        True,
+    ]
+
+
+def test_migrated_rejects_bad_limits() -> None:
+    with pytest.raises(ValueError):
+        MigratedCache(capacity=0)
+    with pytest.raises(ValueError):
+        MigratedCache(ttl_ms=0)
