@@ -465,8 +465,12 @@ class _Protocol(QuicConnectionProtocol):
         self._handshake_timer: asyncio.TimerHandle | None = None
         quic._outrelay_owner = self.conn  # type: ignore[attr-defined]
         quic._write_stream_limits = types.MethodType(_write_stream_limits, quic)  # type: ignore[method-assign]
-        quic._local_max_streams_bidi.value = MAX_INCOMING_STREAMS
-        quic._local_max_streams_uni.value = 0
+        # Advertise quic-go's limits; ``sent`` must match what the transport
+        # parameters will say, or aioquic never raises the limit again.
+        quic._local_max_streams_bidi.value = quic._local_max_streams_bidi.sent = (
+            MAX_INCOMING_STREAMS
+        )
+        quic._local_max_streams_uni.value = quic._local_max_streams_uni.sent = 0
         if not quic._is_client:
             original_initialize = quic._initialize
 

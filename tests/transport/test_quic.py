@@ -1,0 +1,285 @@
+"""The QUIC backend on loopback: streams, half-close, backpressure, limits, mTLS.
+
+DESIGN.md asks for proof that a missing client certificate, one from another
+CA, an expired one and one without a URI SAN are all refused by the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from aioquic.asyncio.client import connect
+from aioquic.quic.configuration import QuicConfiguration
+
+from outrelay.pki import ClientVerifier, Issued, create_ca, issue_agent, issue_relay, write_identity
+from outrelay.transport import (
+    BrokenResourceError,
+    ClosedResourceError,
+    QuicTlsConfig,
+    Stream,
+    TransportError,
+    connect_quic,
+    serve_quic,
+)
+from outrelay.transport import quic as quic_module
+from outrelay.transport.quic import QuicConn
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@dataclass
+class Pki:
+    dir: Path
+    ca: Issued
+    relay: QuicTlsConfig
+    agent: QuicTlsConfig
+    agent_uri: str
+    ca_file: str
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    d = tmp_path_factory.mktemp("pki")
+    ca = create_ca()
+    ca_file, _ = write_identity(d, "ca", ca)
+    relay_crt, relay_key = write_identity(d, "relay", issue_relay(ca))
+    agent, uri = issue_agent(ca, tenant="acme")
+    agent_crt, agent_key = write_identity(d, "agent", agent)
+    return Pki(
+        d,
+        ca,
+        QuicTlsConfig(str(relay_crt), str(relay_key), str(ca_file)),
+        QuicTlsConfig(str(agent_crt), str(agent_key), str(ca_file)),
+        uri,
+        str(ca_file),
+    )
+
+
+@dataclass
+class Server:
+    port: int
+    conns: asyncio.Queue[QuicConn] = field(default_factory=asyncio.Queue)
+    refused: list[str] = field(default_factory=list)
+
+
+@pytest.fixture
+async def server(pki: Pki) -> AsyncIterator[Server]:
+    verifier = ClientVerifier([pki.ca.cert])
+    state = Server(port=0)
+    handle = await serve_quic(
+        "127.0.0.1",
+        0,
+        pki.relay,
+        verify_client=lambda leaf, chain: verifier.verify(leaf, chain),
+        on_connection=state.conns.put_nowait,
+        on_refused=lambda addr, reason: state.refused.append(reason),
+    )
+    state.port = handle.address[1]
+    yield state
+    handle.close()
+
+
+async def _pair(pki: Pki, server: Server) -> tuple[QuicConn, QuicConn]:
+    client = await connect_quic("127.0.0.1", server.port, pki.agent)
+    async with asyncio.timeout(5):
+        peer = await server.conns.get()
+    return client, peer
+
+
+async def _read_all(stream: Stream) -> bytes:
+    out = bytearray()
+    while chunk := await stream.receive_some():
+        out += chunk
+    return bytes(out)
+
+
+async def test_identity_and_echo_with_half_close(pki: Pki, server: Server) -> None:
+    client, peer = await _pair(pki, server)
+    assert peer.identity == pki.agent_uri
+    assert peer.peer.address[0] == "127.0.0.1"
+    stream = await client.open_stream()
+    await stream.send_all(b"ping")
+    await stream.send_eof()
+    remote = await peer.accept_stream()
+    assert await _read_all(remote) == b"ping"
+    # Our FIN did not close the other direction.
+    await remote.send_all(b"pong")
+    await remote.send_eof()
+    assert await _read_all(stream) == b"pong"
+    client.close()
+
+
+async def test_bulk_transfer_is_exact(pki: Pki, server: Server) -> None:
+    client, peer = await _pair(pki, server)
+    data = os.urandom(8 << 20)
+    stream = await client.open_stream()
+
+    async def writer() -> None:
+        await stream.send_all(data)
+        await stream.send_eof()
+
+    task = asyncio.create_task(writer())
+    remote = await peer.accept_stream()
+    assert await _read_all(remote) == data
+    await task
+    client.close()
+
+
+async def test_slow_reader_pushes_back_on_the_writer(pki: Pki, server: Server) -> None:
+    client, peer = await _pair(pki, server)
+    stream = await client.open_stream()
+    await stream.send_all(b"x")
+    remote = await peer.accept_stream()
+    sent = 0
+    chunk = b"y" * 65536
+
+    async def flood() -> None:
+        nonlocal sent
+        while True:
+            await stream.send_all(chunk)
+            sent += len(chunk)
+
+    task = asyncio.create_task(flood())
+    await asyncio.sleep(1.0)
+    assert not task.done()
+    bound = quic_module.STREAM_WINDOW + quic_module.SEND_BUFFER + 2 * len(chunk)
+    assert sent <= bound, f"writer got {sent} bytes out to a reader that reads nothing"
+    assert stream.unsent_bytes <= quic_module.SEND_BUFFER + len(chunk)
+    # The receiver buffers at most one window beyond what it consumed.
+    assert remote._buffered <= quic_module.STREAM_WINDOW + 1
+    # Reading releases the writer.
+    before = sent
+    received = 0
+    while received < 4 << 20:
+        received += len(await remote.receive_some())
+    assert sent > before
+    task.cancel()
+    client.close()
+
+
+async def test_opening_past_the_peer_stream_limit_waits(pki: Pki, server: Server) -> None:
+    client, peer = await _pair(pki, server)
+    streams = []
+    for _ in range(quic_module.MAX_INCOMING_STREAMS):
+        s = await client.open_stream()
+        await s.send_all(b"hi")
+        streams.append(s)
+    extra = asyncio.create_task(client.open_stream())
+    await asyncio.sleep(0.5)
+    assert not extra.done(), "the 101st stream must wait for the peer's MAX_STREAMS"
+    # The server finishes one stream completely: both directions closed.
+    remote = await peer.accept_stream()
+    await remote.send_eof()
+    await streams[0].send_eof()
+    assert await _read_all(remote) == b"hi"
+    assert await _read_all(streams[0]) == b""
+    await remote.aclose()
+    await streams[0].aclose()
+    async with asyncio.timeout(5):
+        await extra
+    client.close()
+
+
+async def test_abort_is_seen_as_broken(pki: Pki, server: Server) -> None:
+    client, peer = await _pair(pki, server)
+    stream = await client.open_stream()
+    await stream.send_all(b"data")
+    remote = await peer.accept_stream()
+    assert await remote.receive_some() == b"data"
+    stream.abort(7)
+    with pytest.raises(BrokenResourceError):
+        await remote.receive_some()
+    with pytest.raises(ClosedResourceError):
+        await stream.send_all(b"more")
+    client.close()
+
+
+async def test_connection_loss_breaks_streams(pki: Pki, server: Server) -> None:
+    client, peer = await _pair(pki, server)
+    stream = await client.open_stream()
+    await stream.send_all(b"a")
+    remote = await peer.accept_stream()
+    await remote.receive_some()
+    reader = asyncio.create_task(remote.receive_some())
+    client.close()
+    with pytest.raises(TransportError):
+        async with asyncio.timeout(15):
+            await reader
+    with pytest.raises(TransportError):
+        await peer.accept_stream()
+
+
+async def _refused(pki: Pki, server: Server, tls: QuicTlsConfig) -> str:
+    client = await connect_quic("127.0.0.1", server.port, tls)
+    # TLS 1.3: the client finishes first; the server then closes the connection.
+    async with asyncio.timeout(10):
+        await client.wait_closed()
+    assert server.conns.empty()
+    assert server.refused
+    return server.refused[-1]
+
+
+async def test_refuses_client_from_another_ca(pki: Pki, server: Server, tmp_path: Path) -> None:
+    other = create_ca()
+    leaf, _ = issue_agent(other, tenant="acme")
+    crt, key = write_identity(tmp_path, "stranger", leaf)
+    reason = await _refused(pki, server, QuicTlsConfig(str(crt), str(key), pki.ca_file))
+    assert "does not verify" in reason
+
+
+async def test_refuses_expired_client(pki: Pki, server: Server, tmp_path: Path) -> None:
+    now = dt.datetime.now(dt.UTC)
+    leaf, _ = issue_agent(
+        pki.ca,
+        tenant="acme",
+        not_before=now - dt.timedelta(days=10),
+        not_after=now - dt.timedelta(days=1),
+    )
+    crt, key = write_identity(tmp_path, "expired", leaf)
+    reason = await _refused(pki, server, QuicTlsConfig(str(crt), str(key), pki.ca_file))
+    assert "expired" in reason
+
+
+async def test_refuses_client_without_uri_san(pki: Pki, server: Server, tmp_path: Path) -> None:
+    leaf, _ = issue_agent(pki.ca, tenant="acme", uri_sans=[])
+    crt, key = write_identity(tmp_path, "nouri", leaf)
+    reason = await _refused(pki, server, QuicTlsConfig(str(crt), str(key), pki.ca_file))
+    assert "no URI SAN" in reason
+
+
+async def test_refuses_client_without_certificate(pki: Pki, server: Server) -> None:
+    config = QuicConfiguration(is_client=True, alpn_protocols=["orp/1"], server_name="localhost")
+    config.load_verify_locations(cafile=pki.ca_file)
+    async with connect("127.0.0.1", server.port, configuration=config) as protocol:
+        async with asyncio.timeout(10):
+            await protocol.wait_closed()
+    assert server.conns.empty()
+    assert server.refused == ["no client certificate"]
+
+
+async def test_refuses_other_alpn(pki: Pki, server: Server) -> None:
+    config = QuicConfiguration(is_client=True, alpn_protocols=["h3"], server_name="localhost")
+    config.load_verify_locations(cafile=pki.ca_file)
+    config.load_cert_chain(pki.agent.cert_file, pki.agent.key_file)
+    with pytest.raises(ConnectionError):
+        async with asyncio.timeout(10):
+            async with connect("127.0.0.1", server.port, configuration=config):
+                pass  # pragma: no cover
+    assert server.conns.empty()
+
+
+async def test_client_checks_the_server_name(pki: Pki, server: Server) -> None:
+    tls = QuicTlsConfig(pki.agent.cert_file, pki.agent.key_file, pki.ca_file, "relay.example")
+    with pytest.raises(BrokenResourceError, match="handshake"):
+        await connect_quic("127.0.0.1", server.port, tls)
+
+
+async def test_unreachable_server_times_out(pki: Pki) -> None:
+    with pytest.raises(BrokenResourceError, match="timed out"):
+        await connect_quic("127.0.0.1", 9, pki.agent, handshake_timeout=0.5)
