@@ -20,7 +20,7 @@ import pytest
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
-        "e2e: end-to-end test that starts real outrelay-relay/outrelay-agent processes on 127.0.0.1",
+        "e2e: end-to-end test; starts real outrelay-relay/outrelay-agent processes on 127.0.0.1",
     )
 
 

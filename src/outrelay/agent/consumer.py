@@ -165,12 +165,11 @@ async def handle_consumer_connection(
             local.abort()
             await stream.aclose()
             return
-        result = await splice(
-            local,
-            stream,
-            b_to_a_prefix=prefix,
-            abort_a_on_b_error=True,
-        )
+        relay_stream = session.wrap(sid, stream, prefix)
+        try:
+            result = await splice(local, relay_stream, abort_a_on_b_error=True)
+        finally:
+            session.unwrap(relay_stream)
         log.debug(
             "bridge teardown",
             extra=kv(

@@ -141,12 +141,11 @@ async def handle_incoming_stream(
             return
         prefix = reader.take_leftover() + early
         log.debug("bridging", extra=kv(**fields, target=target))
-        result = await splice(
-            backend,
-            stream,
-            b_to_a_prefix=prefix,
-            abort_a_on_b_error=True,
-        )
+        relay_stream = session.wrap(sid, stream, prefix)
+        try:
+            result = await splice(backend, relay_stream, abort_a_on_b_error=True)
+        finally:
+            session.unwrap(relay_stream)
         log.debug(
             "bridge teardown",
             extra=kv(**fields, to_backend=result.b_to_a.bytes, from_backend=result.a_to_b.bytes),

@@ -23,10 +23,12 @@ import asyncio
 import contextlib
 import logging
 import random
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from outrelay.agent.resumable import RESUME_WINDOW, ResumableStream
 from outrelay.observe import kv
 from outrelay.orp import (
     MESSAGE_TYPES,
@@ -37,12 +39,14 @@ from outrelay.orp import (
     OrpError,
     Register,
     RegisterAck,
+    StreamCheckpoint,
     StreamReady,
+    StreamResume,
     decode_message,
     encode_message,
 )
 from outrelay.orp import AllocGranted as AllocGrantedMessage
-from outrelay.resume import new_stream_id
+from outrelay.resume import ResumeError, new_stream_id, retransmit_range
 from outrelay.transport import (
     BrokenResourceError,
     Connection,
@@ -51,7 +55,7 @@ from outrelay.transport import (
     TransportError,
     connect_quic,
 )
-from outrelay.wire import ControlChannel, FrameReader, frame_name
+from outrelay.wire import ControlChannel, FrameReader, expect_message, frame_name
 
 __all__ = [
     "NotConnected",
@@ -67,6 +71,9 @@ HELLO_TIMEOUT = 10.0  # spec 03 §3.1 [REC]
 REGISTER_TIMEOUT = 10.0  # spec 03 §3.3 [REC]
 BACKOFF_INITIAL = 1.0  # spec 03 §4.5
 BACKOFF_MAX = 30.0  # spec 03 §4.5
+CHECKPOINT_PERIOD = 0.1  # spec 01 / spec 03 §4.3
+RESUME_SLACK = 5.0
+"""A resume gets the stream's window plus this (35 s in all, spec 03 §4.6 [REC])."""
 OPEN_TIMEOUT = 10.0
 """Ours: opening a relay stream waits for the relay's stream limit, bounded."""
 
@@ -132,7 +139,11 @@ class RelaySession:
         self._link: _Link | None = None
         self._mode_waiters: dict[int, asyncio.Future[str]] = {}
         self._active_ids: set[int] = set()
+        self._streams: dict[int, ResumableStream] = {}
+        self._to_resume: set[ResumableStream] = set()
+        self._resume_wakeup = asyncio.Event()
         self.connected = asyncio.Event()
+        self.resume_window = RESUME_WINDOW
         self._ever_connected = False
         self._accepting = True
 
@@ -147,7 +158,13 @@ class RelaySession:
     # -- connection loop ----------------------------------------------------------------
 
     async def run(self) -> None:
-        """Connect, serve, reconnect; returns only when cancelled."""
+        """Connect, serve, reconnect, resume; returns only when cancelled."""
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._resume_supervisor(), name="resume")
+            tg.create_task(self._checkpoint_emitter(), name="checkpoints")
+            await self._connection_loop()
+
+    async def _connection_loop(self) -> None:
         attempt = 0
         backoff = self.config.backoff_initial
         while True:
@@ -200,6 +217,7 @@ class RelaySession:
             self._link = link
             self._ever_connected = True
             self.connected.set()
+            self._resume_wakeup.set()
             if attempt > 1:
                 log.info("session: reconnected", extra=kv(attempt=attempt, relay=link.address))
             try:
@@ -215,43 +233,57 @@ class RelaySession:
                 reader_task.cancel()
 
     async def _connect_any(self) -> _Link:
-        """Happy eyeballs over every relay address (spec 03 §3.2 [REC])."""
+        """Dial every relay at once; prefer the earliest healthy one in ``--relay`` order.
+
+        All attempts run concurrently, each bounded (QUIC handshake 5 s,
+        HELLO_ACK 10 s), so a silent endpoint delays start-up by at most that
+        much and never hangs it (spec 03 §3.2 [REC]). Among the endpoints
+        that answer, the first in list order wins: without inter-relay
+        forwarding, a consumer and its provider must meet on the same relay,
+        and so must both halves of a resumed stream.
+        """
         addresses = self.config.relays
         if not addresses:
             raise _AllFailed("session: no relay addresses", None)
-        tasks = {
-            asyncio.get_running_loop().create_task(self._connect_one(host, port)): f"{host}:{port}"
-            for host, port in addresses
-        }
+        loop = asyncio.get_running_loop()
+        tasks = [loop.create_task(self._connect_one(host, port)) for host, port in addresses]
+        names = [f"{host}:{port}" for host, port in addresses]
         errors: list[str] = []
         refused: RelayRefused | None = None
         winner: _Link | None = None
+        reported: set[int] = set()
         try:
-            pending = set(tasks)
-            while pending and winner is None:
-                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-                for task in done:
+            while winner is None:
+                for i, task in enumerate(tasks):
+                    if not task.done():
+                        break
                     exc = task.exception()
                     if exc is None:
-                        if winner is None:
-                            winner = task.result()
-                        else:
-                            task.result().conn.close(0, "")
-                        continue
-                    if isinstance(exc, RelayRefused):
-                        refused = exc
-                    errors.append(f"{tasks[task]}: {exc}")
-                    if len(addresses) > 1:
-                        log.warning(
-                            "session: relay endpoint unhealthy",
-                            extra=kv(addr=tasks[task], err=str(exc)),
-                        )
+                        winner = task.result()
+                        break
+                    if i not in reported:
+                        reported.add(i)
+                        if isinstance(exc, RelayRefused):
+                            refused = exc
+                        errors.append(f"{names[i]}: {exc}")
+                        if len(addresses) > 1:
+                            log.warning(
+                                "session: relay endpoint unhealthy",
+                                extra=kv(addr=names[i], err=str(exc)),
+                            )
+                else:
+                    break  # every attempt failed
+                if winner is None:
+                    await asyncio.wait(
+                        [t for t in tasks if not t.done()], return_when=asyncio.FIRST_COMPLETED
+                    )
         finally:
             for task in tasks:
                 if not task.done():
                     task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
             for task in tasks:
-                if task.done() and not task.cancelled() and task.exception() is None:
+                if not task.cancelled() and task.exception() is None:
                     link = task.result()
                     if link is not winner:
                         link.conn.close(0, "")
@@ -351,7 +383,12 @@ class RelaySession:
         elif frame_type == FrameType.ALLOC_GRANTED:
             sid = message.stream_id if isinstance(message, AllocGrantedMessage) else 0
             self._deliver_mode(sid, StreamMode.FORWARD)
-        elif frame_type in (FrameType.PONG, FrameType.STREAM_CHECKPOINT):
+        elif frame_type == FrameType.STREAM_CHECKPOINT:
+            if isinstance(message, StreamCheckpoint):
+                stream = self._streams.get(message.stream_id)
+                if stream is not None:
+                    stream.apply_checkpoint(message.my_position, message.peer_ack_position)
+        elif frame_type == FrameType.PONG:
             pass
         else:
             log.warning("session: unexpected ctrl frame", extra=kv(type=frame_name(frame_type)))
@@ -416,6 +453,155 @@ class RelaySession:
     def untrack(self, stream_id: int) -> None:
         self._active_ids.discard(stream_id)
 
+    # -- resumable streams (spec 03 §4) ----------------------------------------------
+
+    def wrap(self, stream_id: int, inner: Stream, prefix: bytes = b"") -> Stream:
+        """Make a spliced relay stream resumable (ids 0 cannot be resumed)."""
+        if stream_id == 0:
+            return inner
+        wrapped = ResumableStream(
+            stream_id, inner, on_broken=self._on_broken, prefix=prefix, window=self.resume_window
+        )
+        previous = self._streams.get(stream_id)
+        if previous is not None:
+            log.warning(
+                "session: stream id collision; replacing prior state", extra=kv(id=stream_id)
+            )
+        self._streams[stream_id] = wrapped
+        return wrapped
+
+    def unwrap(self, stream: Stream) -> None:
+        """The bridge is done with ``stream``: stop checkpointing and resuming it."""
+        if isinstance(stream, ResumableStream):
+            if self._streams.get(stream.stream_id) is stream:
+                del self._streams[stream.stream_id]
+            self._to_resume.discard(stream)
+
+    def _on_broken(self, stream: ResumableStream) -> None:
+        self._to_resume.add(stream)
+        self._resume_wakeup.set()
+
+    async def _resume_supervisor(self) -> None:
+        """Start one resume task per broken stream, concurrently ([REC] spec 03 §4.6)."""
+        running: dict[ResumableStream, asyncio.Task[None]] = {}
+        async with asyncio.TaskGroup() as tg:
+            while True:
+                await self._resume_wakeup.wait()
+                self._resume_wakeup.clear()
+                link = self._link
+                if link is None or link.conn.is_closed:
+                    continue
+                for stream in list(self._to_resume):
+                    if stream in running or stream.is_lost:
+                        if stream.is_lost:
+                            self._to_resume.discard(stream)
+                        continue
+                    running[stream] = tg.create_task(self._resume_task(link, stream, running))
+
+    async def _resume_task(
+        self,
+        link: _Link,
+        stream: ResumableStream,
+        running: dict[ResumableStream, asyncio.Task[None]],
+    ) -> None:
+        try:
+            await self._resume_one(link, stream)
+        finally:
+            running.pop(stream, None)
+            self._resume_wakeup.set()  # the stream may need another try on a new link
+
+    async def _resume_one(self, link: _Link, stream: ResumableStream) -> None:
+        """STREAM_RESUME on a fresh stream, retransmit, swap (spec 03 §4.4)."""
+        sid = stream.stream_id
+        broken_at = stream.broken_since or time.monotonic()
+        remaining = broken_at + stream_window(stream) + RESUME_SLACK - time.monotonic()
+        new: Stream | None = None
+        try:
+            async with asyncio.timeout(max(remaining, 0.1)):
+                new = await link.conn.open_stream()
+                await new.send_all(
+                    encode_message(
+                        FrameType.STREAM_RESUME,
+                        StreamResume(
+                            stream_id=sid,
+                            my_position=stream.positions.sent,
+                            peer_ack_position=stream.positions.received,
+                        ),
+                    )
+                )
+                reader = FrameReader(new)
+                frame = await reader.read_frame()
+            if frame is None:
+                raise ResumeFailed("the relay closed the resume stream: the peer never resumed")
+            echo = expect_message(frame, FrameType.STREAM_RESUME, StreamResume)
+            if echo.stream_id != sid:
+                raise ResumeFailed("peer STREAM_RESUME stream_id mismatch")
+            stream.apply_checkpoint(echo.my_position, echo.peer_ack_position)
+            gap = retransmit_range(echo.peer_ack_position, stream.ring)
+            if gap:
+                await new.send_all(gap)
+            if stream.eof_requested:
+                await new.send_eof()
+        except TransportError as exc:
+            if new is not None:
+                new.abort()
+            if link.conn.is_closed:
+                return  # the new connection died too; the next one retries
+            self._resume_failed(stream, f"resume stream failed: {exc}")
+            return
+        except (TimeoutError, ResumeFailed, OrpError, ResumeError) as exc:
+            if new is not None:
+                new.abort()
+            reason = str(exc) or "no STREAM_RESUME echo within the resume window"
+            self._resume_failed(stream, reason)
+            return
+        self._to_resume.discard(stream)
+        stream.install(new, reader.take_leftover())
+        log.info(
+            "session: stream resumed",
+            extra=kv(
+                id=sid,
+                retransmitted=len(gap),
+                stall_ms=int((time.monotonic() - broken_at) * 1000),
+                relay=link.address,
+            ),
+        )
+
+    def _resume_failed(self, stream: ResumableStream, reason: str) -> None:
+        self._to_resume.discard(stream)
+        log.warning(
+            "session: resume stream failed; dropping", extra=kv(id=stream.stream_id, err=reason)
+        )
+        stream.abandon(reason)
+
+    async def _checkpoint_emitter(self) -> None:
+        """STREAM_CHECKPOINT every 100 ms for streams whose read position moved."""
+        reported: dict[int, int] = {}
+        while True:
+            await asyncio.sleep(CHECKPOINT_PERIOD)
+            link = self._link
+            if link is None:
+                continue
+            for sid in list(reported):
+                if sid not in self._streams:
+                    del reported[sid]
+            for sid, stream in list(self._streams.items()):
+                received = stream.positions.received
+                if stream.is_broken or reported.get(sid) == received:
+                    continue
+                try:
+                    await link.ctrl.send(
+                        FrameType.STREAM_CHECKPOINT,
+                        StreamCheckpoint(
+                            stream_id=sid,
+                            my_position=stream.positions.sent,
+                            peer_ack_position=received,
+                        ),
+                    )
+                except TransportError:
+                    break  # the link is going away; stop this tick
+                reported[sid] = received
+
     async def close(self) -> None:
         link = self._link
         if link is not None:
@@ -426,6 +612,14 @@ class RelaySession:
         self._mode_waiters.clear()
         with contextlib.suppress(Exception):
             await asyncio.sleep(0)
+
+
+def stream_window(stream: ResumableStream) -> float:
+    return stream._window
+
+
+class ResumeFailed(Exception):
+    """The relay or the peer did not complete a STREAM_RESUME exchange."""
 
 
 class _AllFailed(Exception):

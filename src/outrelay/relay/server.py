@@ -29,6 +29,7 @@ from outrelay.orp import (
     FrameType,
     IncomingStream,
     MigrateToP2P,
+    MigrateToRelay,
     ObservedAddrQuery,
     ObservedAddrResp,
     OpenStream,
@@ -38,6 +39,7 @@ from outrelay.orp import (
     RejectCode,
     StreamReady,
     StreamReject,
+    StreamResume,
     decode_message,
     encode_frame,
     encode_message,
@@ -48,6 +50,7 @@ from outrelay.relay.audit import AuditEvent, AuditLog
 from outrelay.relay.pairs import MigratedCache, PairTable
 from outrelay.relay.policy import P2PMode, PolicyResult, PolicyService, RelayMode, combine_p2p
 from outrelay.relay.registry import RegistrationRejected, ServiceRegistry
+from outrelay.relay.resume_matcher import Half, HalfKind, ResumeMatcher
 from outrelay.splice import splice
 from outrelay.transport import (
     Connection,
@@ -76,6 +79,18 @@ REQUIRED_PROMOTION_TIMEOUT = 10.0  # spec 02 §7.5
 REQUIRED_POLL_INTERVAL = 0.25  # spec 02 §7.5
 
 
+def _resume_echo(stream_id: int, peer: Half[_HalfHandle]) -> bytes:
+    """STREAM_RESUME carrying the *peer* half's positions (spec 02 §7.4)."""
+    return encode_message(
+        FrameType.STREAM_RESUME,
+        StreamResume(
+            stream_id=stream_id,
+            my_position=peer.my_position,
+            peer_ack_position=peer.peer_ack_position,
+        ),
+    )
+
+
 def _now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -97,6 +112,17 @@ class RelayConfig:
     audit_file: str | None = None
     hello_timeout: float = HELLO_TIMEOUT
     required_promotion_timeout: float = REQUIRED_PROMOTION_TIMEOUT
+
+
+@dataclass(eq=False)
+class _HalfHandle:
+    """What a parked resume half needs: its stream, surplus bytes, a done flag."""
+
+    session: AgentSession
+    stream: Stream
+    leftover: bytes
+    done: asyncio.Future[bool]
+    """True: matched (the other handler splices); False: replaced by a newer half."""
 
 
 @dataclass(eq=False)
@@ -122,6 +148,7 @@ class Relay:
         self.registry = ServiceRegistry(self.relay_id)
         self.pairs = PairTable()
         self.migrated = MigratedCache()
+        self.matcher: ResumeMatcher[_HalfHandle] = ResumeMatcher()
         self.audit = AuditLog(config.audit_file, logger=log)
         self._verifier = ClientVerifier(load_certificates(config.ca_file))
         self._server: QuicServerHandle | None = None
@@ -371,7 +398,9 @@ class Relay:
         if frame is None:
             await stream.aclose()
             return
-        if frame.type == FrameType.OPEN_STREAM:
+        if frame.type in (FrameType.STREAM_RESUME, FrameType.MIGRATE_TO_RELAY):
+            await self._resume_flow(session, stream, frame, reader.take_leftover())
+        elif frame.type == FrameType.OPEN_STREAM:
             try:
                 open_msg = expect_message(frame, FrameType.OPEN_STREAM, OpenStream)
             except OrpError:
@@ -384,6 +413,82 @@ class Relay:
                 extra=kv(uri=session.uri, type=frame_name(frame.type)),
             )
             await stream.aclose()
+
+    async def _resume_flow(
+        self, session: AgentSession, stream: Stream, frame: Frame, leftover: bytes
+    ) -> None:
+        """Spec 02 §7.4 with the [REC]: echo to each STREAM_RESUME half, one splice."""
+        try:
+            if frame.type == FrameType.STREAM_RESUME:
+                kind = HalfKind.RESUME
+                msg: StreamResume | MigrateToRelay = expect_message(
+                    frame, FrameType.STREAM_RESUME, StreamResume
+                )
+            else:
+                kind = HalfKind.MIGRATE
+                msg = expect_message(frame, FrameType.MIGRATE_TO_RELAY, MigrateToRelay)
+        except OrpError:
+            await stream.aclose()
+            return
+        sid = msg.stream_id
+        if kind is HalfKind.MIGRATE:
+            log.info(
+                "migrate-to-relay arrived",
+                extra=kv(stream_id=sid, reason=getattr(msg, "reason", ""), uri=session.uri),
+            )
+        handle = _HalfHandle(session, stream, leftover, asyncio.get_running_loop().create_future())
+        half: Half[_HalfHandle] = Half(
+            sid, kind, msg.my_position, msg.peer_ack_position, session.uri, handle
+        )
+        stale = self.matcher.pending(sid)
+        if stale is not None and stale.handle.session.conn.is_closed:
+            # Its agent lost that connection and came back: the new half replaces it.
+            self.matcher.withdraw(stale)
+            stale.handle.done.set_result(False)
+        peer = self.matcher.submit(half, _now_ms())
+        if peer is None:
+            log.debug("resume half parked", extra=kv(stream_id=sid, uri=session.uri))
+            try:
+                async with asyncio.timeout(self.matcher.window_ms / 1000):
+                    await asyncio.shield(handle.done)
+            except TimeoutError:
+                if self.matcher.withdraw(half):
+                    log.info("resume half expired unmatched", extra=kv(stream_id=sid))
+                    await stream.aclose()
+                return
+            if handle.done.result() is False:
+                stream.abort()
+            return  # matched: the other half's handler owns both streams now
+        peer.handle.done.set_result(True)
+        if kind is HalfKind.MIGRATE or peer.kind is HalfKind.MIGRATE:
+            self.migrated.discard(sid)
+        mine, theirs = half.handle, peer.handle
+        try:
+            if half.kind is HalfKind.RESUME:
+                await stream.send_all(_resume_echo(sid, peer))
+            if peer.kind is HalfKind.RESUME:
+                await theirs.stream.send_all(_resume_echo(sid, half))
+        except TransportError as exc:
+            log.info("resume echo failed", extra=kv(stream_id=sid, err=str(exc)))
+            stream.abort()
+            theirs.stream.abort()
+            return
+        log.info("stream resumed", extra=kv(stream_id=sid, a=peer.agent_uri, b=half.agent_uri))
+        # Ours: keep checkpoints flowing for the resumed stream (the reference
+        # stops forwarding them after a resume, spec 02 §5).
+        recorded = sid != 0 and self.pairs.record(sid, peer.agent_uri, half.agent_uri)
+        try:
+            await splice(
+                theirs.stream,
+                mine.stream,
+                a_to_b_prefix=theirs.leftover,
+                b_to_a_prefix=mine.leftover,
+                abort_a_on_b_error=True,
+                abort_b_on_a_error=True,
+            )
+        finally:
+            if recorded:
+                self.pairs.forget(sid, peer.agent_uri, half.agent_uri)
 
     def _decide(self, caller: str, target: str, method: str, side: str) -> PolicyResult | None:
         policy = self.config.policy
@@ -537,11 +642,15 @@ class Relay:
             enforcer = None
             if p2p_mode == P2PMode.REQUIRED:
                 enforcer = tg.create_task(self._enforce_required(sid, c_stream))
+            # A source that breaks (not a clean EOF) resets the other side, so
+            # its agent resumes instead of taking a FIN for a finished stream.
             result = await splice(
                 c_stream,
                 p_stream,
                 a_to_b_prefix=c_leftover,
                 b_to_a_prefix=p_reader.take_leftover(),
+                abort_a_on_b_error=True,
+                abort_b_on_a_error=True,
             )
             if enforcer is not None:
                 enforcer.cancel()

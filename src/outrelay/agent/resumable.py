@@ -1,0 +1,297 @@
+"""ResumableStream: a relay stream that survives the relay (spec 03 §4).
+
+Theory of operation
+-------------------
+Every byte written goes into a :class:`~outrelay.resume.RingBuffer` *before*
+it is handed to the transport, and counts toward ``sent`` (my_position).
+Every byte handed to the reader counts toward ``received`` (the
+peer_ack_position we report). The peer's STREAM_CHECKPOINTs tell us how much
+it has consumed; those bytes leave the ring.
+
+When the inner relay stream breaks (the connection died, or the relay reset
+the stream because the peer's connection died), the stream goes *broken*:
+the old inner stream is aborted so no byte can be read from it any more,
+the session is told (``on_broken``), and readers and writers park. The
+session opens a fresh relay stream, exchanges STREAM_RESUME with the peer
+through the relay, retransmits ``(peer's ack, sent]`` from the ring and
+calls :meth:`install`; parked calls continue on the new stream. If nothing
+is installed within the resume window -- measured from the moment the break
+was seen, the [REC] of spec 03 §4.2 -- the stream is *lost*: every call
+raises :class:`StreamLost`, and the bridge resets the application's socket.
+
+Memory: the ring grows only as far as the peer has not acknowledged. Once
+the peer has sent checkpoints for this stream, a writer waits (up to
+``ACK_WAIT``) instead of evicting unacknowledged bytes, so a resume never
+meets a gap; a peer that never checkpoints (the reference agent) gets the
+reference's behaviour: the oldest bytes are evicted past ``RING_MAX``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+
+from outrelay.resume import RING_MAX, RingBuffer, StreamPositions
+from outrelay.transport import (
+    BrokenResourceError,
+    BusyResourceError,
+    ClosedResourceError,
+    Stream,
+    TransportError,
+)
+
+__all__ = ["RESUME_WINDOW", "ResumableStream", "StreamLost"]
+
+log = logging.getLogger("outrelay.agent.resume")
+
+RESUME_WINDOW = 30.0  # spec 03 §4.2 / §10, measured from the break ([REC])
+ACK_WAIT = 5.0
+"""How long a writer waits for the peer to acknowledge before evicting."""
+
+
+class StreamLost(BrokenResourceError):
+    """The stream could not be resumed; its bytes are gone for good."""
+
+
+class ResumableStream(Stream):
+    """A :class:`Stream` whose inner relay stream can be swapped after a break."""
+
+    def __init__(
+        self,
+        stream_id: int,
+        inner: Stream,
+        *,
+        on_broken: Callable[[ResumableStream], None],
+        prefix: bytes = b"",
+        window: float = RESUME_WINDOW,
+        ring_max: int = RING_MAX,
+    ) -> None:
+        self.stream_id = stream_id
+        self.positions = StreamPositions()
+        self.ring = RingBuffer(max_size=ring_max)
+        self.peer_sent = 0
+        """The peer's my_position from its last checkpoint (0 if none)."""
+        self.checkpointed = False
+        """True once the peer has acknowledged anything for this stream."""
+        self.resumes = 0
+        self._inner: Stream | None = inner
+        self._prefix = prefix
+        self._on_broken = on_broken
+        self._window = window
+        self._changed = asyncio.Event()
+        self._broken_at: float | None = None
+        self._broken_reason = ""
+        self._lost: str | None = None
+        self._closed = False
+        self._eof_received = False
+        self._eof_requested = False
+        self._reading = False
+        self._writing = False
+
+    # -- state ------------------------------------------------------------------------
+
+    @property
+    def is_broken(self) -> bool:
+        return self._broken_at is not None
+
+    @property
+    def is_lost(self) -> bool:
+        return self._lost is not None
+
+    @property
+    def is_finished(self) -> bool:
+        """Both directions are done: nothing would be gained by resuming."""
+        return self._closed or (self._eof_received and self._eof_requested)
+
+    @property
+    def broken_since(self) -> float | None:
+        return self._broken_at
+
+    @property
+    def eof_requested(self) -> bool:
+        return self._eof_requested
+
+    @property
+    def unsent_bytes(self) -> int:
+        return self._inner.unsent_bytes if self._inner is not None else 0
+
+    def _raise_if_lost(self) -> None:
+        if self._lost is not None:
+            raise StreamLost(self._lost)
+        if self._closed:
+            raise ClosedResourceError("stream closed")
+
+    def mark_broken(self, reason: str) -> None:
+        """The inner stream failed: stop using it and ask the session to resume."""
+        if self._lost is not None or self._closed or self._broken_at is not None:
+            return
+        self._broken_at = time.monotonic()
+        self._broken_reason = reason
+        inner, self._inner = self._inner, None
+        if inner is not None:
+            inner.abort()
+        self._prefix = b""
+        self._changed.set()
+        self._on_broken(self)
+
+    def install(self, inner: Stream, prefix: bytes) -> None:
+        """Swap in a resumed inner stream; ``prefix`` is peer data already read."""
+        if self._lost is not None or self._closed:
+            inner.abort()
+            return
+        self._inner = inner
+        self._prefix = prefix
+        self._broken_at = None
+        self.resumes += 1
+        self._changed.set()
+
+    def abandon(self, reason: str) -> None:
+        """Give up: parked and future calls raise :class:`StreamLost`."""
+        if self._lost is not None:
+            return
+        self._lost = reason
+        inner, self._inner = self._inner, None
+        if inner is not None:
+            inner.abort()
+        self._changed.set()
+
+    def apply_checkpoint(self, my_position: int, peer_ack_position: int) -> None:
+        """A STREAM_CHECKPOINT from the peer (spec 03 §4.3)."""
+        self.peer_sent = max(self.peer_sent, my_position)
+        if peer_ack_position > self.positions.sent:
+            return  # the peer acknowledges bytes we never sent: ignore it
+        if self.positions.apply_peer_ack(peer_ack_position):
+            self.ring.discard(peer_ack_position)
+            self.checkpointed = True
+            self._changed.set()
+
+    async def _wait_change(self, deadline: float | None) -> None:
+        self._changed.clear()
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self._changed.wait()
+
+    async def _current_inner(self) -> Stream:
+        """The live inner stream, waiting through a resume if one is running."""
+        while True:
+            self._raise_if_lost()
+            if self._inner is not None:
+                return self._inner
+            assert self._broken_at is not None
+            deadline = self._broken_at + self._window
+            if time.monotonic() >= deadline:
+                self.abandon(f"not resumed within {self._window:g}s ({self._broken_reason})")
+                continue
+            await self._wait_change(deadline)
+
+    # -- Stream API ---------------------------------------------------------------------
+
+    async def receive_some(self, max_bytes: int = 65536) -> bytes:
+        if self._reading:
+            raise BusyResourceError("another task is reading this stream")
+        self._reading = True
+        try:
+            while True:
+                if self._eof_received:
+                    return b""
+                inner = await self._current_inner()
+                if self._prefix:
+                    data, self._prefix = self._prefix[:max_bytes], self._prefix[max_bytes:]
+                    self.positions.on_received(len(data))
+                    return data
+                try:
+                    data = await inner.receive_some(max_bytes)
+                except TransportError as exc:
+                    if inner is self._inner:
+                        self.mark_broken(f"read: {exc}")
+                    continue
+                if inner is not self._inner:
+                    continue  # swapped while we waited: those bytes are retransmitted
+                if data:
+                    self.positions.on_received(len(data))
+                    return data
+                if self.peer_sent > self.positions.received:
+                    # EOF although the peer said it sent more: the relay turned
+                    # the peer's connection loss into a FIN (reference relay).
+                    self.mark_broken("EOF before the peer's checkpointed position")
+                    continue
+                self._eof_received = True
+                return b""
+        finally:
+            self._reading = False
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if self._writing:
+            raise BusyResourceError("another task is writing this stream")
+        if self._eof_requested:
+            raise ClosedResourceError("stream already closed for sending")
+        self._writing = True
+        try:
+            view = memoryview(data).cast("B")
+            while view:
+                room = self.ring.max_size - (self.positions.sent - self.positions.peer_acked)
+                if room <= 0 and self.checkpointed:
+                    await self._wait_for_ack()
+                    continue
+                # Wait through a resume *before* the bytes enter the ring: bytes
+                # written during a resume would otherwise be sent twice.
+                inner = await self._current_inner()
+                chunk = view[: max(room, 65536)]
+                view = view[len(chunk) :]
+                self.ring.write(chunk)
+                self.positions.on_sent(len(chunk))
+                try:
+                    await inner.send_all(chunk)
+                except TransportError as exc:
+                    # The bytes are in the ring; the resume retransmits them.
+                    if inner is self._inner:
+                        self.mark_broken(f"write: {exc}")
+        finally:
+            self._writing = False
+
+    async def _wait_for_ack(self) -> None:
+        """Wait until the peer acknowledges something, at most ``ACK_WAIT``."""
+        acked = self.positions.peer_acked
+        deadline = time.monotonic() + ACK_WAIT
+        while self.positions.peer_acked == acked and time.monotonic() < deadline:
+            self._raise_if_lost()
+            await self._wait_change(deadline)
+        if self.positions.peer_acked == acked:
+            log.debug(
+                "peer stopped acknowledging; evicting", extra={"attrs": {"id": self.stream_id}}
+            )
+            self.checkpointed = False
+
+    async def send_eof(self) -> None:
+        if self._eof_requested or self._closed or self._lost is not None:
+            return
+        self._eof_requested = True
+        inner = self._inner
+        if inner is not None:
+            with contextlib.suppress(TransportError):
+                await inner.send_eof()
+
+    def abort(self, error_code: int = 0) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        inner, self._inner = self._inner, None
+        if inner is not None:
+            inner.abort(error_code)
+        if self._lost is None:
+            self._lost = "aborted"
+        self._changed.set()
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        await self.send_eof()
+        self._closed = True
+        inner, self._inner = self._inner, None
+        if inner is not None:
+            await inner.aclose()
+        self._changed.set()
