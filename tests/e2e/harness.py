@@ -63,6 +63,10 @@ POLL_INTERVAL = 0.05
 STOP_GRACE = 5.0
 """SIGTERM, then this long, then SIGKILL."""
 LOG_LEVEL = "debug"
+AGENT_SHUTDOWN_GRACE = "2"
+"""``--shutdown-grace`` for agents unless a test passes its own: a provider whose
+relay stream was cut waits for a resume (up to 30 s) and, on SIGTERM, for the
+grace (default 10 s); teardown should not have to SIGKILL it."""
 
 
 # --------------------------------------------------------------------------- commands
@@ -201,6 +205,8 @@ class Proc:
         self._partial = b""
         self._records: list[dict[str, Any]] = []
         self._mark = 0
+        self.killed = False
+        """True if :meth:`stop` had to SIGKILL the process."""
         self.started_at = time.monotonic()
         self.popen = subprocess.Popen(
             self.argv,
@@ -352,6 +358,7 @@ class Proc:
             try:
                 self.popen.wait(timeout=grace)
             except subprocess.TimeoutExpired:
+                self.killed = True
                 with contextlib.suppress(ProcessLookupError):
                     self.popen.kill()
                 with contextlib.suppress(subprocess.TimeoutExpired):
@@ -509,6 +516,8 @@ class Cluster:
             argv += ["--expose", f"{svc}={target}"]
         for svc in consume:
             argv += ["--consume", f"{svc}@127.0.0.1:0"]
+        if "--shutdown-grace" not in args:
+            argv += ["--shutdown-grace", AGENT_SHUTDOWN_GRACE]
         argv += list(args)
         unique, log_path = self._log_path(name or identity.name)
         relay_since = relay.count() if isinstance(relay, Relay) else 0
@@ -553,6 +562,9 @@ class Cluster:
                 proc.send_signal(signal.SIGTERM)
             for proc in group:
                 proc.stop()
+        killed = [p.name for p in self.procs if p.killed]
+        if killed:
+            print(f"e2e harness: SIGTERM did not stop {killed} within {STOP_GRACE:g}s; SIGKILLed")
 
 
 # --------------------------------------------------------------------------- backends

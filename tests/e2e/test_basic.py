@@ -717,8 +717,10 @@ def test_sigterm_lets_in_flight_stream_finish_and_exits_0(
             socket.create_connection(("127.0.0.1", consumer.port("slow")), timeout=2).close()
 
 
-@pytest.mark.timeout(60)
-def test_sigterm_grace_is_bounded(cluster: Cluster, backends: Backends, pki: Pki) -> None:
+def _sigterm_during_endless_stream(
+    cluster: Cluster, backends: Backends, pki: Pki
+) -> tuple[Agent, int, float, str]:
+    """SIGTERM a consumer (grace 2 s) whose stream never ends; (agent, code, seconds, how)."""
     ticker = backends.ticker(100_000, 0.1)  # never finishes on its own
     relay = cluster.start_relay()
     cluster.start_agent(pki.agent(0), relay, name="provider", expose={"endless": ticker.addr})
@@ -732,6 +734,30 @@ def test_sigterm_grace_is_bounded(cluster: Cluster, backends: Backends, pki: Pki
         code = consumer.wait_exit(2 + 6)
         elapsed = time.monotonic() - t0
         _, how = read_until_closed(sock, 5)
+    return consumer, code, elapsed, how
+
+
+@pytest.mark.timeout(60)
+def test_sigterm_grace_is_bounded(cluster: Cluster, backends: Backends, pki: Pki) -> None:
+    consumer, code, elapsed, how = _sigterm_during_endless_stream(cluster, backends, pki)
     assert code == 0, f"exit code {code}\n{consumer.tail()}"
     assert elapsed >= 1.5, f"exited after {elapsed:.1f}s: did not wait for the in-flight stream"
     assert how in ("eof", "reset"), f"app connection not closed after the agent exited: {how}"
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.xfail(
+    reason="BUG: when the shutdown grace expires the agent cancels the asyncio.start_server "
+    "client_connected_cb task itself; on Python 3.11 asyncio's done-callback then calls "
+    "task.exception() on a cancelled task and the loop prints 'Exception in callback "
+    "StreamReaderProtocol.connection_made.<locals>.callback ... CancelledError' with a "
+    "traceback to stderr (not a log line; breaks --log-format json)",
+    strict=True,
+)
+def test_sigterm_grace_expiry_logs_no_traceback(
+    cluster: Cluster, backends: Backends, pki: Pki
+) -> None:
+    consumer, code, _, _ = _sigterm_during_endless_stream(cluster, backends, pki)
+    assert code == 0
+    stray = [ln for ln in consumer.text().splitlines() if ln.strip() and not ln.startswith("{")]
+    assert not stray, "non-JSON output on stderr:\n" + "\n".join(stray[:20])

@@ -425,13 +425,19 @@ class RelaySession:
             NotConnected: no relay connection right now.
             TransportError: the relay connection failed during the open.
         """
-        link = self._link
-        if link is None:
-            raise NotConnected("not connected to a relay (reconnecting)")
         try:
             async with asyncio.timeout(OPEN_TIMEOUT):
+                # During a reconnect the application's connection waits (a stall,
+                # not an error) rather than failing at once as in the reference.
+                while (link := self._link) is None or link.conn.is_closed:
+                    await self.connected.wait()
+                    await asyncio.sleep(0.05)  # let a dying link be replaced
                 stream = await link.conn.open_stream()
         except TimeoutError as exc:
+            if self._link is None:
+                raise NotConnected(
+                    f"not connected to a relay (reconnecting for over {OPEN_TIMEOUT:g}s)"
+                ) from exc
             raise BrokenResourceError("relay stream limit reached; open timed out") from exc
         sid = new_stream_id(self._active_ids | self._mode_waiters.keys())
         waiter = self.expect_mode(sid)
