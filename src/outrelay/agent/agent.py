@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from outrelay.agent.consumer import CONSUMER_MODE_WAIT, handle_consumer_connection
+from outrelay.agent.intercept import InterceptError, TproxyConfig, TransparentCapture
 from outrelay.agent.provider import PROVIDER_MODE_WAIT, handle_incoming_stream, split_host_port
 from outrelay.agent.session import RelayRefused, RelaySession, SessionConfig
 from outrelay.observe import kv
@@ -43,6 +44,8 @@ class AgentConfig:
     provider_mode_wait: float = PROVIDER_MODE_WAIT
     exit_on_refusal: bool = True
     """Exit (code 1) if the relay refuses us before we were ever accepted."""
+    tproxy: TproxyConfig | None = None
+    """Tproxy mode (``--intercept tproxy`` with at least one ``--consume``)."""
 
 
 class Agent:
@@ -58,6 +61,8 @@ class Agent:
         self.refused: RelayRefused | None = None
         self.bound: list[tuple[str, str, int]] = []
         """(service, host, port) of every explicit listener, once bound."""
+        self.capture: TransparentCapture | None = None
+        """Tproxy mode's VIPs, DNS server and listener, once started."""
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -87,6 +92,17 @@ class Agent:
                 server.close()
             self._servers.clear()
             raise ListenerError(f"cannot listen for --consume {service}@{bind}: {exc}") from exc
+        if self.config.tproxy is not None:
+            capture = TransparentCapture(self.config.tproxy, self._on_intercepted)
+            try:
+                await capture.start()
+            except InterceptError as exc:
+                await capture.close()
+                for server in self._servers:
+                    server.close()
+                self._servers.clear()
+                raise ListenerError(str(exc)) from exc
+            self.capture = capture
         self._session_task = asyncio.get_running_loop().create_task(
             self.session.run(), name="session"
         )
@@ -98,6 +114,8 @@ class Agent:
         """Stop accepting, drain in-flight streams (bounded), close everything."""
         for server in self._servers:
             server.close()
+        if self.capture is not None:
+            await self.capture.close()
         self.session.stop_accepting()
         pending = {t for t in self._tasks if not t.done()}
         if pending:
@@ -161,6 +179,18 @@ class Agent:
             )
         finally:
             self._tasks.discard(task)
+            await local.aclose()
+
+    def _on_intercepted(self, local: SocketStream, service: str, orig_dst: tuple[str, int]) -> None:
+        """A tproxy connection, already mapped from its VIP to ``service``."""
+        self._spawn(self._serve_intercepted(local, service), "consumer")
+
+    async def _serve_intercepted(self, local: SocketStream, service: str) -> None:
+        try:
+            await handle_consumer_connection(
+                self.session, local, service, mode_wait=self.config.consumer_mode_wait
+            )
+        finally:
             await local.aclose()
 
     async def _on_refused(self, refused: RelayRefused) -> None:

@@ -19,6 +19,16 @@ from collections.abc import Sequence
 
 from outrelay import __version__
 from outrelay.agent.agent import Agent, AgentConfig, ListenerError
+from outrelay.agent.intercept import (
+    DEFAULT_DNS_LISTEN,
+    DEFAULT_DNS_SUFFIX,
+    DEFAULT_DNS_UPSTREAM,
+    DEFAULT_TPROXY_LISTEN,
+    InterceptError,
+    TproxyConfig,
+    check_platform,
+    parse_dns_upstream,
+)
 from outrelay.agent.session import SessionConfig
 from outrelay.cliutil import go_style_argv, parse_host_port
 from outrelay.identity import InvalidIdentity, parse_identity
@@ -39,6 +49,13 @@ examples:
   consumer, reaching "web" on localhost:18080:
     outrelay-agent --relay relay.example:7443 --uri outrelay://acme/agent/<uuid> \\
       --cert agent.crt --key agent.key --ca ca.crt --consume web@127.0.0.1:18080
+
+  consumer in tproxy mode (Linux): apps dial web.outrelay:<any port> unchanged; needs
+  "iptables -t nat -A OUTPUT -p tcp -d 100.64.0.0/10 -j REDIRECT --to-port 15001"
+  and "nameserver 127.0.0.1" in resolv.conf (see the README):
+    outrelay-agent --relay relay.example:7443 --uri outrelay://acme/agent/<uuid> \\
+      --cert agent.crt --key agent.key --ca ca.crt --intercept tproxy \\
+      --dns-listen 127.0.0.1:53 --consume web
 
 Single-dash spellings (-relay, -consume=...) are accepted as in the reference.
 exit codes: 0 clean stop, 1 TLS/listener/relay refusal, 2 bad flags.
@@ -87,14 +104,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--intercept",
         default="explicit",
-        help="interception mode: explicit (tproxy is not available yet) (default %(default)s)",
+        help="interception mode: explicit (one listener per --consume) or tproxy (Linux: "
+        "VIPs + DNS + an iptables REDIRECT) (default %(default)s)",
     )
     p.add_argument(
         "--consume",
         action="append",
         default=[],
         metavar="SVC@HOST:PORT",
-        help="listen on HOST:PORT; each connection is carried to remote service SVC (repeatable)",
+        help="explicit mode: listen on HOST:PORT and carry each connection to remote service "
+        "SVC; tproxy mode: SVC alone (the whole value), reachable as SVC.<dns-suffix> on any "
+        "port (repeatable)",
+    )
+    p.add_argument(
+        "--tproxy-listen",
+        default=DEFAULT_TPROXY_LISTEN,
+        metavar="HOST:PORT",
+        help="tproxy mode: TCP listener for REDIRECTed connections (default %(default)s)",
+    )
+    p.add_argument(
+        "--dns-listen",
+        default=DEFAULT_DNS_LISTEN,
+        metavar="HOST:PORT",
+        help="tproxy mode: UDP address of the embedded DNS server; use port 53 to be a "
+        "resolv.conf nameserver (default %(default)s)",
+    )
+    p.add_argument(
+        "--dns-suffix",
+        default=DEFAULT_DNS_SUFFIX,
+        help="tproxy mode: DNS suffix of service names (default %(default)s)",
+    )
+    p.add_argument(
+        "--dns-upstream",
+        default=DEFAULT_DNS_UPSTREAM,
+        metavar="IP[:PORT]|auto|none",
+        help="tproxy mode: where names outside the suffix are forwarded; auto = the first "
+        "/etc/resolv.conf nameserver that is not this agent; none = answer them REFUSED "
+        "(default %(default)s)",
     )
     p.add_argument(
         "--shutdown-grace",
@@ -158,12 +204,11 @@ def _build_config(args: argparse.Namespace) -> AgentConfig:
             raise UsageError(str(exc)) from exc
 
     consumes: list[tuple[str, str]] = []
-    if args.consume:
+    tproxy: TproxyConfig | None = None
+    if args.consume and args.intercept == "tproxy":
+        tproxy = _tproxy_config(args)
+    elif args.consume:
         if args.intercept != "explicit":
-            if args.intercept == "tproxy":
-                raise SetupError(
-                    "start interceptor: tproxy mode is not available in this build yet"
-                )
             raise SetupError(f"start interceptor: unknown intercept mode: {args.intercept}")
         for item in args.consume:
             service, sep, bind = item.partition("@")
@@ -189,6 +234,31 @@ def _build_config(args: argparse.Namespace) -> AgentConfig:
         session=SessionConfig(relays=tuple(relays), uri=args.uri, tls=tls, services=services),
         consumes=consumes,
         shutdown_grace=args.shutdown_grace,
+        tproxy=tproxy,
+    )
+
+
+def _tproxy_config(args: argparse.Namespace) -> TproxyConfig:
+    """Tproxy flags (spec 03 §1.3): not Linux or a bad ``--tproxy-listen`` is exit 1;
+    a bad ``--dns-listen`` only disables DNS later; a bad ``--dns-upstream`` is exit 2."""
+    try:
+        check_platform()
+    except InterceptError as exc:
+        raise SetupError(f"start interceptor: {exc}") from exc
+    try:
+        listen = parse_host_port(args.tproxy_listen, what="--tproxy-listen")
+    except ValueError as exc:
+        raise SetupError(f"start interceptor: {exc}") from exc
+    try:
+        parse_dns_upstream(args.dns_upstream)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    return TproxyConfig(
+        services=tuple(args.consume),
+        listen=listen,
+        dns_listen=args.dns_listen,
+        dns_suffix=args.dns_suffix,
+        dns_upstream=args.dns_upstream,
     )
 
 
@@ -211,7 +281,9 @@ async def run_agent(config: AgentConfig) -> int:
             uri=config.session.uri,
             relays=",".join(f"{h}:{p}" for h, p in config.session.relays),
             services=",".join(config.session.services) or "-",
-            consumes=",".join(f"{s}@{h}:{p}" for s, h, p in agent.bound) or "-",
+            consumes=",".join(f"{s}@{h}:{p}" for s, h, p in agent.bound)
+            or ",".join(config.tproxy.services if config.tproxy else ())
+            or "-",
             version=__version__,
         ),
     )

@@ -48,6 +48,7 @@ __all__ = ["RESUME_WINDOW", "ResumableStream", "StreamLost"]
 log = logging.getLogger("outrelay.agent.resume")
 
 RESUME_WINDOW = 30.0  # spec 03 §4.2 / §10, measured from the break ([REC])
+WRITE_CHUNK = 256 * 1024
 ACK_WAIT = 5.0
 """How long a writer waits for the peer to acknowledge before evicting."""
 
@@ -90,6 +91,7 @@ class ResumableStream(Stream):
         self._eof_requested = False
         self._reading = False
         self._writing = False
+        self._flushing = False
 
     # -- state ------------------------------------------------------------------------
 
@@ -134,19 +136,45 @@ class ResumableStream(Stream):
         if inner is not None:
             inner.abort()
         self._prefix = b""
+        self._flushing = False
         self._changed.set()
         self._on_broken(self)
 
     def install(self, inner: Stream, prefix: bytes) -> None:
-        """Swap in a resumed inner stream; ``prefix`` is peer data already read."""
+        """Swap in a resumed inner stream; ``prefix`` is peer data already read.
+
+        Reading resumes at once. Writing waits until :meth:`retransmit` has
+        sent the peer's gap, so new bytes always follow the old ones.
+        """
         if self._lost is not None or self._closed:
             inner.abort()
             return
         self._inner = inner
         self._prefix = prefix
         self._broken_at = None
+        self._flushing = True
         self.resumes += 1
         self._changed.set()
+
+    async def retransmit(self, inner: Stream, gap: bytes) -> None:
+        """Send ``gap`` (and a FIN already asked for) on the newly installed stream.
+
+        Runs after :meth:`install` so that both peers read while they
+        retransmit: two large gaps written before either side reads would
+        deadlock on flow control.
+        """
+        try:
+            if gap:
+                await inner.send_all(gap)
+            if self._eof_requested:
+                await inner.send_eof()
+        except TransportError as exc:
+            if inner is self._inner:
+                self.mark_broken(f"retransmit: {exc}")
+        finally:
+            if inner is self._inner or self._inner is None:
+                self._flushing = False
+                self._changed.set()
 
     def abandon(self, reason: str) -> None:
         """Give up: parked and future calls raise :class:`StreamLost`."""
@@ -175,12 +203,15 @@ class ResumableStream(Stream):
             async with asyncio.timeout(timeout):
                 await self._changed.wait()
 
-    async def _current_inner(self) -> Stream:
+    async def _current_inner(self, *, for_write: bool = False) -> Stream:
         """The live inner stream, waiting through a resume if one is running."""
         while True:
             self._raise_if_lost()
-            if self._inner is not None:
+            if self._inner is not None and not (for_write and self._flushing):
                 return self._inner
+            if self._inner is not None:
+                await self._wait_change(None)
+                continue
             assert self._broken_at is not None
             deadline = self._broken_at + self._window
             if time.monotonic() >= deadline:
@@ -239,8 +270,10 @@ class ResumableStream(Stream):
                     continue
                 # Wait through a resume *before* the bytes enter the ring: bytes
                 # written during a resume would otherwise be sent twice.
-                inner = await self._current_inner()
-                chunk = view[: max(room, 65536)]
+                inner = await self._current_inner(for_write=True)
+                # With an acknowledging peer never evict unacknowledged bytes;
+                # without one (the reference agent) the ring evicts the oldest.
+                chunk = view[: min(room, WRITE_CHUNK) if self.checkpointed else WRITE_CHUNK]
                 view = view[len(chunk) :]
                 self.ring.write(chunk)
                 self.positions.on_sent(len(chunk))
@@ -271,7 +304,7 @@ class ResumableStream(Stream):
             return
         self._eof_requested = True
         inner = self._inner
-        if inner is not None:
+        if inner is not None and not self._flushing:  # else retransmit() sends it
             with contextlib.suppress(TransportError):
                 await inner.send_eof()
 

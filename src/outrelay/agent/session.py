@@ -544,10 +544,6 @@ class RelaySession:
                 raise ResumeFailed("peer STREAM_RESUME stream_id mismatch")
             stream.apply_checkpoint(echo.my_position, echo.peer_ack_position)
             gap = retransmit_range(echo.peer_ack_position, stream.ring)
-            if gap:
-                await new.send_all(gap)
-            if stream.eof_requested:
-                await new.send_eof()
         except TransportError as exc:
             if new is not None:
                 new.abort()
@@ -563,6 +559,7 @@ class RelaySession:
             return
         self._to_resume.discard(stream)
         stream.install(new, reader.take_leftover())
+        await stream.retransmit(new, gap)
         log.info(
             "session: stream resumed",
             extra=kv(

@@ -111,8 +111,12 @@ class MemoryStream(Stream):
             pipe.wake()
 
     async def aclose(self) -> None:
+        """FIN, and stop reading: the peer's further writes fail (STOP_SENDING)."""
         await self.send_eof()
         self._closed = True
+        if not self._in.eof and self._in.broken is None:
+            self._in.broken = "peer stopped reading"
+            self._in.buffer.clear()
         self._in.wake()
 
     def break_(self, reason: str = "connection lost") -> None:
