@@ -114,9 +114,12 @@ class Netns:
 
 
 def _free_subnet() -> ipaddress.IPv4Network:
-    """A /30 in 10.200.0.0/16 that no local interface uses (10.200.0.0/30 if free)."""
+    """A /30 in 10.200.0.0/16 that no local interface uses.
+
+    The search starts at a pid-derived /24 so that two runs at once rarely race
+    for the same one."""
     used = run("ip", "-4", "-o", "addr", "show", check=False).stdout
-    start = 0
+    start = os.getpid() % 256
     for i in range(256):
         third = (start + i) % 256
         subnet = ipaddress.IPv4Network(f"10.200.{third}.0/30")

@@ -227,6 +227,7 @@ async def test_accept_errors_never_stop_the_loop(
     data, _ = await dial_and_read(harness.addr)
     assert data.startswith(b"hello from svc-web")
     assert harness.listener.accept_errors == 2
+    assert harness.listener.statistics().accept_errors == 2
     warned = logs.find("intercept: tproxy accept failed")
     assert [w["errno"] for w in warned] == [errno.EMFILE, errno.ECONNABORTED]
 

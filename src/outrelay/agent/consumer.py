@@ -93,12 +93,12 @@ async def _await_answer(
 
 def _classify(data: bytes, eof: bool) -> Rejected | str | None:
     """Is ``data`` (+EOF) a STREAM_REJECT frame, application data, or undecided?"""
-    if len(data) >= 2 and (data[0] & 0x1F, data[1]) != (0x00, 0x13):
+    if len(data) >= 2 and (data[0] & 0x07, data[1]) != (0x00, 0x13):
         return StreamMode.SPLICE
     if not data:
         return None
     if len(data) == 1:
-        return None if data[0] & 0x1F == 0 and not eof else StreamMode.SPLICE
+        return None if data[0] & 0x07 == 0 and not eof else StreamMode.SPLICE
     decoder = FrameDecoder()
     decoder.receive_data(data)
     try:

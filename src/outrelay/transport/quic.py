@@ -447,6 +447,10 @@ class QuicConn(Connection):
         self._accept_queue.put_nowait(None)
         self._closed_event.set()
         self._protocol._stop_keepalive()
+        handshake = self._protocol.handshake
+        if not handshake.done():
+            handshake.set_exception(BrokenResourceError(reason))
+            handshake.exception()  # retrieved: nobody may be waiting any more
         callbacks, self._on_closed = self._on_closed, []
         for callback in callbacks:
             callback()
@@ -467,6 +471,8 @@ class _Protocol(QuicConnectionProtocol):
         self._on_handshake = on_handshake
         self._keepalive: asyncio.TimerHandle | None = None
         self._last_rx = self._loop.time()
+        self.handshake: asyncio.Future[None] = self._loop.create_future()
+        """Resolved when the handshake completes; fails if the connection ends first."""
         self._handshake_timer: asyncio.TimerHandle | None = None
         quic._outrelay_owner = self.conn  # type: ignore[attr-defined]
         quic._write_stream_limits = types.MethodType(_write_stream_limits, quic)  # type: ignore[method-assign]
@@ -501,6 +507,8 @@ class _Protocol(QuicConnectionProtocol):
     def quic_event_received(self, event: events.QuicEvent) -> None:
         if isinstance(event, events.HandshakeCompleted):
             self._connected = True
+            if not self.handshake.done():
+                self.handshake.set_result(None)
             if self._handshake_timer is not None:
                 self._handshake_timer.cancel()
             self._keepalive = self._loop.call_later(KEEPALIVE_INTERVAL, self._send_keepalive)
@@ -601,7 +609,7 @@ async def connect_quic(
     try:
         protocol.connect(addr)
         async with asyncio.timeout(handshake_timeout):
-            await protocol.wait_connected()
+            await protocol.handshake
     except TimeoutError as exc:
         conn.close(0, "")
         raise BrokenResourceError(

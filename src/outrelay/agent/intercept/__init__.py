@@ -37,6 +37,7 @@ from outrelay.agent.intercept.dns_server import DnsServer, DnsServerStatistics
 from outrelay.agent.intercept.tproxy import (
     OriginalDstError,
     TproxyListener,
+    TproxyStatistics,
     original_dst,
     parse_sockaddr,
 )
@@ -63,6 +64,7 @@ __all__ = [
     "Reply",
     "TproxyConfig",
     "TproxyListener",
+    "TproxyStatistics",
     "TransparentCapture",
     "VipAllocator",
     "VipPoolExhausted",

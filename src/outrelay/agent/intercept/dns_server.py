@@ -51,9 +51,6 @@ MAX_UPSTREAM_INFLIGHT = 64
 """Concurrent upstream exchanges. A pod's resolver rarely has more than a few
 lookups in flight; 64 leaves room for bursts and bounds sockets and tasks."""
 
-MAX_UPSTREAM_REPLY = 65535
-"""Largest UDP payload we accept from the upstream (EDNS allows up to 64 KiB)."""
-
 
 @dataclass(frozen=True)
 class DnsServerStatistics:
@@ -263,7 +260,7 @@ class DnsServer:
             "intercept: dns forwarded",
             extra=kv(client=_fmt(addr), name=fwd.qname, type=fwd.qtype, size=len(reply)),
         )
-        self._send(client_id + reply[2:MAX_UPSTREAM_REPLY], addr)
+        self._send(client_id + reply[2:], addr)
 
 
 def _fmt(addr: Any) -> str:

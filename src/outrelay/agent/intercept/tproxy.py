@@ -37,6 +37,7 @@ import logging
 import socket
 import struct
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from outrelay.observe import kv
 from outrelay.transport import SocketStream
@@ -47,6 +48,7 @@ __all__ = [
     "SO_ORIGINAL_DST",
     "OriginalDstError",
     "TproxyListener",
+    "TproxyStatistics",
     "original_dst",
     "parse_sockaddr",
 ]
@@ -73,6 +75,16 @@ Handler = Callable[[SocketStream, str, tuple[str, int]], None]
 """Called with (connection, service name, original destination). It owns the
 connection from then on and must not block (spawn a task)."""
 Resolver = Callable[[ipaddress.IPv4Address | ipaddress.IPv6Address], str | None]
+
+
+@dataclass(frozen=True)
+class TproxyStatistics:
+    accepted: int
+    """Connections accepted (hits, misses and failures)."""
+    misses: int
+    """Closed because the original destination is no VIP of ours."""
+    accept_errors: int
+    """Failed accept() calls (each logged, none fatal)."""
 
 
 class OriginalDstError(Exception):
@@ -152,6 +164,9 @@ class TproxyListener:
         self.accepted = 0
         self.misses = 0
         self.accept_errors = 0
+
+    def statistics(self) -> TproxyStatistics:
+        return TproxyStatistics(self.accepted, self.misses, self.accept_errors)
 
     async def start(self) -> None:
         """Bind and start accepting.
