@@ -78,9 +78,10 @@ def test_bytes_not_starting_like_a_reject_header_are_splice(data: bytes, eof: bo
     [
         (b"\x20", False, None),  # could still become a reject header
         (b"\x20", True, SPLICE),
-        (b"\x00", False, None),
+        (b"\x00", False, SPLICE),  # version 0: not an ORP v1 header
         (b"\x00", True, SPLICE),
-        (b"H", False, SPLICE),  # 0x48: reserved/type bits not 0
+        (b"\x28", False, None),  # version 1, reserved bits set: the decoder ignores them
+        (b"H", False, SPLICE),  # 0x48: version 2
         (b"H", True, SPLICE),
         (b"\x07", False, SPLICE),
         (b"\xff", False, SPLICE),

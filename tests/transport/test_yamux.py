@@ -595,14 +595,16 @@ def test_window_accounting_never_negative_never_overrun(
             to_server += pair.client.data_to_send()
         elif op == "wire":  # deliver a prefix of what is on the wire
             chunk, to_server[:] = bytes(to_server[:n]), to_server[n:]
-            pair.server.receive_data(chunk) if chunk else None
+            if chunk:
+                pair.server.receive_data(chunk)
             got = len(received(drain(pair.server), sid))
             got_total += got
             unread += got
             to_client += pair.server.data_to_send()
         elif op == "wire_back":
             chunk, to_client[:] = bytes(to_client[:n]), to_client[n:]
-            pair.client.receive_data(chunk) if chunk else None
+            if chunk:
+                pair.client.receive_data(chunk)
             drain(pair.client)
         else:
             take = min(n, unread)

@@ -91,14 +91,19 @@ async def _await_answer(
         return StreamMode.SPLICE, bytes(buffered)
 
 
+def _looks_like_reject_start(first: int) -> bool:
+    """Header byte 0 of a STREAM_REJECT: version 1, any reserved bits, type high bits 0."""
+    return first >> 5 == 1 and first & 0x07 == 0
+
+
 def _classify(data: bytes, eof: bool) -> Rejected | str | None:
     """Is ``data`` (+EOF) a STREAM_REJECT frame, application data, or undecided?"""
-    if len(data) >= 2 and (data[0] & 0x07, data[1]) != (0x00, 0x13):
+    if len(data) >= 2 and not (_looks_like_reject_start(data[0]) and data[1] == 0x13):
         return StreamMode.SPLICE
     if not data:
         return None
     if len(data) == 1:
-        return None if data[0] & 0x07 == 0 and not eof else StreamMode.SPLICE
+        return None if _looks_like_reject_start(data[0]) and not eof else StreamMode.SPLICE
     decoder = FrameDecoder()
     decoder.receive_data(data)
     try:

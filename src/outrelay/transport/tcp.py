@@ -701,8 +701,9 @@ class _YamuxProtocol(asyncio.Protocol):
             except ssl.SSLError as exc:
                 error = f"TLS error: {exc.reason or exc}"
                 break
-            if not chunk:
+            if not chunk:  # what SSLObject.read returns after close_notify
                 eof = True
+                self.eof_detail = "TLS close_notify"
                 break
             chunks.append(chunk)
         self._flush_tls()  # post-handshake messages, key updates

@@ -86,6 +86,18 @@ Limits
   and the shell waits for :class:`StreamAcknowledged`. This never overruns a
   hashicorp peer's backlog.
 
+Where we differ from hashicorp/yamux (all compatible on the wire)
+------------------------------------------------------------------
+
+* Half-close is kept per stream: after our FIN we still read, after the
+  peer's FIN we still write (the reference's Go stream wrapper lacks the
+  former, spec 03 §2.2).
+* A SYN with the wrong parity or id 0 is a protocol error (hashicorp takes
+  it); ids need not grow, since hashicorp may send SYNs out of order.
+* Data after the peer's FIN and a second FIN reset that stream only
+  (hashicorp buffers the former and ends the session on the latter).
+* Window auto-tuning and the incoming-stream limit, described above.
+
 Errors
 ======
 
