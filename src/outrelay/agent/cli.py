@@ -76,8 +76,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--relay",
         default="127.0.0.1:7443",
-        help="relay QUIC endpoints, comma-separated host:port; all are tried at once and "
-        "the first to answer wins (default %(default)s)",
+        help="relay QUIC endpoints, comma-separated host:port; all are dialled at once and "
+        "the first healthy one in list order wins (default %(default)s)",
+    )
+    p.add_argument(
+        "--relay-tcp",
+        default="",
+        help="relay TLS+yamux endpoints (e.g. relay.example:443), comma-separated; "
+        "used when QUIC cannot connect (UDP blocked)",
+    )
+    p.add_argument(
+        "--transport",
+        default="auto",
+        choices=("auto", "quic", "tcp"),
+        help="auto: QUIC first, then --relay-tcp, and back to QUIC on a later reconnect; "
+        "quic or tcp: only that (default %(default)s)",
     )
     p.add_argument(
         "--uri",
@@ -176,15 +189,11 @@ def _build_config(args: argparse.Namespace) -> AgentConfig:
     if identity.role != "agent":
         raise UsageError(f"invalid agent URI: {args.uri!r} is a relay identity")
 
-    relays: list[tuple[str, int]] = []
-    for item in args.relay.split(","):
-        if not item.strip():
-            continue
-        try:
-            relays.append(parse_host_port(item, what="--relay endpoint"))
-        except ValueError as exc:
-            raise UsageError(str(exc)) from exc
-    if not relays:
+    relays = _endpoints(args.relay, "--relay")
+    relays_tcp = _endpoints(args.relay_tcp, "--relay-tcp")
+    if args.transport == "tcp" and not relays_tcp:
+        raise UsageError("--transport tcp needs --relay-tcp")
+    if args.transport != "tcp" and not relays:
         raise UsageError("--relay needs at least one host:port")
 
     services: dict[str, str] = {}
@@ -231,11 +240,30 @@ def _build_config(args: argparse.Namespace) -> AgentConfig:
 
     tls = QuicTlsConfig(args.cert, args.key, args.ca, server_name=args.server_name)
     return AgentConfig(
-        session=SessionConfig(relays=tuple(relays), uri=args.uri, tls=tls, services=services),
+        session=SessionConfig(
+            relays=tuple(relays),
+            uri=args.uri,
+            tls=tls,
+            services=services,
+            relays_tcp=tuple(relays_tcp),
+            transport=args.transport,
+        ),
         consumes=consumes,
         shutdown_grace=args.shutdown_grace,
         tproxy=tproxy,
     )
+
+
+def _endpoints(value: str, flag: str) -> list[tuple[str, int]]:
+    """Comma-separated host:port list; empty items are skipped."""
+    out: list[tuple[str, int]] = []
+    for item in value.split(","):
+        if item.strip():
+            try:
+                out.append(parse_host_port(item, what=f"{flag} endpoint"))
+            except ValueError as exc:
+                raise UsageError(str(exc)) from exc
+    return out
 
 
 def _tproxy_config(args: argparse.Namespace) -> TproxyConfig:
@@ -280,6 +308,7 @@ async def run_agent(config: AgentConfig) -> int:
         extra=kv(
             uri=config.session.uri,
             relays=",".join(f"{h}:{p}" for h, p in config.session.relays),
+            relays_tcp=",".join(f"{h}:{p}" for h, p in config.session.relays_tcp) or "-",
             services=",".join(config.session.services) or "-",
             consumes=",".join(f"{s}@{h}:{p}" for s, h, p in agent.bound)
             or ",".join(config.tproxy.services if config.tproxy else ())

@@ -54,6 +54,7 @@ from outrelay.transport import (
     Stream,
     TransportError,
     connect_quic,
+    connect_tcp,
 )
 from outrelay.wire import ControlChannel, FrameReader, expect_message, frame_name
 
@@ -74,6 +75,9 @@ BACKOFF_MAX = 30.0  # spec 03 §4.5
 CHECKPOINT_PERIOD = 0.1  # spec 01 / spec 03 §4.3
 RESUME_SLACK = 5.0
 """A resume gets the stream's window plus this (35 s in all, spec 03 §4.6 [REC])."""
+PING_INTERVAL = 10.0  # spec 03 §2.2 [REC]: TCP path liveness
+HANDSHAKE_TIMEOUT = 5.0  # spec 01: QUIC handshake
+TCP_HANDSHAKE_TIMEOUT = 10.0
 OPEN_TIMEOUT = 10.0
 """Ours: opening a relay stream waits for the relay's stream limit, bounded."""
 
@@ -106,6 +110,13 @@ class SessionConfig:
     register_timeout: float = REGISTER_TIMEOUT
     backoff_initial: float = BACKOFF_INITIAL
     backoff_max: float = BACKOFF_MAX
+    relays_tcp: tuple[tuple[str, int], ...] = ()
+    """TLS + yamux fallback endpoints (``--relay-tcp``)."""
+    transport: str = "auto"
+    """``auto``: QUIC first, TCP when QUIC cannot connect; ``quic``; ``tcp``."""
+    quic_attempt_timeout: float = 3.0
+    """In ``auto`` mode with TCP endpoints, how long a QUIC handshake may take
+    before the TCP fallback is tried."""
 
 
 @dataclass(eq=False)
@@ -116,7 +127,9 @@ class _Link:
     conn: Connection
     ctrl: ControlChannel
     reader: FrameReader
+    kind: str = "quic"
     register_waiters: deque[asyncio.Future[str]] = field(default_factory=deque)
+    last_pong: float = field(default_factory=time.monotonic)
 
 
 class RelaySession:
@@ -146,6 +159,7 @@ class RelaySession:
         self.resume_window = RESUME_WINDOW
         self._ever_connected = False
         self._accepting = True
+        self._on_tcp = False
 
     @property
     def link_address(self) -> str | None:
@@ -200,6 +214,10 @@ class RelaySession:
     async def _serve_link(self, link: _Link, attempt: int) -> None:
         async with asyncio.TaskGroup() as tg:
             reader_task = tg.create_task(self._control_reader(link))
+            if link.kind == "tcp":
+                # No QUIC keep-alive here: PING on ctrl finds a dead TCP path
+                # (spec 03 §2.2 [REC]).
+                tg.create_task(self._ping_loop(link))
             try:
                 for name, target in self.config.services.items():
                     service_id = await self._register(link, name, target)
@@ -233,6 +251,47 @@ class RelaySession:
                 reader_task.cancel()
 
     async def _connect_any(self) -> _Link:
+        """QUIC first, then the TLS + yamux fallback, as ``transport`` says (spec 03 §1.4)."""
+        cfg = self.config
+        quic_error: _AllFailed | None = None
+        if cfg.transport in ("auto", "quic") and cfg.relays:
+            timeout = (
+                cfg.quic_attempt_timeout
+                if cfg.transport == "auto" and cfg.relays_tcp
+                else HANDSHAKE_TIMEOUT
+            )
+            try:
+                link = await self._connect_ordered(cfg.relays, "quic", timeout)
+            except _AllFailed as exc:
+                quic_error = exc
+            else:
+                if self._on_tcp:
+                    log.info("session: back on QUIC", extra=kv(relay=link.address))
+                self._on_tcp = False
+                return link
+        if cfg.transport in ("auto", "tcp") and cfg.relays_tcp:
+            try:
+                link = await self._connect_ordered(cfg.relays_tcp, "tcp", TCP_HANDSHAKE_TIMEOUT)
+            except _AllFailed as exc:
+                if quic_error is not None:
+                    raise _AllFailed(
+                        f"QUIC: {quic_error}; TCP: {exc}", exc.refused or quic_error.refused
+                    ) from exc
+                raise
+            if not self._on_tcp and cfg.transport == "auto":
+                log.info(
+                    "agent on TCP+TLS fallback (UDP/QUIC unreachable)",
+                    extra=kv(relay=link.address),
+                )
+            self._on_tcp = True
+            return link
+        if quic_error is not None:
+            raise quic_error
+        raise _AllFailed("session: no relay addresses for this transport", None)
+
+    async def _connect_ordered(
+        self, addresses: tuple[tuple[str, int], ...], kind: str, handshake_timeout: float
+    ) -> _Link:
         """Dial every relay at once; prefer the earliest healthy one in ``--relay`` order.
 
         All attempts run concurrently, each bounded (QUIC handshake 5 s,
@@ -242,11 +301,13 @@ class RelaySession:
         forwarding, a consumer and its provider must meet on the same relay,
         and so must both halves of a resumed stream.
         """
-        addresses = self.config.relays
         if not addresses:
             raise _AllFailed("session: no relay addresses", None)
         loop = asyncio.get_running_loop()
-        tasks = [loop.create_task(self._connect_one(host, port)) for host, port in addresses]
+        tasks = [
+            loop.create_task(self._connect_one(host, port, kind, handshake_timeout))
+            for host, port in addresses
+        ]
         names = [f"{host}:{port}" for host, port in addresses]
         errors: list[str] = []
         refused: RelayRefused | None = None
@@ -293,9 +354,20 @@ class RelaySession:
             log.info("session: nearest-relay selected", extra=kv(addr=winner.address))
         return winner
 
-    async def _connect_one(self, host: str, port: int) -> _Link:
+    async def _connect_one(
+        self, host: str, port: int, kind: str, handshake_timeout: float
+    ) -> _Link:
         address = f"{host}:{port}"
-        conn = await connect_quic(host, port, self.config.tls)
+        conn: Connection
+        if kind == "tcp":
+            address = f"tcp://{address}"
+            conn = await connect_tcp(
+                host, port, self.config.tls, handshake_timeout=handshake_timeout
+            )
+        else:
+            conn = await connect_quic(
+                host, port, self.config.tls, handshake_timeout=handshake_timeout
+            )
         try:
             ctrl = await conn.open_stream()
             channel = ControlChannel(ctrl)
@@ -327,9 +399,23 @@ class RelaySession:
         except BaseException:
             conn.close(0, "")
             raise
-        return _Link(address=address, conn=conn, ctrl=channel, reader=reader)
+        return _Link(address=address, conn=conn, ctrl=channel, reader=reader, kind=kind)
 
     # -- control stream ---------------------------------------------------------------------
+
+    async def _ping_loop(self, link: _Link) -> None:
+        while not link.conn.is_closed:
+            await asyncio.sleep(PING_INTERVAL)
+            if time.monotonic() - link.last_pong > 2 * PING_INTERVAL + 1:
+                log.warning(
+                    "session: no PONG from the relay; reconnecting", extra=kv(relay=link.address)
+                )
+                link.conn.close(0, "")
+                return
+            try:
+                await link.ctrl.send(FrameType.PING)
+            except TransportError:
+                return
 
     async def _register(self, link: _Link, name: str, target: str) -> str:
         waiter: asyncio.Future[str] = asyncio.get_running_loop().create_future()
@@ -389,7 +475,7 @@ class RelaySession:
                 if stream is not None:
                     stream.apply_checkpoint(message.my_position, message.peer_ack_position)
         elif frame_type == FrameType.PONG:
-            pass
+            link.last_pong = time.monotonic()
         else:
             log.warning("session: unexpected ctrl frame", extra=kv(type=frame_name(frame_type)))
 

@@ -52,6 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--listen", default="127.0.0.1:7443", help="UDP address for QUIC (default %(default)s)"
     )
+    p.add_argument(
+        "--listen-tcp",
+        default="",
+        help="TCP address for the TLS + yamux fallback (e.g. 0.0.0.0:443); empty: off",
+    )
     p.add_argument("--cert", default="", help="PEM server certificate (required)")
     p.add_argument("--key", default="", help="PEM private key (required)")
     p.add_argument("--ca", default="", help="PEM CA bundle that verifies agents (required)")
@@ -105,6 +110,7 @@ async def run_relay(config: RelayConfig, policy_path: str = "") -> int:
         "relay listening",
         extra=kv(
             addr=f"{host}:{port}",
+            tcp=f"{relay.tcp_address[0]}:{relay.tcp_address[1]}" if relay.tcp_address else "off",
             relay_id=relay.relay_id,
             region=config.region,
             policy=policy_path or "off",
@@ -133,6 +139,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         log.error(str(exc))
         return 2
+    listen_tcp: tuple[str, int] | None = None
+    if args.listen_tcp:
+        try:
+            listen_tcp = parse_host_port(args.listen_tcp, what="--listen-tcp")
+        except ValueError as exc:
+            log.error(str(exc))
+            return 2
     try:
         load_identity(args.cert, args.key)
         load_certificates(args.ca)
@@ -155,6 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ca_file=args.ca,
         listen_host=host,
         listen_port=port,
+        listen_tcp=listen_tcp,
         relay_id=args.relay_id,
         region=args.region,
         policy=policy,

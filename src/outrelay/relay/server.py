@@ -57,8 +57,10 @@ from outrelay.transport import (
     QuicServerHandle,
     QuicTlsConfig,
     Stream,
+    TcpServerHandle,
     TransportError,
     serve_quic,
+    serve_tcp,
 )
 from outrelay.wire import ControlChannel, FrameReader, expect_message, frame_name
 
@@ -104,6 +106,8 @@ class RelayConfig:
     ca_file: str
     listen_host: str = "127.0.0.1"
     listen_port: int = 7443
+    listen_tcp: tuple[str, int] | None = None
+    """TLS + yamux fallback listener (spec 02 §9); None: off."""
     relay_id: str = ""
     """Defaults to the listen address, as the reference's ``--relay-id`` does."""
     region: str = "local"
@@ -152,6 +156,8 @@ class Relay:
         self.audit = AuditLog(config.audit_file, logger=log)
         self._verifier = ClientVerifier(load_certificates(config.ca_file))
         self._server: QuicServerHandle | None = None
+        self._tcp_server: TcpServerHandle | None = None
+        self.tcp_address: tuple[str, int] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = asyncio.Event()
         self._audit_task: asyncio.Task[None] | None = None
@@ -173,6 +179,20 @@ class Relay:
             on_connection=self._on_connection,
             on_refused=self._on_refused,
         )
+        if self.config.listen_tcp is not None:
+            try:
+                self._tcp_server = await serve_tcp(
+                    self.config.listen_tcp[0],
+                    self.config.listen_tcp[1],
+                    tls,
+                    verify_client=self._verify_client,
+                    on_connection=self._on_connection,
+                    on_refused=self._on_refused,
+                )
+            except OSError:
+                self._server.close()
+                raise
+            self.tcp_address = self._tcp_server.address
         self._audit_task = asyncio.get_running_loop().create_task(self.audit.run())
         return self._server.address
 
@@ -185,6 +205,8 @@ class Relay:
         self._stopping.set()
         if self._server is not None:
             self._server.close()
+        if self._tcp_server is not None:
+            self._tcp_server.close()
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:

@@ -19,6 +19,7 @@ from outrelay.transport.quic import (
     connect_quic,
     serve_quic,
 )
+from outrelay.transport.tcp import TcpServerHandle, connect_tcp, serve_tcp
 
 __all__ = [
     "ALPN",
@@ -31,8 +32,11 @@ __all__ = [
     "QuicTlsConfig",
     "SocketStream",
     "Stream",
+    "TcpServerHandle",
     "TransportError",
     "connect_quic",
+    "connect_tcp",
     "open_tcp",
     "serve_quic",
+    "serve_tcp",
 ]
