@@ -156,6 +156,15 @@ def build_parser() -> argparse.ArgumentParser:
         "(default %(default)s)",
     )
     p.add_argument(
+        "--resume-window",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="how long a stream whose relay failed may take to resume before the "
+        "application's connection is reset; the reference relay pairs halves for 30 s "
+        "(default %(default)s)",
+    )
+    p.add_argument(
         "--shutdown-grace",
         type=float,
         default=10.0,
@@ -247,6 +256,7 @@ def _build_config(args: argparse.Namespace) -> AgentConfig:
             services=services,
             relays_tcp=tuple(relays_tcp),
             transport=args.transport,
+            resume_window=args.resume_window,
         ),
         consumes=consumes,
         shutdown_grace=args.shutdown_grace,

@@ -114,6 +114,8 @@ class SessionConfig:
     """TLS + yamux fallback endpoints (``--relay-tcp``)."""
     transport: str = "auto"
     """``auto``: QUIC first, TCP when QUIC cannot connect; ``quic``; ``tcp``."""
+    resume_window: float = RESUME_WINDOW
+    """How long a broken stream waits to be resumed before it is dropped."""
     quic_attempt_timeout: float = 3.0
     """In ``auto`` mode with TCP endpoints, how long a QUIC handshake may take
     before the TCP fallback is tried."""
@@ -156,7 +158,7 @@ class RelaySession:
         self._to_resume: set[ResumableStream] = set()
         self._resume_wakeup = asyncio.Event()
         self.connected = asyncio.Event()
-        self.resume_window = RESUME_WINDOW
+        self.resume_window = config.resume_window
         self._ever_connected = False
         self._accepting = True
         self._on_tcp = False
