@@ -18,6 +18,7 @@ No helper waits without a timeout.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import hashlib
 import http.server
@@ -30,6 +31,7 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,9 +39,12 @@ from typing import Any
 
 __all__ = [
     "AGENT_CMD",
+    "LOG_LEVEL",
     "OUTRELAY_CMD",
     "RELAY_CMD",
     "Agent",
+    "Backends",
+    "Blaster",
     "Cluster",
     "HttpBackend",
     "Identity",
@@ -49,8 +54,11 @@ __all__ = [
     "RssSampler",
     "TcpBackend",
     "child_env",
+    "connect",
+    "contains",
     "free_tcp_port",
     "free_udp_port",
+    "http_get",
     "make_pki",
     "read_until_closed",
     "write_policy",
@@ -193,6 +201,19 @@ def contains(fragment: str) -> Matcher:
     return lambda value: fragment.lower() in str(value).lower()
 
 
+_LIVE: weakref.WeakSet[Proc] = weakref.WeakSet()
+"""Every process started here; a safety net kills leftovers when Python exits
+(e.g. after Ctrl-C skipped the fixtures' finalizers)."""
+
+
+@atexit.register
+def _kill_leftovers() -> None:
+    for proc in list(_LIVE):
+        if proc.running:
+            with contextlib.suppress(OSError):
+                proc.popen.kill()
+
+
 class Proc:
     """One child process whose stdout+stderr go to ``log_path``."""
 
@@ -207,6 +228,8 @@ class Proc:
         self._mark = 0
         self.killed = False
         """True if :meth:`stop` had to SIGKILL the process."""
+        self.signalled = False
+        """True once this harness sent the process a signal."""
         self.started_at = time.monotonic()
         self.popen = subprocess.Popen(
             self.argv,
@@ -216,6 +239,7 @@ class Proc:
             env=child_env(),
             start_new_session=True,  # a terminal Ctrl-C must not reach the children
         )
+        _LIVE.add(self)
 
     # -- state ----------------------------------------------------------------------
 
@@ -302,7 +326,7 @@ class Proc:
                 if found:
                     return found[0]
                 raise AssertionError(
-                    f"{self.name} exited (code {self.returncode}) without logging "
+                    f"{self.name} {self.exit_note()} without logging "
                     f"{msg!r} {attrs}\n--- {self.name} log tail ---\n{self.tail()}"
                 )
             if time.monotonic() >= deadline:
@@ -338,7 +362,26 @@ class Proc:
 
     def send_signal(self, sig: int) -> None:
         if self.running:
+            self.signalled = True
             self.popen.send_signal(sig)
+
+    def kill(self) -> None:
+        """SIGKILL now (a crash: no CONNECTION_CLOSE reaches the peer)."""
+        if self.running:
+            self.signalled = True
+            self.popen.kill()
+
+    def exit_note(self) -> str:
+        """How the process ended, flagging a signal this harness did not send."""
+        code = self.returncode
+        if code is None:
+            return "running"
+        if code < 0 and not self.signalled:
+            return (
+                f"killed by signal {-code}, which this harness did not send "
+                "(another process on this machine?)"
+            )
+        return f"exited {code}"
 
     def wait_exit(self, timeout: float) -> int:
         """Exit code; raises AssertionError (with the log tail) if still running."""
@@ -353,6 +396,7 @@ class Proc:
     def stop(self, grace: float = STOP_GRACE) -> int | None:
         """SIGTERM, wait ``grace``, then SIGKILL. Idempotent."""
         if self.running:
+            self.signalled = True
             with contextlib.suppress(ProcessLookupError):
                 self.popen.send_signal(signal.SIGTERM)
             try:
@@ -546,7 +590,7 @@ class Cluster:
     def log_tail(self, lines: int = 60, *, since_mark: bool = False) -> str:
         parts = []
         for proc in self.procs:
-            state = "running" if proc.running else f"exited {proc.returncode}"
+            state = proc.exit_note()
             parts.append(
                 f"----- {proc.name} (pid {proc.pid}, {state}) {proc.log_path} -----\n"
                 + proc.tail(lines, since_mark=since_mark)

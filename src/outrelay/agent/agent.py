@@ -177,6 +177,10 @@ class Agent:
                 ),
                 "consumer",
             )
+        except asyncio.CancelledError:
+            # Shutdown grace ran out. asyncio.start_server's callback task must
+            # not end cancelled: Python 3.11 would print a traceback for it.
+            local.abort()
         finally:
             self._tasks.discard(task)
             await local.aclose()

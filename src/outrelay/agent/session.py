@@ -162,6 +162,7 @@ class RelaySession:
         self._ever_connected = False
         self._accepting = True
         self._on_tcp = False
+        self._connections = 0
 
     @property
     def link_address(self) -> str | None:
@@ -238,8 +239,11 @@ class RelaySession:
             self._ever_connected = True
             self.connected.set()
             self._resume_wakeup.set()
-            if attempt > 1:
+            if self._connections:
                 log.info("session: reconnected", extra=kv(attempt=attempt, relay=link.address))
+            else:
+                log.info("session: connected", extra=kv(relay=link.address))
+            self._connections += 1
             try:
                 while True:
                     stream = await link.conn.accept_stream()
