@@ -52,7 +52,10 @@ class Agent:
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
         self.session = RelaySession(
-            config.session, on_incoming=self._on_incoming, on_refused=self._on_refused
+            config.session,
+            on_incoming=self._on_incoming,
+            on_refused=self._on_refused,
+            on_fatal=self._on_fatal,
         )
         self._servers: list[asyncio.Server] = []
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -196,6 +199,12 @@ class Agent:
             )
         finally:
             await local.aclose()
+
+    async def _on_fatal(self, reason: str) -> None:
+        log.error("expose", extra=kv(err=reason))
+        if self.config.exit_on_refusal:
+            self.refused = RelayRefused(reason)
+            self._stopped.set()
 
     async def _on_refused(self, refused: RelayRefused) -> None:
         log.error("dial relay: refused", extra=kv(err=str(refused)))

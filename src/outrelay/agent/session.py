@@ -147,12 +147,17 @@ class RelaySession:
         *,
         on_incoming: Callable[[Stream], None],
         on_refused: Callable[[RelayRefused], Awaitable[None]] | None = None,
+        on_fatal: Callable[[str], Awaitable[None]] | None = None,
     ) -> None:
         self.config = config
         self._on_incoming = on_incoming
         self._on_refused = on_refused
+        self._on_fatal = on_fatal
+        """Called when start-up cannot succeed (registration refused before first contact)."""
         self._link: _Link | None = None
         self._mode_waiters: dict[int, asyncio.Future[str]] = {}
+        self._grants: dict[int, AllocGrantedMessage] = {}
+        """ALLOC_GRANTED delivered to a waiter, until :meth:`take_grant`."""
         self._active_ids: set[int] = set()
         self._streams: dict[int, ResumableStream] = {}
         self._to_resume: set[ResumableStream] = set()
@@ -202,11 +207,19 @@ class RelaySession:
                 backoff = min(backoff * 2, self.config.backoff_max)
                 continue
             try:
-                await self._serve_link(link, attempt)
+                established = await self._serve_link(link, attempt)
             finally:
                 self._link = None
                 self.connected.clear()
                 link.conn.close(0, "")
+            if not established:
+                if not self._ever_connected and self._on_fatal is not None:
+                    await self._on_fatal(
+                        f"the relay {link.address} did not accept our service registration"
+                    )
+                await asyncio.sleep(backoff * random.uniform(0.8, 1.2))
+                backoff = min(backoff * 2, self.config.backoff_max)
+                continue
             log.warning(
                 "session: lost; reconnecting",
                 extra=kv(relay=link.address, reason=link.conn.close_reason),
@@ -214,13 +227,18 @@ class RelaySession:
             attempt = 0
             backoff = self.config.backoff_initial
 
-    async def _serve_link(self, link: _Link, attempt: int) -> None:
+    async def _serve_link(self, link: _Link, attempt: int) -> bool:
+        """Register, then serve relay-opened streams until the link dies.
+
+        Returns:
+            False if the services could not be registered (nothing was served).
+        """
         async with asyncio.TaskGroup() as tg:
-            reader_task = tg.create_task(self._control_reader(link))
+            helpers = [tg.create_task(self._control_reader(link))]
             if link.kind == "tcp":
                 # No QUIC keep-alive here: PING on ctrl finds a dead TCP path
                 # (spec 03 §2.2 [REC]).
-                tg.create_task(self._ping_loop(link))
+                helpers.append(tg.create_task(self._ping_loop(link)))
             try:
                 for name, target in self.config.services.items():
                     service_id = await self._register(link, name, target)
@@ -233,8 +251,9 @@ class RelaySession:
                     "expose: registration failed",
                     extra=kv(relay=link.address, err=str(exc) or repr(exc)),
                 )
-                reader_task.cancel()
-                return
+                for task in helpers:
+                    task.cancel()
+                return False
             self._link = link
             self._ever_connected = True
             self.connected.set()
@@ -254,7 +273,9 @@ class RelaySession:
             except TransportError:
                 pass
             finally:
-                reader_task.cancel()
+                for task in helpers:
+                    task.cancel()
+        return True
 
     async def _connect_any(self) -> _Link:
         """QUIC first, then the TLS + yamux fallback, as ``transport`` says (spec 03 §1.4)."""
@@ -473,7 +494,12 @@ class RelaySession:
             sid = message.stream_id if isinstance(message, StreamReady) else 0
             self._deliver_mode(sid, StreamMode.SPLICE)
         elif frame_type == FrameType.ALLOC_GRANTED:
-            sid = message.stream_id if isinstance(message, AllocGrantedMessage) else 0
+            if not isinstance(message, AllocGrantedMessage):
+                return
+            sid = message.stream_id
+            pending = self._mode_waiters.get(sid)
+            if pending is not None and not pending.done():
+                self._grants[sid] = message
             self._deliver_mode(sid, StreamMode.FORWARD)
         elif frame_type == FrameType.STREAM_CHECKPOINT:
             if isinstance(message, StreamCheckpoint):
@@ -500,6 +526,16 @@ class RelaySession:
         waiter: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._mode_waiters[stream_id] = waiter
         return waiter
+
+    def take_grant(self, stream_id: int) -> AllocGrantedMessage | None:
+        """The ALLOC_GRANTED that resolved ``stream_id``'s mode as forward (once)."""
+        return self._grants.pop(stream_id, None)
+
+    @property
+    def relay_host(self) -> str:
+        """The current relay connection's remote IP (spec 03 §8.2 [REC]), or ""."""
+        link = self._link
+        return link.conn.peer.address[0] if link is not None else ""
 
     def forget_mode(self, stream_id: int, waiter: asyncio.Future[str]) -> None:
         if self._mode_waiters.get(stream_id) is waiter:
@@ -550,6 +586,7 @@ class RelaySession:
 
     def untrack(self, stream_id: int) -> None:
         self._active_ids.discard(stream_id)
+        self._grants.pop(stream_id, None)
 
     # -- resumable streams (spec 03 §4) ----------------------------------------------
 
