@@ -36,14 +36,15 @@ import types
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from aioquic.asyncio.protocol import QuicConnectionProtocol
 from aioquic.asyncio.server import QuicServer, serve
 from aioquic.quic import events
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
-from aioquic.quic.packet import QuicFrameType
+from aioquic.quic.packet import QuicFrameType, QuicStreamFrame
+from aioquic.quic.packet_builder import QuicDeliveryState
 
 from outrelay.transport.base import (
     BrokenResourceError,
@@ -62,27 +63,41 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ALPN",
+    "FORWARD_ALPN",
     "HANDSHAKE_TIMEOUT",
     "IDLE_TIMEOUT",
     "KEEPALIVE_INTERVAL",
     "MAX_INCOMING_STREAMS",
+    "PacketEndpoint",
     "QuicServerHandle",
     "QuicTlsConfig",
+    "accept_quic_on",
     "connect_quic",
+    "connect_quic_on",
     "serve_quic",
 ]
 
 log = logging.getLogger("outrelay.transport.quic")
 
 ALPN = "orp/1"
+FORWARD_ALPN = "outrelay-fwd/1"  # spec 03 §8.3
 IDLE_TIMEOUT = 10.0  # spec 01: max idle timeout 10 s
 KEEPALIVE_INTERVAL = 3.0  # spec 01: keep-alive every 3 s
 HANDSHAKE_TIMEOUT = 5.0  # spec 01: quic-go's handshake idle timeout
+LIVENESS_CHECK = 0.5
+BUSY_SILENCE_FLOOR = 3.0
+"""With bytes in flight, silence longer than max(this, 4 x PTO) means the peer
+is gone (bench: resume stall 9 s -> ~3 s)."""
 PEER_SILENCE_TIMEOUT = 6.5
 """Ours: two keep-alives (3 s) without a single packet back means the peer is
 gone; close at once instead of waiting out the 10 s idle timeout. Local
 only, so wire-compatible; it shortens the stall when a relay dies."""
-MAX_INCOMING_STREAMS = 100  # spec 02 §2.1: quic-go default, ctrl included
+MAX_INCOMING_STREAMS = 1024
+"""Peer-opened bidirectional streams allowed at once. The reference (quic-go's
+default) allows 100, so a reference relay makes our agent queue its 101st
+open; between our relay and agents 1,000 application connections fit on one
+connection (bench: concurrency). Each stream's buffers are bounded by
+``STREAM_WINDOW``."""
 STREAM_WINDOW = 1 << 20
 """Receive credit per stream beyond what the application consumed. One MiB
 keeps a loopback path busy; 100 streams x 1 MiB bounds what a peer can make
@@ -176,12 +191,21 @@ class QuicStream(Stream):
                 self._conn._raise_if_terminated()
                 self._data_ready.clear()
                 await self._data_ready.wait()
-            chunk = self._chunks[0]
-            if len(chunk) <= max_bytes:
-                self._chunks.popleft()
-            else:
-                self._chunks[0] = chunk[max_bytes:]
+            chunk = self._chunks.popleft()
+            if len(chunk) > max_bytes:
+                self._chunks.appendleft(chunk[max_bytes:])
                 chunk = chunk[:max_bytes]
+            elif self._chunks and len(chunk) + len(self._chunks[0]) <= max_bytes:
+                # Hand over every further whole frame that fits: one splice
+                # iteration then moves up to max_bytes instead of one ~1.3 kB
+                # QUIC frame (bench: with batched reads, ~2.2x throughput).
+                parts = [chunk]
+                size = len(chunk)
+                while self._chunks and size + len(self._chunks[0]) <= max_bytes:
+                    part = self._chunks.popleft()
+                    parts.append(part)
+                    size += len(part)
+                chunk = b"".join(parts)
             n = len(chunk)
             self._buffered -= n
             self._consumed += n
@@ -324,6 +348,10 @@ class QuicConn(Connection):
         self._on_closed: list[Callable[[], None]] = []
         self.identity: str | None = None
         """Server side: the verified client identity (first URI SAN)."""
+        self._announce = False
+        """Forward mode: streams are announced before their first byte (see
+        :func:`_announce_stream`), and the peer's silent streams are accepted."""
+        self._announced: set[int] = set()
 
     # -- Connection API -----------------------------------------------------------
 
@@ -339,6 +367,12 @@ class QuicConn(Connection):
     def close_reason(self) -> str:
         return self._close_reason
 
+    @property
+    def rtt(self) -> float | None:
+        """Smoothed round-trip time in seconds, once measured."""
+        loss = self._quic._loss
+        return float(loss._rtt_smoothed) if loss._rtt_initialized else None
+
     async def open_stream(self) -> Stream:
         async with self._open_lock:
             while True:
@@ -353,6 +387,9 @@ class QuicConn(Connection):
             # Sending nothing allocates the stream id in aioquic; the peer sees
             # the stream with our first bytes.
             self._quic.send_stream_data(stream_id, b"", False)
+            if self._announce:
+                _announce_stream(self._quic, stream_id)
+                self._transmit_soon()
             return stream
 
     async def accept_stream(self) -> Stream:
@@ -409,6 +446,8 @@ class QuicConn(Connection):
                     return  # unidirectional (never used by ORP) or already forgotten
                 if event.stream_id in self._quic._streams and self._terminated:
                     return
+                if event.stream_id in self._announced:
+                    return  # accepted silently before, and forgotten since
                 stream = QuicStream(self, event.stream_id)
                 self._streams[event.stream_id] = stream
                 self._accept_queue.put_nowait(stream)
@@ -425,6 +464,21 @@ class QuicConn(Connection):
             reason = event.reason_phrase or ""
             detail = f"code {event.error_code}" + (f": {reason}" if reason else "")
             self._on_terminated(detail)
+
+    def _accept_silent_streams(self) -> None:
+        """Queue peer streams that exist but carried no byte yet (an empty STREAM frame)."""
+        for stream_id in list(self._quic._streams):
+            if (
+                stream_id in self._announced
+                or stream_id in self._streams
+                or stream_id & 2
+                or not self._is_peer_stream(stream_id)
+            ):
+                continue
+            self._announced.add(stream_id)
+            stream = QuicStream(self, stream_id)
+            self._streams[stream_id] = stream
+            self._accept_queue.put_nowait(stream)
 
     def _on_progress(self) -> None:
         """After every transmit: wake writers whose buffer drained, and openers."""
@@ -465,11 +519,18 @@ class _Protocol(QuicConnectionProtocol):
         stream_handler: Any = None,
         *,
         on_handshake: Callable[[_Protocol], None] | None = None,
+        keepalive_interval: float = KEEPALIVE_INTERVAL,
+        silence_timeout: float = PEER_SILENCE_TIMEOUT,
+        handshake_timeout: float = HANDSHAKE_TIMEOUT,
     ) -> None:
         super().__init__(quic, stream_handler)
         self.conn = QuicConn(self)
+        self._keepalive_interval = keepalive_interval
+        self._silence_timeout = silence_timeout
+        self._handshake_timeout = handshake_timeout
         self._on_handshake = on_handshake
         self._keepalive: asyncio.TimerHandle | None = None
+        self._liveness: asyncio.TimerHandle | None = None
         self._last_rx = self._loop.time()
         self.handshake: asyncio.Future[None] = self._loop.create_future()
         """Resolved when the handshake completes; fails if the connection ends first."""
@@ -496,7 +557,7 @@ class _Protocol(QuicConnectionProtocol):
         super().connection_made(transport)
         if not self._quic._is_client:
             self._handshake_timer = self._loop.call_later(
-                HANDSHAKE_TIMEOUT, self._handshake_expired
+                self._handshake_timeout, self._handshake_expired
             )
 
     def _handshake_expired(self) -> None:
@@ -511,7 +572,7 @@ class _Protocol(QuicConnectionProtocol):
                 self.handshake.set_result(None)
             if self._handshake_timer is not None:
                 self._handshake_timer.cancel()
-            self._keepalive = self._loop.call_later(KEEPALIVE_INTERVAL, self._send_keepalive)
+            self._keepalive = self._loop.call_later(self._keepalive_interval, self._send_keepalive)
             addr = self._quic._network_paths[0].addr if self._quic._network_paths else ("", 0)
             tls = self._quic.tls
             leaf: x509.Certificate | None = getattr(tls, "_peer_certificate", None)
@@ -528,20 +589,48 @@ class _Protocol(QuicConnectionProtocol):
     def datagram_received(self, data: bytes | str, addr: Any) -> None:
         self._last_rx = self._loop.time()
         super().datagram_received(data, addr)
+        if self.conn._announce and not self.conn._terminated:
+            self.conn._accept_silent_streams()
 
     def _send_keepalive(self) -> None:
         self._keepalive = None
         if self.conn._terminated:
             return
-        if self._loop.time() - self._last_rx > PEER_SILENCE_TIMEOUT:
-            log.debug("QUIC peer silent; closing")
-            self.conn._on_terminated(f"peer silent for {PEER_SILENCE_TIMEOUT:g}s")
-            self._quic.close(error_code=0, reason_phrase="")
-            self.transmit()
+        if self._peer_gone():
             return
         self._quic.send_ping(0)
         self.transmit()
-        self._keepalive = self._loop.call_later(KEEPALIVE_INTERVAL, self._send_keepalive)
+        self._keepalive = self._loop.call_later(self._keepalive_interval, self._send_keepalive)
+        if self._liveness is None:
+            self._liveness = self._loop.call_later(LIVENESS_CHECK, self._check_liveness)
+
+    def _check_liveness(self) -> None:
+        self._liveness = None
+        if self.conn._terminated or self._peer_gone():
+            return
+        self._liveness = self._loop.call_later(LIVENESS_CHECK, self._check_liveness)
+
+    def _peer_gone(self) -> bool:
+        """Close if the peer has been silent too long; True if we did.
+
+        Idle, a live peer answers every keep-alive, so ``silence_timeout``
+        without a packet means it is gone. With bytes in flight a live peer
+        acknowledges within a few PTOs, so we give up sooner: a relay that was
+        killed shows no sign at all (aioquic sends no stateless reset), and
+        every second here is a second the application's stream stalls.
+        """
+        silent = self._loop.time() - self._last_rx
+        loss = self._quic._loss
+        limit = self._silence_timeout
+        if self._connected and loss.bytes_in_flight > 0:
+            limit = min(limit, max(BUSY_SILENCE_FLOOR, 4 * loss.get_probe_timeout()))
+        if silent <= limit:
+            return False
+        log.debug("QUIC peer silent; closing", extra={"attrs": {"silent": f"{silent:.1f}s"}})
+        self.conn._on_terminated(f"peer silent for {silent:.1f}s")
+        self._quic.close(error_code=0, reason_phrase="")
+        self.transmit()
+        return True
 
     def _stop_keepalive(self) -> None:
         if self._keepalive is not None:
@@ -550,13 +639,18 @@ class _Protocol(QuicConnectionProtocol):
         if self._handshake_timer is not None:
             self._handshake_timer.cancel()
             self._handshake_timer = None
+        if self._liveness is not None:
+            self._liveness.cancel()
+            self._liveness = None
 
 
-def _configuration(tls: QuicTlsConfig, *, is_client: bool) -> QuicConfiguration:
+def _configuration(
+    tls: QuicTlsConfig, *, is_client: bool, alpn: str = ALPN, idle_timeout: float = IDLE_TIMEOUT
+) -> QuicConfiguration:
     config = QuicConfiguration(
         is_client=is_client,
-        alpn_protocols=[ALPN],
-        idle_timeout=IDLE_TIMEOUT,
+        alpn_protocols=[alpn],
+        idle_timeout=idle_timeout,
         max_stream_data=STREAM_WINDOW,
         max_data=CONNECTION_WINDOW,
         max_datagram_size=MAX_DATAGRAM_SIZE,
@@ -688,3 +782,172 @@ async def serve_quic(
 
     server = await serve(host, port, configuration=config, create_protocol=create_protocol)
     return QuicServerHandle(server, protocols)
+
+
+# -- QUIC over a packet endpoint (forward mode, spec 03 §8.3) ----------------------------
+
+
+def _announce_stream(quic: QuicConnection, stream_id: int) -> None:
+    """Make aioquic send an empty STREAM frame so the peer sees the stream at once.
+
+    Spec 03 §8.3 [REC]: a server-speaks-first backend deadlocks if the
+    provider only learns of the stream with the consumer's first byte.
+    aioquic never sends a STREAM frame without data or FIN, so the stream's
+    sender is taught one: the next frame it builds is ``offset 0, length 0``;
+    if that packet is lost the announcement is scheduled again, and once
+    application bytes flow it is moot.
+    """
+    sender = quic._streams[stream_id].sender
+    original_get_frame = sender.get_frame
+    original_delivery = sender.on_data_delivery
+    pending = [True]
+
+    def get_frame(max_size: int, max_offset: int | None = None) -> QuicStreamFrame | None:
+        if (
+            pending[0]
+            and max_size >= 0
+            and sender.highest_offset == 0
+            and len(sender._pending) == 0
+        ):
+            pending[0] = False
+            if not sender._pending_eof:
+                sender.buffer_is_empty = True
+            return QuicStreamFrame(data=b"", offset=0)
+        return original_get_frame(max_size, max_offset)
+
+    def on_data_delivery(delivery: QuicDeliveryState, start: int, stop: int, fin: bool) -> None:
+        if delivery != QuicDeliveryState.ACKED and start == stop == 0 and not fin:
+            if sender.highest_offset == 0:
+                pending[0] = True
+                sender.buffer_is_empty = False
+            return
+        original_delivery(delivery, start, stop, fin)
+
+    sender.get_frame = get_frame  # type: ignore[method-assign]
+    sender.on_data_delivery = on_data_delivery  # type: ignore[method-assign]
+    sender.buffer_is_empty = False
+
+
+class PacketEndpoint(Protocol):
+    """A datagram socket a QUIC connection can run over (the forward wrapper).
+
+    ``attach(protocol)`` makes ``protocol`` the receiver of every inbound
+    datagram (``protocol.datagram_received(data, remote)``) and returns the
+    transport it sends through; ``remote`` is the one stable peer address
+    the QUIC layer sees.
+    """
+
+    @property
+    def remote(self) -> tuple[str, int]: ...
+
+    def attach(self, protocol: asyncio.DatagramProtocol) -> asyncio.DatagramTransport: ...
+
+
+async def connect_quic_on(
+    endpoint: PacketEndpoint,
+    tls: QuicTlsConfig,
+    *,
+    alpn: str = FORWARD_ALPN,
+    handshake_timeout: float,
+    idle_timeout: float,
+    keepalive_interval: float,
+    silence_timeout: float,
+) -> QuicConn:
+    """Dial over ``endpoint`` (QUIC client); streams are announced before their first byte.
+
+    Raises:
+        BrokenResourceError: the handshake failed or timed out.
+    """
+    config = _configuration(tls, is_client=True, alpn=alpn, idle_timeout=idle_timeout)
+    protocol = _Protocol(
+        QuicConnection(configuration=config),
+        keepalive_interval=keepalive_interval,
+        silence_timeout=silence_timeout,
+        handshake_timeout=handshake_timeout,
+    )
+    protocol.conn._announce = True
+    protocol.connection_made(endpoint.attach(protocol))
+    conn = protocol.conn
+    try:
+        protocol.connect(endpoint.remote)
+        async with asyncio.timeout(handshake_timeout):
+            await protocol.handshake
+    except TimeoutError as exc:
+        conn.close(0, "")
+        raise BrokenResourceError(
+            f"QUIC handshake over the forward plane timed out after {handshake_timeout:g}s"
+        ) from exc
+    except Exception as exc:
+        conn.close(0, "")
+        detail = conn._close_reason or repr(exc)
+        raise BrokenResourceError(
+            f"QUIC handshake over the forward plane failed: {detail}"
+        ) from exc
+    return conn
+
+
+async def accept_quic_on(
+    endpoint: PacketEndpoint,
+    tls: QuicTlsConfig,
+    *,
+    alpn: str = FORWARD_ALPN,
+    verify_client: Callable[[x509.Certificate | None, tuple[x509.Certificate, ...]], str],
+    accept_timeout: float,
+    idle_timeout: float,
+    keepalive_interval: float,
+    silence_timeout: float,
+) -> QuicConn:
+    """Accept one QUIC connection over ``endpoint`` (QUIC server, client cert required).
+
+    Later connection attempts on the endpoint are refused (closed at once).
+
+    Raises:
+        BrokenResourceError: no verified connection within ``accept_timeout``.
+    """
+    config = _configuration(tls, is_client=False, alpn=alpn, idle_timeout=idle_timeout)
+    config.verify_mode = 0  # the chain is verified by ``verify_client``
+    loop = asyncio.get_running_loop()
+    accepted: asyncio.Future[QuicConn] = loop.create_future()
+    refusals: list[str] = []
+
+    def handshake_done(protocol: _Protocol) -> None:
+        conn = protocol.conn
+        try:
+            conn.identity = verify_client(conn.peer.certificate, conn.peer.chain)
+        except Exception as exc:
+            refusals.append(str(getattr(exc, "reason", "") or exc))
+            conn.close(0, "")
+            return
+        if accepted.done():
+            conn.close(0, "")
+            return
+        accepted.set_result(conn)
+
+    def create_protocol(quic: QuicConnection, stream_handler: Any = None) -> _Protocol:
+        protocol = _Protocol(
+            quic,
+            stream_handler,
+            on_handshake=handshake_done,
+            keepalive_interval=keepalive_interval,
+            silence_timeout=silence_timeout,
+            handshake_timeout=accept_timeout,
+        )
+        protocol.conn._announce = True
+        return protocol
+
+    server = QuicServer(configuration=config, create_protocol=create_protocol)
+    server.connection_made(endpoint.attach(server))
+    try:
+        async with asyncio.timeout(accept_timeout):
+            return await asyncio.shield(accepted)
+    except TimeoutError as exc:
+        for protocol in set(server._protocols.values()):
+            if isinstance(protocol, _Protocol):
+                protocol.conn.close(0, "")
+        why = f" (refused: {refusals[-1]})" if refusals else ""
+        raise BrokenResourceError(
+            f"no QUIC connection over the forward plane within {accept_timeout:g}s{why}"
+        ) from exc
+    finally:
+        if not accepted.done():
+            accepted.cancel()
