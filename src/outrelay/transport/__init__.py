@@ -14,19 +14,25 @@ from outrelay.transport.base import (
 from outrelay.transport.local import SocketStream, open_tcp
 from outrelay.transport.quic import (
     ALPN,
+    FORWARD_ALPN,
+    PacketEndpoint,
     QuicServerHandle,
     QuicTlsConfig,
+    accept_quic_on,
     connect_quic,
+    connect_quic_on,
     serve_quic,
 )
 from outrelay.transport.tcp import TcpServerHandle, connect_tcp, serve_tcp
 
 __all__ = [
     "ALPN",
+    "FORWARD_ALPN",
     "BrokenResourceError",
     "BusyResourceError",
     "ClosedResourceError",
     "Connection",
+    "PacketEndpoint",
     "PeerInfo",
     "QuicServerHandle",
     "QuicTlsConfig",
@@ -34,7 +40,9 @@ __all__ = [
     "Stream",
     "TcpServerHandle",
     "TransportError",
+    "accept_quic_on",
     "connect_quic",
+    "connect_quic_on",
     "connect_tcp",
     "open_tcp",
     "serve_quic",

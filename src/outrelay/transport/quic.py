@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from aioquic.asyncio.protocol import QuicConnectionProtocol
-from aioquic.asyncio.server import QuicServer, serve
+from aioquic.asyncio.server import QuicServer
 from aioquic.quic import events
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
@@ -54,6 +54,7 @@ from outrelay.transport.base import (
     PeerInfo,
     Stream,
 )
+from outrelay.transport.udp import BatchDatagramTransport, defer_transmit
 
 if TYPE_CHECKING:
     from aioquic.quic.packet_builder import QuicPacketBuilder
@@ -583,6 +584,8 @@ class _Protocol(QuicConnectionProtocol):
         self.conn._on_event(event)
 
     def transmit(self) -> None:
+        if defer_transmit(self):
+            return  # once, at the end of the current read batch
         super().transmit()
         self.conn._on_progress()
 
@@ -687,13 +690,11 @@ async def connect_quic(
     sock = socket.socket(family, socket.SOCK_DGRAM)
     try:
         sock.bind(("::", 0) if family == socket.AF_INET6 else ("0.0.0.0", 0))
-        transport, protocol = await loop.create_datagram_endpoint(
-            lambda: _Protocol(QuicConnection(configuration=config)), sock=sock
-        )
+        protocol = _Protocol(QuicConnection(configuration=config))
+        transport = BatchDatagramTransport(loop, sock, protocol)
     except OSError as exc:
         sock.close()
         raise BrokenResourceError(f"cannot open a UDP socket: {exc}") from exc
-    assert isinstance(protocol, _Protocol)
     conn = protocol.conn
 
     def _close_socket() -> None:
@@ -780,7 +781,21 @@ async def serve_quic(
         protocol.conn._on_closed.append(lambda: protocols.discard(protocol))
         return protocol
 
-    server = await serve(host, port, configuration=config, create_protocol=create_protocol)
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(
+        host or None, port, type=socket.SOCK_DGRAM, flags=socket.AI_PASSIVE
+    )
+    family, _, _, _, addr = infos[0]
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)  # dual stack
+        sock.bind(addr)
+        server = QuicServer(configuration=config, create_protocol=create_protocol)
+        BatchDatagramTransport(loop, sock, server)
+    except OSError:
+        sock.close()
+        raise
     return QuicServerHandle(server, protocols)
 
 
