@@ -18,6 +18,7 @@ from typing import Any
 
 from outrelay.agent.consumer import CONSUMER_MODE_WAIT, handle_consumer_connection
 from outrelay.agent.intercept import InterceptError, TproxyConfig, TransparentCapture
+from outrelay.agent.p2p.promote import P2PConfig, P2PService
 from outrelay.agent.provider import PROVIDER_MODE_WAIT, handle_incoming_stream, split_host_port
 from outrelay.agent.session import RelayRefused, RelaySession, SessionConfig
 from outrelay.observe import kv
@@ -46,6 +47,8 @@ class AgentConfig:
     """Exit (code 1) if the relay refuses us before we were ever accepted."""
     tproxy: TproxyConfig | None = None
     """Tproxy mode (``--intercept tproxy`` with at least one ``--consume``)."""
+    p2p: P2PConfig | None = None
+    """Direct paths (``--p2p-listen``); None: off, every byte goes through the relay."""
 
 
 class Agent:
@@ -60,6 +63,8 @@ class Agent:
         self._servers: list[asyncio.Server] = []
         self._tasks: set[asyncio.Task[Any]] = set()
         self._session_task: asyncio.Task[None] | None = None
+        self._p2p_task: asyncio.Task[None] | None = None
+        self.p2p: P2PService | None = None
         self._stopped = asyncio.Event()
         self.refused: RelayRefused | None = None
         self.bound: list[tuple[str, str, int]] = []
@@ -106,6 +111,20 @@ class Agent:
                 self._servers.clear()
                 raise ListenerError(str(exc)) from exc
             self.capture = capture
+        if self.config.p2p is not None:
+            p2p = P2PService(self.session, self.config.session.tls, self.config.p2p)
+            try:
+                await p2p.start()
+            except OSError as exc:
+                for server in self._servers:
+                    server.close()
+                self._servers.clear()
+                if self.capture is not None:
+                    await self.capture.close()
+                raise ListenerError(f"cannot listen for --p2p-listen: {exc}") from exc
+            self.p2p = p2p
+            self.session.promoter = p2p.promote
+            self._p2p_task = asyncio.get_running_loop().create_task(p2p.run(), name="p2p")
         self._session_task = asyncio.get_running_loop().create_task(
             self.session.run(), name="session"
         )
@@ -131,6 +150,10 @@ class Agent:
                 task.cancel()
             if still:
                 await asyncio.wait(still, timeout=2.0)
+        if self._p2p_task is not None:
+            self._p2p_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._p2p_task
         if self._session_task is not None:
             self._session_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):

@@ -29,6 +29,7 @@ from outrelay.agent.intercept import (
     check_platform,
     parse_dns_upstream,
 )
+from outrelay.agent.p2p.promote import P2PConfig
 from outrelay.agent.session import SessionConfig
 from outrelay.cliutil import go_style_argv, parse_host_port
 from outrelay.identity import InvalidIdentity, parse_identity
@@ -156,6 +157,19 @@ def build_parser() -> argparse.ArgumentParser:
         "(default %(default)s)",
     )
     p.add_argument(
+        "--p2p-listen",
+        default="",
+        metavar="HOST:PORT",
+        help="experimental: accept direct (P2P) QUIC dials here and promote spliced streams "
+        "off the relay; empty: off, the relay carries every byte (default)",
+    )
+    p.add_argument(
+        "--p2p-advertise",
+        default="",
+        metavar="IP:PORT",
+        help="with --p2p-listen: an address peers can reach the listener at, offered first",
+    )
+    p.add_argument(
         "--resume-window",
         type=float,
         default=30.0,
@@ -248,7 +262,22 @@ def _build_config(args: argparse.Namespace) -> AgentConfig:
         raise SetupError(f"load tls: {exc}") from exc
 
     tls = QuicTlsConfig(args.cert, args.key, args.ca, server_name=args.server_name)
+    p2p: P2PConfig | None = None
+    if args.p2p_listen:
+        try:
+            p2p_listen = parse_host_port(args.p2p_listen, what="--p2p-listen")
+            advertise = (
+                parse_host_port(args.p2p_advertise, what="--p2p-advertise")
+                if args.p2p_advertise
+                else None
+            )
+        except ValueError as exc:
+            raise UsageError(str(exc)) from exc
+        p2p = P2PConfig(p2p_listen, advertise)
+    elif args.p2p_advertise:
+        raise UsageError("--p2p-advertise needs --p2p-listen")
     return AgentConfig(
+        p2p=p2p,
         session=SessionConfig(
             relays=tuple(relays),
             uri=args.uri,

@@ -9,7 +9,9 @@ Spec 03 §3.5 with its [REC] (a)–(c): the relay's answer is read properly.
   the application as data. Anything else is an inter-relay splice (which
   gets no STREAM_READY): bridge now, delivering the bytes already read.
 * Neither within 10 s: bridge as splice, like the reference.
-* ALLOC_GRANTED (forward mode): not supported yet; the connection is closed.
+* ALLOC_GRANTED (forward mode): end-to-end QUIC over the relay's forward
+  plane (:mod:`outrelay.agent.forward`); the relay stream is kept open as
+  the liveness link and is never resumed.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from outrelay.agent.forward import run_forward_consumer
+from outrelay.agent.resumable import ResumableStream
 from outrelay.agent.session import NotConnected, RelaySession, StreamMode
 from outrelay.observe import kv
 from outrelay.orp import FrameDecoder, FrameType, OrpError, StreamReject, decode_message
@@ -163,16 +167,36 @@ async def handle_consumer_connection(
             await stream.aclose()
             return
         if verdict == StreamMode.FORWARD:
-            log.warning(
-                "forward mode (ALLOC_GRANTED) is not supported by this agent yet; closing",
-                extra=kv(svc=service, stream_id=sid),
+            grant = session.take_grant(sid)
+            if grant is None:  # pragma: no cover - FORWARD is only delivered with a grant
+                local.abort()
+                await stream.aclose()
+                return
+            # Pipelined bytes would be discarded by the relay (spec 02 §6.4);
+            # nothing was sent before the mode was known.
+            await run_forward_consumer(
+                grant,
+                stream,
+                local,
+                tls=session.config.tls,
+                relay_host=session.relay_host,
+                service=service,
             )
-            local.abort()
-            await stream.aclose()
             return
         relay_stream = session.wrap(sid, stream, prefix)
         try:
-            result = await splice(local, relay_stream, abort_a_on_b_error=True)
+            promoter = session.promoter
+            if promoter is not None and isinstance(relay_stream, ResumableStream):
+                # P2P (--p2p-listen): promotion runs beside the bridge and
+                # ends with it (spec 03 §7.5).
+                async with asyncio.TaskGroup() as tg:
+                    promotion = tg.create_task(promoter(relay_stream))
+                    try:
+                        result = await splice(local, relay_stream, abort_a_on_b_error=True)
+                    finally:
+                        promotion.cancel()
+            else:
+                result = await splice(local, relay_stream, abort_a_on_b_error=True)
         finally:
             session.unwrap(relay_stream)
         log.debug(

@@ -14,6 +14,7 @@ import contextlib
 import logging
 from typing import Any
 
+from outrelay.agent.forward import run_forward_provider
 from outrelay.agent.session import RelaySession, StreamMode
 from outrelay.observe import kv
 from outrelay.orp import (
@@ -133,15 +134,23 @@ async def handle_incoming_stream(
             session.forget_mode(sid, mode)
     try:
         if mode_result == StreamMode.FORWARD:
-            log.warning(
-                "forward mode is not supported by this agent yet; closing", extra=kv(**fields)
+            grant = session.take_grant(sid)
+            if grant is None:  # pragma: no cover - FORWARD is only delivered with a grant
+                backend.abort()
+                await stream.aclose()
+                return
+            await run_forward_provider(
+                grant,
+                stream,
+                backend,
+                tls=session.config.tls,
+                relay_host=session.relay_host,
+                fields=fields,
             )
-            backend.abort()
-            await stream.aclose()
             return
         prefix = reader.take_leftover() + early
         log.debug("bridging", extra=kv(**fields, target=target))
-        relay_stream = session.wrap(sid, stream, prefix)
+        relay_stream = session.wrap(sid, stream, prefix, peer_uri=incoming.source_agent_uri)
         try:
             result = await splice(backend, relay_stream, abort_a_on_b_error=True)
         finally:

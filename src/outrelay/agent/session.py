@@ -21,20 +21,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import random
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 
+from outrelay.agent.p2p import RequestIds
 from outrelay.agent.resumable import RESUME_WINDOW, ResumableStream
 from outrelay.observe import kv
 from outrelay.orp import (
     MESSAGE_TYPES,
+    CandidateAnswer,
+    CandidateOffer,
     FrameType,
     Hello,
     MalformedPayload,
+    ObservedAddrQuery,
+    ObservedAddrResp,
     OpenStream,
     OrpError,
     Register,
@@ -78,6 +85,7 @@ RESUME_SLACK = 5.0
 PING_INTERVAL = 10.0  # spec 03 §2.2 [REC]: TCP path liveness
 HANDSHAKE_TIMEOUT = 5.0  # spec 01: QUIC handshake
 TCP_HANDSHAKE_TIMEOUT = 10.0
+SRFLX_TIMEOUT = 3.0  # spec 03 §7.2 / §10
 OPEN_TIMEOUT = 10.0
 """Ours: opening a relay stream waits for the relay's stream limit, bounded."""
 
@@ -156,8 +164,16 @@ class RelaySession:
         """Called when start-up cannot succeed (registration refused before first contact)."""
         self._link: _Link | None = None
         self._mode_waiters: dict[int, asyncio.Future[str]] = {}
+        self._addr_waiters: dict[int, asyncio.Future[tuple[str, int]]] = {}
+        self._request_ids = RequestIds()
         self._grants: dict[int, AllocGrantedMessage] = {}
         """ALLOC_GRANTED delivered to a waiter, until :meth:`take_grant`."""
+        self._peers: dict[int, str] = {}
+        """Stream id -> the peer agent's URI, when known (provider side)."""
+        self.on_candidates: Callable[[int, object], None] | None = None
+        """P2P (off by default): receives CANDIDATE_OFFER/ANSWER messages."""
+        self.promoter: Callable[[ResumableStream], Coroutine[Any, Any, None]] | None = None
+        """P2P (off by default): the consumer runs this beside each spliced stream."""
         self._active_ids: set[int] = set()
         self._streams: dict[int, ResumableStream] = {}
         self._to_resume: set[ResumableStream] = set()
@@ -506,6 +522,27 @@ class RelaySession:
                 stream = self._streams.get(message.stream_id)
                 if stream is not None:
                     stream.apply_checkpoint(message.my_position, message.peer_ack_position)
+        elif frame_type == FrameType.OBSERVED_ADDR_RESP:
+            if isinstance(message, ObservedAddrResp):
+                answer = self._addr_waiters.pop(message.request_id, None)
+                if answer is None or answer.done():
+                    log.debug("session: OBSERVED_ADDR_RESP for no query", extra=kv())
+                    return
+                try:
+                    ip = str(ipaddress.ip_address(message.ip.split("%", 1)[0]))
+                except ValueError:
+                    answer.set_exception(OrpError(f"observed address {message.ip!r} is no ip"))
+                    return
+                answer.set_result((ip, message.port & 0xFFFF))
+        elif frame_type in (FrameType.CANDIDATE_OFFER, FrameType.CANDIDATE_ANSWER):
+            if self.on_candidates is not None and isinstance(
+                message, (CandidateOffer, CandidateAnswer)
+            ):
+                self.on_candidates(frame_type, message)
+            else:
+                log.debug(
+                    "session: candidates ignored (p2p off)", extra=kv(type=frame_name(frame_type))
+                )
         elif frame_type == FrameType.PONG:
             link.last_pong = time.monotonic()
         else:
@@ -526,6 +563,35 @@ class RelaySession:
         waiter: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._mode_waiters[stream_id] = waiter
         return waiter
+
+    async def observed_address(self, wait: float = SRFLX_TIMEOUT) -> tuple[str, int]:
+        """Our address as the relay sees it (STUN-lite, spec 03 §7.2 with [REC] §3.7).
+
+        The answer is matched by request id by the one control reader, so
+        this may run at any time.
+
+        Raises:
+            NotConnected: no relay connection.
+            TimeoutError: no answer within ``wait``.
+            TransportError: the control stream failed.
+            OrpError: the relay answered with something that is not an IP.
+        """
+        link = self._link
+        if link is None or link.conn.is_closed:
+            raise NotConnected("not connected to a relay")
+        request_id = self._request_ids.next()
+        waiter: asyncio.Future[tuple[str, int]] = asyncio.get_running_loop().create_future()
+        self._addr_waiters[request_id] = waiter
+        try:
+            await link.ctrl.send(
+                FrameType.OBSERVED_ADDR_QUERY, ObservedAddrQuery(request_id=request_id)
+            )
+            async with asyncio.timeout(wait):
+                return await waiter
+        finally:
+            self._addr_waiters.pop(request_id, None)
+            if not waiter.done():
+                waiter.cancel()
 
     def take_grant(self, stream_id: int) -> AllocGrantedMessage | None:
         """The ALLOC_GRANTED that resolved ``stream_id``'s mode as forward (once)."""
@@ -590,10 +656,33 @@ class RelaySession:
 
     # -- resumable streams (spec 03 §4) ----------------------------------------------
 
-    def wrap(self, stream_id: int, inner: Stream, prefix: bytes = b"") -> Stream:
+    async def send_control(self, frame_type: FrameType, message: object) -> None:
+        """Write one frame on the current control stream.
+
+        Raises:
+            NotConnected: no relay connection.
+            TransportError: the write failed.
+        """
+        link = self._link
+        if link is None or link.conn.is_closed:
+            raise NotConnected("not connected to a relay")
+        await link.ctrl.send(frame_type, message)  # type: ignore[arg-type]
+
+    def resumable(self, stream_id: int) -> ResumableStream | None:
+        return self._streams.get(stream_id)
+
+    def peer_of(self, stream_id: int) -> str:
+        """The peer agent's URI for ``stream_id`` ("" if unknown)."""
+        return self._peers.get(stream_id, "")
+
+    def wrap(
+        self, stream_id: int, inner: Stream, prefix: bytes = b"", *, peer_uri: str = ""
+    ) -> Stream:
         """Make a spliced relay stream resumable (ids 0 cannot be resumed)."""
         if stream_id == 0:
             return inner
+        if peer_uri:
+            self._peers[stream_id] = peer_uri
         wrapped = ResumableStream(
             stream_id, inner, on_broken=self._on_broken, prefix=prefix, window=self.resume_window
         )
@@ -610,6 +699,7 @@ class RelaySession:
         if isinstance(stream, ResumableStream):
             if self._streams.get(stream.stream_id) is stream:
                 del self._streams[stream.stream_id]
+                self._peers.pop(stream.stream_id, None)
             self._to_resume.discard(stream)
 
     def _on_broken(self, stream: ResumableStream) -> None:
@@ -688,6 +778,12 @@ class RelaySession:
             return
         self._to_resume.discard(stream)
         stream.install(new, reader.take_leftover())
+        if stream.path != "relay":
+            stream.path = "relay"
+            log.info(
+                "p2p: demoted to relay",
+                extra=kv(id=sid, relay=link.address, reason=stream.broken_reason),
+            )
         await stream.retransmit(new, gap)
         log.info(
             "session: stream resumed",

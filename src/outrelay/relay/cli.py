@@ -34,6 +34,8 @@ exact targets before wildcard targets, no match denies:
     {"id": "web-from-acme", "caller": "outrelay://acme/*", "target": "web", "decision": "allow"},
     {"id": "providers-answer", "caller": "*", "target": "outrelay://acme/*", "decision": "allow"}
   ]}
+A rule may add "relay_mode": "forward" (needs --listen-forward: the agents
+then run end-to-end QUIC through the UDP plane) and "p2p_mode".
 Without --policy every open is allowed (a warning is logged at start).
 SIGHUP re-reads the policy file.
 """
@@ -56,6 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--listen-tcp",
         default="",
         help="TCP address for the TLS + yamux fallback (e.g. 0.0.0.0:443); empty: off",
+    )
+    p.add_argument(
+        "--listen-forward",
+        default="",
+        help="UDP address for the forward plane (mini-TURN, relay_mode forward); empty: off",
     )
     p.add_argument("--cert", default="", help="PEM server certificate (required)")
     p.add_argument("--key", default="", help="PEM private key (required)")
@@ -111,6 +118,7 @@ async def run_relay(config: RelayConfig, policy_path: str = "") -> int:
         extra=kv(
             addr=f"{host}:{port}",
             tcp=f"{relay.tcp_address[0]}:{relay.tcp_address[1]}" if relay.tcp_address else "off",
+            forward=relay.plane.endpoint if relay.plane is not None else "off",
             relay_id=relay.relay_id,
             region=config.region,
             policy=policy_path or "off",
@@ -146,6 +154,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ValueError as exc:
             log.error(str(exc))
             return 2
+    listen_forward: tuple[str, int] | None = None
+    if args.listen_forward:
+        try:
+            listen_forward = parse_host_port(args.listen_forward, what="--listen-forward")
+        except ValueError as exc:
+            log.error(str(exc))
+            return 2
     try:
         load_identity(args.cert, args.key)
         load_certificates(args.ca)
@@ -169,6 +184,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         listen_host=host,
         listen_port=port,
         listen_tcp=listen_tcp,
+        listen_forward=listen_forward,
         relay_id=args.relay_id,
         region=args.region,
         policy=policy,

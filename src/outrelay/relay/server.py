@@ -25,6 +25,7 @@ from cryptography import x509
 from outrelay.identity import AgentIdentity, InvalidIdentity, RelayIdentity, parse_identity
 from outrelay.observe import kv
 from outrelay.orp import (
+    AllocGranted,
     Frame,
     FrameType,
     IncomingStream,
@@ -48,6 +49,7 @@ from outrelay.orp import Hello as HelloMessage
 from outrelay.pki import ClientVerifier, load_certificates
 from outrelay.relay.audit import AuditEvent, AuditLog
 from outrelay.relay.pairs import MigratedCache, PairTable
+from outrelay.relay.plane import ForwardPlane
 from outrelay.relay.policy import P2PMode, PolicyResult, PolicyService, RelayMode, combine_p2p
 from outrelay.relay.registry import RegistrationRejected, ServiceRegistry
 from outrelay.relay.resume_matcher import Half, HalfKind, ResumeMatcher
@@ -93,6 +95,13 @@ def _resume_echo(stream_id: int, peer: Half[_HalfHandle]) -> bytes:
     )
 
 
+async def _discard(stream: Stream) -> None:
+    """Read and drop until EOF or an error (spec 02 §6.4 step 5)."""
+    with contextlib.suppress(TransportError):
+        while await stream.receive_some():
+            pass
+
+
 def _now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -114,6 +123,8 @@ class RelayConfig:
     policy: PolicyService | None = None
     """None means no enforcement (the reference without ``--tenant``)."""
     audit_file: str | None = None
+    listen_forward: tuple[str, int] | None = None
+    """UDP forward plane (spec 02 §8); None: off, forward rules are spliced."""
     hello_timeout: float = HELLO_TIMEOUT
     required_promotion_timeout: float = REQUIRED_PROMOTION_TIMEOUT
 
@@ -158,6 +169,7 @@ class Relay:
         self._server: QuicServerHandle | None = None
         self._tcp_server: TcpServerHandle | None = None
         self.tcp_address: tuple[str, int] | None = None
+        self.plane: ForwardPlane | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = asyncio.Event()
         self._audit_task: asyncio.Task[None] | None = None
@@ -193,6 +205,14 @@ class Relay:
                 self._server.close()
                 raise
             self.tcp_address = self._tcp_server.address
+        if self.config.listen_forward is not None:
+            try:
+                self.plane = await ForwardPlane.bind(*self.config.listen_forward)
+            except OSError:
+                self._server.close()
+                if self._tcp_server is not None:
+                    self._tcp_server.close()
+                raise
         self._audit_task = asyncio.get_running_loop().create_task(self.audit.run())
         return self._server.address
 
@@ -207,6 +227,8 @@ class Relay:
             self._server.close()
         if self._tcp_server is not None:
             self._tcp_server.close()
+        if self.plane is not None:
+            self.plane.close()
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
@@ -650,8 +672,12 @@ class Relay:
             await self._reject(c_stream, RejectCode.UNAVAILABLE, "provider rejected")
             return
 
-        # Splice mode (spec 02 §6.3); forward mode needs --listen-forward (not built yet).
-        del relay_mode
+        if relay_mode == RelayMode.FORWARD and self.plane is not None:
+            await self._forward_session(
+                consumer, c_stream, provider, p_stream, sid, p2p_mode, self.plane
+            )
+            return
+        # Splice mode (spec 02 §6.3); a forward rule without --listen-forward splices too.
         ready = StreamReady(stream_id=sid)
         with contextlib.suppress(TransportError):
             await consumer.ctrl.send(FrameType.STREAM_READY, ready)
@@ -680,6 +706,69 @@ class Relay:
             "splice ended",
             extra=kv(stream_id=sid, c_to_p=result.a_to_b.bytes, p_to_c=result.b_to_a.bytes),
         )
+
+    async def _forward_session(
+        self,
+        consumer: AgentSession,
+        c_stream: Stream,
+        provider: AgentSession,
+        p_stream: Stream,
+        sid: int,
+        p2p_mode: P2PMode,
+        plane: ForwardPlane,
+    ) -> None:
+        """Spec 02 §6.4: allocations instead of a splice; the data streams are liveness only."""
+        current_provider = self.agents.get(provider.uri)
+        if current_provider is None:
+            await p_stream.aclose()
+            await self._reject(
+                c_stream, RejectCode.BAD_GATEWAY, "forward: provider control channel unavailable"
+            )
+            return
+        a_c, a_p = plane.allocate_pair()
+        endpoint = plane.endpoint
+        try:
+            try:
+                await consumer.ctrl.send(
+                    FrameType.ALLOC_GRANTED,
+                    AllocGranted(
+                        stream_id=sid,
+                        my_allocation=a_c,
+                        peer_allocation=a_p,
+                        forward_endpoint=endpoint,
+                    ),
+                )
+                await current_provider.ctrl.send(
+                    FrameType.ALLOC_GRANTED,
+                    AllocGranted(
+                        stream_id=sid,
+                        my_allocation=a_p,
+                        peer_allocation=a_c,
+                        forward_endpoint=endpoint,
+                    ),
+                )
+            except TransportError as exc:
+                log.info("alloc granted write failed", extra=kv(stream_id=sid, err=str(exc)))
+                return
+            log.info(
+                "forward session",
+                extra=kv(stream_id=sid, consumer_alloc=a_c, provider_alloc=a_p, endpoint=endpoint),
+            )
+            async with asyncio.TaskGroup() as tg:
+                enforcer = None
+                if p2p_mode == P2PMode.REQUIRED:
+                    # Spec 02 §7.5: under REQUIRED only C's FIN happens here.
+                    enforcer = tg.create_task(self._enforce_required(sid, c_stream))
+                drains = [tg.create_task(_discard(c_stream)), tg.create_task(_discard(p_stream))]
+                await asyncio.wait(drains, return_when=asyncio.FIRST_COMPLETED)
+                for task in drains:
+                    task.cancel()
+                if enforcer is not None:
+                    enforcer.cancel()
+        finally:
+            plane.release(a_c, a_p)
+            log.info("allocation reclaimed", extra=kv(stream_id=sid, allocations=f"{a_c},{a_p}"))
+            await asyncio.gather(p_stream.aclose(), c_stream.aclose())
 
     async def _enforce_required(self, sid: int, c_stream: Stream) -> None:
         """Spec 02 §7.5: FIN the consumer if no MIGRATE_TO_P2P arrives in time."""

@@ -1,0 +1,155 @@
+"""P2P promotion on 127.0.0.1 (issue 7, partial: no NAT namespaces yet).
+
+Both agents run with ``--p2p-listen`` (experimental, off by default). An echo
+transfer starts through the relay, is promoted to a direct QUIC connection
+between the agents, and completes with the relay frozen (SIGSTOP): the bytes
+no longer go through it. sha256 over everything proves nothing was lost or
+duplicated across the swap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from outrelay.orp import FrameType, StreamResume, encode_message
+from outrelay.pki import issue_agent, load_ca, write_identity
+from outrelay.transport import QuicTlsConfig, TransportError, connect_quic
+
+from .harness import Agent, Backends, Cluster, Relay, free_udp_port
+from .test_resume import Transfer
+
+pytestmark = [pytest.mark.e2e]
+
+MiB = 1 << 20
+
+
+def _p2p_args() -> list[str]:
+    port = free_udp_port()
+    return ["--p2p-listen", f"127.0.0.1:{port}", "--p2p-advertise", f"127.0.0.1:{port}"]
+
+
+@pytest.mark.timeout(180)
+def test_promoted_stream_survives_a_frozen_relay(cluster: Cluster, backends: Backends) -> None:
+    relay = cluster.start_relay()
+    echo = backends.echo()
+    provider = cluster.start_agent(
+        cluster.pki.agent(0), relay, expose={"echo": echo.addr}, args=_p2p_args()
+    )
+    consumer = cluster.start_agent(cluster.pki.agent(1), relay, consume=["echo"], args=_p2p_args())
+    transfer = Transfer(consumer.port("echo"), 24 * MiB, pace=0.02)
+    try:
+        rec = consumer.wait_for("p2p: migrated to direct", timeout=15)
+        provider.wait_for("p2p: migrated to direct", timeout=5)
+        assert rec["role"] == "initiator"
+        relay.wait_for("stream migrated to p2p", timeout=5)
+        relay.send_signal(signal.SIGSTOP)
+        transfer.wait(120)
+    finally:
+        relay.send_signal(signal.SIGCONT)
+    transfer.check_exact()
+    assert not consumer.find("session: stream resumed")
+
+
+@pytest.mark.timeout(60)
+def test_without_flag_nothing_is_promoted(cluster: Cluster, backends: Backends) -> None:
+    relay = cluster.start_relay()
+    echo = backends.echo()
+    cluster.start_agent(cluster.pki.agent(0), relay, expose={"echo": echo.addr})
+    consumer = cluster.start_agent(cluster.pki.agent(1), relay, consume=["echo"])
+    transfer = Transfer(consumer.port("echo"), 2 * MiB, pace=0.05)
+    transfer.wait(60)
+    transfer.check_exact()
+    time.sleep(0.2)
+    assert not consumer.find("p2p: migrated to direct")
+    assert not relay.find("stream migrated to p2p")
+
+
+def _promoted_pair(cluster: Cluster, backends: Backends) -> tuple[Relay, Agent, Agent, int]:
+    relay = cluster.start_relay()
+    echo = backends.echo()
+    provider_args = _p2p_args()
+    provider = cluster.start_agent(
+        cluster.pki.agent(0), relay, expose={"echo": echo.addr}, args=provider_args
+    )
+    consumer = cluster.start_agent(cluster.pki.agent(1), relay, consume=["echo"], args=_p2p_args())
+    return relay, provider, consumer, int(provider_args[1].rpartition(":")[2])
+
+
+@contextlib.contextmanager
+def _drop_udp_port(port: int) -> Iterator[None]:
+    """Cut the direct path: drop UDP to and from ``port`` on lo (removed afterwards)."""
+    if shutil.which("iptables") is None or os.geteuid() != 0:
+        pytest.skip("iptables (as root) is needed to cut the direct path")
+    rules = [
+        ["INPUT", "-i", "lo", "-p", "udp", "--dport", str(port), "-j", "DROP"],
+        ["INPUT", "-i", "lo", "-p", "udp", "--sport", str(port), "-j", "DROP"],
+    ]
+    added = []
+    try:
+        for rule in rules:
+            subprocess.run(["iptables", "-I", *rule], check=True, timeout=10)
+            added.append(rule)
+        yield
+    finally:
+        for rule in added:
+            subprocess.run(["iptables", "-D", *rule], check=False, timeout=10)
+
+
+@pytest.mark.timeout(180)
+def test_cut_direct_path_demotes_to_the_relay(cluster: Cluster, backends: Backends) -> None:
+    _, provider, consumer, p2p_port = _promoted_pair(cluster, backends)
+    transfer = Transfer(consumer.port("echo"), 16 * MiB, pace=0.05)
+    consumer.wait_for("p2p: migrated to direct", timeout=15)
+    with _drop_udp_port(p2p_port):
+        transfer.wait(120)
+    transfer.check_exact()
+    # Both sides noticed the dead direct path and resumed through the relay.
+    consumer.wait_for("session: stream resumed", timeout=5)
+    provider.wait_for("session: stream resumed", timeout=5)
+    consumer.wait_for("p2p: demoted to relay", timeout=5)
+
+
+@pytest.mark.timeout(120)
+def test_third_agent_cannot_take_over_a_promoted_stream(
+    cluster: Cluster, backends: Backends
+) -> None:
+    _, provider, consumer, p2p_port = _promoted_pair(cluster, backends)
+    transfer = Transfer(consumer.port("echo"), 8 * MiB, pace=0.05)
+    sid = consumer.wait_for("p2p: migrated to direct", timeout=15)["id"]
+    # A third agent of the same tenant, with a perfectly valid certificate from the same CA.
+    issued, _ = issue_agent(load_ca(cluster.pki.dir), tenant="acme")
+    crt, key = write_identity(cluster.workdir, "intruder", issued)
+    tls = QuicTlsConfig(str(crt), str(key), str(cluster.pki.ca_cert))
+
+    async def hijack() -> bytes:
+        conn = await connect_quic("127.0.0.1", p2p_port, tls)
+        try:
+            stream = await conn.open_stream()
+            await stream.send_all(
+                encode_message(
+                    FrameType.STREAM_RESUME,
+                    StreamResume(stream_id=sid, my_position=0, peer_ack_position=0),
+                )
+            )
+            got = b""
+            with contextlib.suppress(TransportError):
+                async with asyncio.timeout(5):
+                    while chunk := await stream.receive_some():
+                        got += chunk
+            return got
+        finally:
+            conn.close(0, "")
+
+    assert asyncio.run(hijack()) == b""  # no echo, no data: the stream is refused
+    provider.wait_for("p2p: direct stream refused: not the stream's peer", timeout=5)
+    transfer.wait(60)
+    transfer.check_exact()
