@@ -18,6 +18,7 @@ from typing import TypeVar
 from outrelay.orp import (
     Frame,
     FrameDecoder,
+    FrameTooLarge,
     FrameType,
     MalformedPayload,
     Message,
@@ -29,6 +30,9 @@ from outrelay.transport.base import BrokenResourceError, Stream
 __all__ = ["ControlChannel", "FrameReader", "expect_message", "frame_name"]
 
 READ_CHUNK = 64 * 1024
+MAX_CONTROL_FRAME = 1 << 20
+"""Ours: control and first frames are tiny (a HELLO, a few candidates); the
+codec's 16 MiB cap would let one stream make us buffer 16 MiB."""
 
 M = TypeVar("M", bound=Message)
 
@@ -36,10 +40,11 @@ M = TypeVar("M", bound=Message)
 class FrameReader:
     """Reads whole ORP frames from one stream."""
 
-    def __init__(self, stream: Stream) -> None:
+    def __init__(self, stream: Stream, *, max_frame: int = MAX_CONTROL_FRAME) -> None:
         self.stream = stream
         self._decoder = FrameDecoder()
         self._eof = False
+        self._max_frame = max_frame
 
     async def read_frame(self) -> Frame | None:
         """Return the next frame, or None at a clean end of stream.
@@ -56,6 +61,12 @@ class FrameReader:
             data = await self.stream.receive_some(READ_CHUNK)
             if data:
                 self._decoder.receive_data(data)
+                if self._decoder.buffered > self._max_frame + READ_CHUNK:
+                    # Every frame read through here is small; a peer declaring
+                    # megabytes is not going to make us buffer them.
+                    raise FrameTooLarge(
+                        f"frame larger than {self._max_frame} bytes on a control path"
+                    )
             else:
                 self._eof = True
                 self._decoder.receive_eof()
@@ -95,6 +106,7 @@ class ControlChannel:
         self.stream = stream
         self._lock = asyncio.Lock()
         self._write_timeout = write_timeout
+        self._dead: str | None = None
 
     async def send(self, frame_type: FrameType, message: Message | None = None) -> None:
         """Write one frame; whole frames never interleave.
@@ -106,12 +118,19 @@ class ControlChannel:
         await self.send_raw(encode_message(frame_type, message))
 
     async def send_raw(self, data: bytes) -> None:
-        """Write pre-encoded frame bytes under the lock."""
+        """Write pre-encoded frame bytes under the lock.
+
+        A write that times out may have left part of a frame on the stream, so
+        the channel is dead from then on: the stream is aborted and every later
+        send fails at once.
+        """
+        if self._dead is not None:
+            raise BrokenResourceError(self._dead)
         try:
             async with asyncio.timeout(self._write_timeout):
                 async with self._lock:
                     await self.stream.send_all(data)
         except TimeoutError as exc:
-            raise BrokenResourceError(
-                f"control stream write stalled for {self._write_timeout:g}s"
-            ) from exc
+            self._dead = f"control stream write stalled for {self._write_timeout:g}s"
+            self.stream.abort()
+            raise BrokenResourceError(self._dead) from exc

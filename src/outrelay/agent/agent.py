@@ -128,6 +128,16 @@ class Agent:
         self._session_task = asyncio.get_running_loop().create_task(
             self.session.run(), name="session"
         )
+        self._session_task.add_done_callback(self._session_ended)
+
+    def _session_ended(self, task: asyncio.Task[None]) -> None:
+        """The session loop only ends when cancelled; anything else is a bug: stop."""
+        if task.cancelled() or self._stopped.is_set():
+            return
+        exc = task.exception()
+        log.error("session ended", extra=kv(err=repr(exc)))
+        self.refused = RelayRefused(f"session ended: {exc!r}")
+        self._stopped.set()
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()

@@ -340,8 +340,15 @@ class Relay:
             log.info("connection lost during HELLO", extra=kv(uri=uri, err=str(exc)))
             conn.close(0, "")
             return None
+        previous = self.agents.get(uri)
         self.agents[uri] = session
         log.info("agent connected", extra=kv(uri=uri, remote=remote))
+        if previous is not None and not previous.conn.is_closed:
+            # Ours (the reference keeps it): the agent reconnected, so its old
+            # connection is dead or dying. Closing it resets the splices it
+            # carried, and their peers resume instead of waiting for a timeout.
+            log.info("closing the agent's previous connection", extra=kv(uri=uri))
+            previous.conn.close(0, "")
         return session
 
     def _teardown(self, session: AgentSession) -> None:
@@ -361,6 +368,18 @@ class Relay:
     # -- control stream (spec 02 §3) ------------------------------------------------------
 
     async def _control_loop(self, session: AgentSession) -> None:
+        """Serve the control stream; when it ends, so does the connection.
+
+        Ours: the reference keeps serving data streams without a control loop
+        (spec 02 §2.4), which leaves PINGs unanswered and STREAM_READY writes
+        stalled; our agents reconnect instead.
+        """
+        try:
+            await self._serve_control(session)
+        finally:
+            session.conn.close(0, "")
+
+    async def _serve_control(self, session: AgentSession) -> None:
         reader = session.reader
         while True:
             try:
@@ -485,8 +504,13 @@ class Relay:
             sid, kind, msg.my_position, msg.peer_ack_position, session.uri, handle
         )
         stale = self.matcher.pending(sid)
-        if stale is not None and stale.handle.session.conn.is_closed:
-            # Its agent lost that connection and came back: the new half replaces it.
+        if stale is not None and (
+            stale.handle.session.conn.is_closed
+            or (stale.agent_uri == session.uri and stale.handle.session is not session)
+        ):
+            # Its agent lost that connection and came back: the new half replaces
+            # it. Pairing an agent's half with its own older one would echo the
+            # agent its own positions.
             self.matcher.withdraw(stale)
             stale.handle.done.set_result(False)
         peer = self.matcher.submit(half, _now_ms())
@@ -500,6 +524,10 @@ class Relay:
                     log.info("resume half expired unmatched", extra=kv(stream_id=sid))
                     await stream.aclose()
                 return
+            except asyncio.CancelledError:
+                if self.matcher.withdraw(half):
+                    stream.abort()
+                raise
             if handle.done.result() is False:
                 stream.abort()
             return  # matched: the other half's handler owns both streams now
