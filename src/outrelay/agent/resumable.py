@@ -368,9 +368,24 @@ class ResumableStream(Stream):
         self._changed.set()
 
     async def aclose(self) -> None:
+        """FIN, then stay resumable until the peer has acknowledged every byte.
+
+        Without the linger, a relay dying just after both sides finished would
+        take the last bytes with it: this side would have forgotten the stream
+        while the peer still waits for them. Only with a peer that sends
+        checkpoints (else nobody would ever acknowledge), bounded by the window.
+        """
         if self._closed:
             return
         await self.send_eof()
+        deadline = time.monotonic() + self._window
+        while (
+            self.checkpointed
+            and self.positions.peer_acked < self.positions.sent
+            and self._lost is None
+            and time.monotonic() < deadline
+        ):
+            await self._wait_change(deadline)
         self._closed = True
         inner, self._inner = self._inner, None
         if inner is not None:

@@ -228,6 +228,11 @@ class RelaySession:
                 self._link = None
                 self.connected.clear()
                 link.conn.close(0, "")
+                # Streams nobody is reading (finished, waiting for the peer's
+                # last acknowledgement) would not notice the loss by themselves.
+                for stream in list(self._streams.values()):
+                    if stream.path == "relay" and not stream.is_broken:
+                        stream.mark_broken(f"relay connection lost ({link.conn.close_reason})")
             if not established:
                 if not self._ever_connected and self._on_fatal is not None:
                     await self._on_fatal(
