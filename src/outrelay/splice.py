@@ -52,6 +52,7 @@ async def _pump(
     result: DirectionResult,
     abort_on_error: bool,
     buffer_size: int,
+    abort_source_on_write_error: bool = False,
 ) -> None:
     try:
         if prefix:
@@ -69,6 +70,8 @@ async def _pump(
             result.bytes += len(data)
     except TransportError as exc:
         result.write_error = exc
+        if abort_source_on_write_error:
+            src.abort()  # tell the writer at once instead of dropping its bytes
     if result.read_error is not None and abort_on_error:
         dst.abort()
         return
@@ -84,6 +87,7 @@ async def splice(
     b_to_a_prefix: bytes = b"",
     abort_a_on_b_error: bool = False,
     abort_b_on_a_error: bool = False,
+    abort_source_on_write_error: bool = False,
     buffer_size: int = SPLICE_BUFFER,
 ) -> SpliceResult:
     """Run both copy directions until both have ended, then close both streams.
@@ -95,6 +99,9 @@ async def splice(
         abort_a_on_b_error: if reading ``b`` fails (not EOF), reset ``a``
             instead of sending it a FIN.
         abort_b_on_a_error: the mirror image.
+        abort_source_on_write_error: if a destination refuses bytes (reset,
+            STOP_SENDING, connection lost), reset that direction's source too,
+            so its writer learns at once (the relay: its agent then resumes).
 
     Returns:
         Byte counts and errors per direction. Never raises transport errors;
@@ -104,10 +111,26 @@ async def splice(
     try:
         async with asyncio.TaskGroup() as tg:
             tg.create_task(
-                _pump(a, b, a_to_b_prefix, result.a_to_b, abort_b_on_a_error, buffer_size)
+                _pump(
+                    a,
+                    b,
+                    a_to_b_prefix,
+                    result.a_to_b,
+                    abort_b_on_a_error,
+                    buffer_size,
+                    abort_source_on_write_error,
+                )
             )
             tg.create_task(
-                _pump(b, a, b_to_a_prefix, result.b_to_a, abort_a_on_b_error, buffer_size)
+                _pump(
+                    b,
+                    a,
+                    b_to_a_prefix,
+                    result.b_to_a,
+                    abort_a_on_b_error,
+                    buffer_size,
+                    abort_source_on_write_error,
+                )
             )
     except BaseException:
         a.abort()

@@ -504,6 +504,15 @@ class Relay:
             sid, kind, msg.my_position, msg.peer_ack_position, session.uri, handle
         )
         stale = self.matcher.pending(sid)
+        if stale is not None and stale.handle.session.tenant != session.tenant:
+            # Ours: the reference pairs any two halves with the same id; we never
+            # splice two tenants' streams together.
+            log.warning(
+                "resume half refused: stream id pending for another tenant",
+                extra=kv(stream_id=sid, uri=session.uri),
+            )
+            await stream.aclose()
+            return
         if stale is not None and (
             stale.handle.session.conn.is_closed
             or (stale.agent_uri == session.uri and stale.handle.session is not session)
@@ -557,6 +566,7 @@ class Relay:
                 b_to_a_prefix=mine.leftover,
                 abort_a_on_b_error=True,
                 abort_b_on_a_error=True,
+                abort_source_on_write_error=True,
             )
         finally:
             if recorded:
@@ -727,6 +737,7 @@ class Relay:
                 b_to_a_prefix=p_reader.take_leftover(),
                 abort_a_on_b_error=True,
                 abort_b_on_a_error=True,
+                abort_source_on_write_error=True,
             )
             if enforcer is not None:
                 enforcer.cancel()
