@@ -34,16 +34,19 @@ import logging
 import time
 from collections.abc import Callable
 
-from outrelay.resume import RING_MAX, RingBuffer, StreamPositions
+from outrelay.orp import FrameType, StreamResume, encode_message
+from outrelay.resume import RING_MAX, RingBuffer, StreamPositions, retransmit_range
 from outrelay.transport import (
     BrokenResourceError,
     BusyResourceError,
     ClosedResourceError,
+    Connection,
     Stream,
     TransportError,
 )
+from outrelay.wire import FrameReader, expect_message
 
-__all__ = ["RESUME_WINDOW", "ResumableStream", "StreamLost"]
+__all__ = ["RESUME_WINDOW", "ResumableStream", "ResumeFailed", "StreamLost", "exchange_resume"]
 
 log = logging.getLogger("outrelay.agent.resume")
 
@@ -55,6 +58,53 @@ memory instead of ~82 KB (bench: 1,000 open streams, ``ring4k``); they grow by
 doubling as unacknowledged bytes pile up."""
 ACK_WAIT = 5.0
 """How long a writer waits for the peer to acknowledge before evicting."""
+
+
+class ResumeFailed(Exception):
+    """The other side did not complete a STREAM_RESUME exchange."""
+
+
+async def exchange_resume(conn: Connection, stream: ResumableStream) -> tuple[Stream, bytes, bytes]:
+    """STREAM_RESUME on a fresh stream of ``conn`` and the peer's echo (spec 03 §4.4).
+
+    Used for a resume through the relay and for a migration onto a direct
+    connection alike. The echo's positions are applied as a checkpoint.
+    The caller bounds the exchange with its own timeout.
+
+    Returns:
+        (the new stream, peer bytes read after the echo, our gap to retransmit).
+
+    Raises:
+        ResumeFailed: the stream ended without an echo, or the echo's id differs.
+        TransportError, OrpError, ResumeError: as they come (``BeforeRingError``:
+            the peer needs bytes the ring no longer has).
+        On any failure the new stream is aborted.
+    """
+    new = await conn.open_stream()
+    try:
+        await new.send_all(
+            encode_message(
+                FrameType.STREAM_RESUME,
+                StreamResume(
+                    stream_id=stream.stream_id,
+                    my_position=stream.positions.sent,
+                    peer_ack_position=stream.positions.received,
+                ),
+            )
+        )
+        reader = FrameReader(new)
+        frame = await reader.read_frame()
+        if frame is None:
+            raise ResumeFailed("the resume stream ended without a STREAM_RESUME echo")
+        echo = expect_message(frame, FrameType.STREAM_RESUME, StreamResume)
+        if echo.stream_id != stream.stream_id:
+            raise ResumeFailed("peer STREAM_RESUME stream_id mismatch")
+        stream.apply_checkpoint(echo.my_position, echo.peer_ack_position)
+        gap = retransmit_range(echo.peer_ack_position, stream.ring)
+    except BaseException:
+        new.abort()
+        raise
+    return new, reader.take_leftover(), gap
 
 
 class StreamLost(BrokenResourceError):

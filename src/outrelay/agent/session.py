@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from outrelay.agent.p2p import RequestIds
-from outrelay.agent.resumable import RESUME_WINDOW, ResumableStream
+from outrelay.agent.resumable import RESUME_WINDOW, ResumableStream, ResumeFailed, exchange_resume
 from outrelay.observe import kv
 from outrelay.orp import (
     MESSAGE_TYPES,
@@ -48,12 +48,11 @@ from outrelay.orp import (
     RegisterAck,
     StreamCheckpoint,
     StreamReady,
-    StreamResume,
     decode_message,
     encode_message,
 )
 from outrelay.orp import AllocGranted as AllocGrantedMessage
-from outrelay.resume import ResumeError, new_stream_id, retransmit_range
+from outrelay.resume import ResumeError, new_stream_id
 from outrelay.transport import (
     BrokenResourceError,
     Connection,
@@ -63,7 +62,7 @@ from outrelay.transport import (
     connect_quic,
     connect_tcp,
 )
-from outrelay.wire import ControlChannel, FrameReader, expect_message, frame_name
+from outrelay.wire import ControlChannel, FrameReader, frame_name
 
 __all__ = [
     "NotConnected",
@@ -745,44 +744,20 @@ class RelaySession:
         sid = stream.stream_id
         broken_at = stream.broken_since or time.monotonic()
         remaining = broken_at + stream_window(stream) + RESUME_SLACK - time.monotonic()
-        new: Stream | None = None
         try:
             async with asyncio.timeout(max(remaining, 0.1)):
-                new = await link.conn.open_stream()
-                await new.send_all(
-                    encode_message(
-                        FrameType.STREAM_RESUME,
-                        StreamResume(
-                            stream_id=sid,
-                            my_position=stream.positions.sent,
-                            peer_ack_position=stream.positions.received,
-                        ),
-                    )
-                )
-                reader = FrameReader(new)
-                frame = await reader.read_frame()
-            if frame is None:
-                raise ResumeFailed("the relay closed the resume stream: the peer never resumed")
-            echo = expect_message(frame, FrameType.STREAM_RESUME, StreamResume)
-            if echo.stream_id != sid:
-                raise ResumeFailed("peer STREAM_RESUME stream_id mismatch")
-            stream.apply_checkpoint(echo.my_position, echo.peer_ack_position)
-            gap = retransmit_range(echo.peer_ack_position, stream.ring)
+                new, leftover, gap = await exchange_resume(link.conn, stream)
         except TransportError as exc:
-            if new is not None:
-                new.abort()
             if link.conn.is_closed:
                 return  # the new connection died too; the next one retries
             self._resume_failed(stream, f"resume stream failed: {exc}")
             return
         except (TimeoutError, ResumeFailed, OrpError, ResumeError) as exc:
-            if new is not None:
-                new.abort()
             reason = str(exc) or "no STREAM_RESUME echo within the resume window"
             self._resume_failed(stream, reason)
             return
         self._to_resume.discard(stream)
-        stream.install(new, reader.take_leftover())
+        stream.install(new, leftover)
         if stream.path != "relay":
             stream.path = "relay"
             log.info(
@@ -849,10 +824,6 @@ class RelaySession:
 
 def stream_window(stream: ResumableStream) -> float:
     return stream._window
-
-
-class ResumeFailed(Exception):
-    """The relay or the peer did not complete a STREAM_RESUME exchange."""
 
 
 class _AllFailed(Exception):

@@ -39,7 +39,7 @@ from typing import Any
 
 from outrelay.agent.p2p.candidates import Candidate, host_candidates, local_candidates
 from outrelay.agent.p2p.checks import CheckOutcome, CheckPlan
-from outrelay.agent.resumable import ResumableStream
+from outrelay.agent.resumable import ResumableStream, ResumeFailed, exchange_resume
 from outrelay.agent.session import RelaySession
 from outrelay.observe import kv
 from outrelay.orp import Candidate as CandidateMessage
@@ -376,39 +376,17 @@ class P2PService:
         old = stream.detach()
         if old is None:
             return False
-        direct: Stream | None = None
         try:
             async with asyncio.timeout(SWAP_TIMEOUT):
-                direct = await conn.open_stream()
-                await direct.send_all(
-                    encode_message(
-                        FrameType.STREAM_RESUME,
-                        StreamResume(
-                            stream_id=sid,
-                            my_position=stream.positions.sent,
-                            peer_ack_position=stream.positions.received,
-                        ),
-                    )
-                )
-                reader = FrameReader(direct)
-                frame = await reader.read_frame()
-            if frame is None:
-                raise OrpError("the peer refused the direct stream")
-            echo = expect_message(frame, FrameType.STREAM_RESUME, StreamResume)
-            if echo.stream_id != sid:
-                raise OrpError("STREAM_RESUME id mismatch on the direct stream")
-            gap = retransmit_range(echo.peer_ack_position, stream.ring)
-            stream.apply_checkpoint(echo.my_position, echo.peer_ack_position)
-        except (TimeoutError, TransportError, OrpError, ResumeError) as exc:
+                direct, leftover, gap = await exchange_resume(conn, stream)
+        except (TimeoutError, TransportError, OrpError, ResumeError, ResumeFailed) as exc:
             log.warning(
                 "p2p: migration failed; back to the relay",
                 extra=kv(id=sid, err=str(exc) or repr(exc)),
             )
-            if direct is not None:
-                direct.abort()
             stream.fail_migration(old, str(exc) or repr(exc))
             return False
-        stream.install(direct, reader.take_leftover())
+        stream.install(direct, leftover)
         stream.path = "direct"
         await stream.retransmit(direct, gap)
         await _close_quietly(old)  # FIN the old relay stream after the swap ([REC] §7.7)
