@@ -17,7 +17,7 @@ import pytest
 from aioquic.asyncio.client import connect
 from aioquic.quic.configuration import QuicConfiguration
 
-from outrelay.pki import ClientVerifier, Issued, create_ca, issue_agent, issue_relay, write_identity
+from outrelay.pki import ClientVerifier, create_ca, issue_agent, write_identity
 from outrelay.transport import (
     BrokenResourceError,
     ClosedResourceError,
@@ -30,35 +30,9 @@ from outrelay.transport import (
 from outrelay.transport import quic as quic_module
 from outrelay.transport.quic import QuicConn
 
+from .conftest import Pki
+
 pytestmark = pytest.mark.timeout(60)
-
-
-@dataclass
-class Pki:
-    dir: Path
-    ca: Issued
-    relay: QuicTlsConfig
-    agent: QuicTlsConfig
-    agent_uri: str
-    ca_file: str
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    d = tmp_path_factory.mktemp("pki")
-    ca = create_ca()
-    ca_file, _ = write_identity(d, "ca", ca)
-    relay_crt, relay_key = write_identity(d, "relay", issue_relay(ca))
-    agent, uri = issue_agent(ca, tenant="acme")
-    agent_crt, agent_key = write_identity(d, "agent", agent)
-    return Pki(
-        d,
-        ca,
-        QuicTlsConfig(str(relay_crt), str(relay_key), str(ca_file)),
-        QuicTlsConfig(str(agent_crt), str(agent_key), str(ca_file)),
-        uri,
-        str(ca_file),
-    )
 
 
 @dataclass
