@@ -46,6 +46,7 @@ from aioquic.quic.connection import QuicConnection
 from aioquic.quic.packet import QuicFrameType, QuicStreamFrame
 from aioquic.quic.packet_builder import QuicDeliveryState
 
+from outrelay.transport._chunks import take_chunks
 from outrelay.transport.base import (
     BrokenResourceError,
     BusyResourceError,
@@ -192,21 +193,7 @@ class QuicStream(Stream):
                 self._conn._raise_if_terminated()
                 self._data_ready.clear()
                 await self._data_ready.wait()
-            chunk = self._chunks.popleft()
-            if len(chunk) > max_bytes:
-                self._chunks.appendleft(chunk[max_bytes:])
-                chunk = chunk[:max_bytes]
-            elif self._chunks and len(chunk) + len(self._chunks[0]) <= max_bytes:
-                # Hand over every further whole frame that fits: one splice
-                # iteration then moves up to max_bytes instead of one ~1.3 kB
-                # QUIC frame (bench: with batched reads, ~2.2x throughput).
-                parts = [chunk]
-                size = len(chunk)
-                while self._chunks and size + len(self._chunks[0]) <= max_bytes:
-                    part = self._chunks.popleft()
-                    parts.append(part)
-                    size += len(part)
-                chunk = b"".join(parts)
+            chunk = take_chunks(self._chunks, max_bytes)
             n = len(chunk)
             self._buffered -= n
             self._consumed += n

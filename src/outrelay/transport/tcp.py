@@ -53,6 +53,7 @@ from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
 
+from outrelay.transport._chunks import take_chunks
 from outrelay.transport.base import (
     BrokenResourceError,
     BusyResourceError,
@@ -184,12 +185,7 @@ class TcpStream(Stream):
                 self._conn._raise_if_terminated()
                 self._data_ready.clear()
                 await self._data_ready.wait()
-            chunk = self._chunks[0]
-            if len(chunk) <= max_bytes:
-                self._chunks.popleft()
-            else:
-                self._chunks[0] = chunk[max_bytes:]
-                chunk = chunk[:max_bytes]
+            chunk = take_chunks(self._chunks, max_bytes)
             self._buffered -= len(chunk)
             self._conn._consumed(self.stream_id, len(chunk))
             return chunk
