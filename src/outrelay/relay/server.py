@@ -26,8 +26,10 @@ from outrelay.identity import AgentIdentity, InvalidIdentity, RelayIdentity, par
 from outrelay.observe import kv
 from outrelay.orp import (
     AllocGranted,
+    CandidateAnswer,
     Frame,
     FrameType,
+    HelloAck,
     IncomingStream,
     MigrateToP2P,
     MigrateToRelay,
@@ -151,6 +153,14 @@ class AgentSession:
     reader: FrameReader
     """Reads the control stream; it may already hold bytes after HELLO."""
     connected_at: float = field(default_factory=time.monotonic)
+    capabilities: frozenset[str] = frozenset()
+    """HELLO capabilities we act on (:data:`CAPABILITIES`); a reference agent sends none."""
+
+
+CAP_P2P_MODE = "p2p-mode"
+"""Ours: the agent wants the pair's p2p mode in STREAM_READY (``outrelay_p2p_mode``)."""
+CAPABILITIES = frozenset({CAP_P2P_MODE})
+"""HELLO capabilities this relay understands; echoed in HELLO_ACK ``accepted_features``."""
 
 
 class Relay:
@@ -163,6 +173,8 @@ class Relay:
         self.registry = ServiceRegistry(self.relay_id)
         self.pairs = PairTable()
         self.migrated = MigratedCache()
+        self.p2p_forbidden: set[int] = set()
+        """Stream ids of live splices whose policy forbids P2P: their offers are not forwarded."""
         self.matcher: ResumeMatcher[_HalfHandle] = ResumeMatcher()
         self.audit = AuditLog(config.audit_file, logger=log)
         self._verifier = ClientVerifier(load_certificates(config.ca_file))
@@ -331,11 +343,19 @@ class Relay:
             conn.close(0, "")
             return None
         channel = ControlChannel(ctrl)
+        accepted = CAPABILITIES.intersection(hello.capabilities)
         session = AgentSession(
-            uri=uri, tenant=identity.tenant, conn=conn, ctrl=channel, reader=reader
+            uri=uri,
+            tenant=identity.tenant,
+            conn=conn,
+            ctrl=channel,
+            reader=reader,
+            capabilities=accepted,
         )
         try:
-            await channel.send(FrameType.HELLO_ACK)
+            # Empty, like the reference's, unless the agent asked for something we do.
+            ack = HelloAck(accepted_features=sorted(accepted)) if accepted else None
+            await channel.send(FrameType.HELLO_ACK, ack)
         except TransportError as exc:
             log.info("connection lost during HELLO", extra=kv(uri=uri, err=str(exc)))
             conn.close(0, "")
@@ -428,6 +448,11 @@ class Relay:
             migrate = expect_message(frame, FrameType.MIGRATE_TO_P2P, MigrateToP2P)
             pair = self.pairs.get(migrate.stream_id)
             consumer, provider = pair if pair is not None else (session.uri, "")
+            if migrate.stream_id in self.p2p_forbidden:
+                log.warning(
+                    "migration reported although p2p_mode is forbidden",
+                    extra=kv(stream_id=migrate.stream_id, uri=session.uri),
+                )
             self.migrated.note(migrate.stream_id, consumer, provider, _now_ms())
             log.info("stream migrated to p2p", extra=kv(stream_id=migrate.stream_id))
         else:
@@ -437,6 +462,16 @@ class Relay:
         """Spec 02 §5: blind-forward to the other half of a live pair."""
         message = decode_message(frame)
         stream_id = int(getattr(message, "stream_id", 0))
+        if frame.type == FrameType.CANDIDATE_OFFER and stream_id in self.p2p_forbidden:
+            # Ours (spec 02 §7.6 has no effect): the policy forbids a direct
+            # path, so the offer goes no further and the offerer gets an
+            # empty answer at once -- a reference agent then stays on the relay.
+            log.info("p2p offer refused (p2p_mode forbidden)", extra=kv(stream_id=stream_id))
+            with contextlib.suppress(TransportError):
+                await session.ctrl.send(
+                    FrameType.CANDIDATE_ANSWER, CandidateAnswer(stream_id=stream_id)
+                )
+            return
         target_uri = self.pairs.route(stream_id, session.uri)
         target = self.agents.get(target_uri) if target_uri else None
         if target is None:
@@ -716,14 +751,32 @@ class Relay:
             )
             return
         # Splice mode (spec 02 §6.3); a forward rule without --listen-forward splices too.
-        ready = StreamReady(stream_id=sid)
-        with contextlib.suppress(TransportError):
-            await consumer.ctrl.send(FrameType.STREAM_READY, ready)
         current_provider = self.agents.get(provider.uri)
-        if current_provider is not None:
+        for agent in (consumer, current_provider):
+            if agent is None:
+                continue
+            ready = StreamReady(stream_id=sid)
+            if CAP_P2P_MODE in agent.capabilities:
+                ready.outrelay_p2p_mode = int(p2p_mode) + 1
             with contextlib.suppress(TransportError):
-                await current_provider.ctrl.send(FrameType.STREAM_READY, ready)
+                await agent.ctrl.send(FrameType.STREAM_READY, ready)
+        if p2p_mode == P2PMode.FORBIDDEN:
+            self.p2p_forbidden.add(sid)
+        try:
+            await self._splice_pair(c_stream, c_leftover, p_stream, p_reader, sid, p2p_mode)
+        finally:
+            self.p2p_forbidden.discard(sid)
 
+    async def _splice_pair(
+        self,
+        c_stream: Stream,
+        c_leftover: bytes,
+        p_stream: Stream,
+        p_reader: FrameReader,
+        sid: int,
+        p2p_mode: P2PMode,
+    ) -> None:
+        """Spec 02 §6.5 splice, with REQUIRED enforcement (§7.5) beside it."""
         async with asyncio.TaskGroup() as tg:
             enforcer = None
             if p2p_mode == P2PMode.REQUIRED:

@@ -661,33 +661,52 @@ async def connect_quic(
 ) -> QuicConn:
     """Dial a relay (or peer agent) and complete the QUIC/TLS handshake.
 
-    Each connection gets its own UDP socket, closed when the connection ends.
+    Each connection gets its own UDP socket, closed when the connection ends
+    (:class:`~outrelay.transport.shared_udp.SharedUdpEndpoint` dials from one
+    shared socket instead).
 
     Raises:
         BrokenResourceError: resolution, the handshake or the server's
             certificate check failed, or the handshake timed out.
     """
     loop = asyncio.get_running_loop()
-    try:
-        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
-    except OSError as exc:
-        raise BrokenResourceError(f"cannot resolve {host}:{port}: {exc}") from exc
-    family, _, _, _, addr = infos[0]
-    config = _configuration(tls, is_client=True)
+    family, addr = await resolve_udp(host, port)
     sock = socket.socket(family, socket.SOCK_DGRAM)
     try:
         sock.bind(("::", 0) if family == socket.AF_INET6 else ("0.0.0.0", 0))
-        protocol = _Protocol(QuicConnection(configuration=config))
+        protocol = _Protocol(QuicConnection(configuration=_configuration(tls, is_client=True)))
         transport = BatchDatagramTransport(loop, sock, protocol)
     except OSError as exc:
         sock.close()
         raise BrokenResourceError(f"cannot open a UDP socket: {exc}") from exc
-    conn = protocol.conn
 
     def _close_socket() -> None:
         loop.call_later(0.1, transport.close)
 
-    conn._on_closed.append(_close_socket)
+    protocol.conn._on_closed.append(_close_socket)
+    return await client_handshake(protocol, addr, f"{host}:{port}", handshake_timeout)
+
+
+async def resolve_udp(host: str, port: int, family: int = 0) -> tuple[int, Any]:
+    """``(family, sockaddr)`` of ``host:port`` for a UDP socket.
+
+    Raises:
+        BrokenResourceError: the name does not resolve (in ``family``, if given).
+    """
+    loop = asyncio.get_running_loop()
+    try:
+        infos = await loop.getaddrinfo(host, port, family=family, type=socket.SOCK_DGRAM)
+    except OSError as exc:
+        raise BrokenResourceError(f"cannot resolve {host}:{port}: {exc}") from exc
+    family, _, _, _, addr = infos[0]
+    return family, addr
+
+
+async def client_handshake(
+    protocol: _Protocol, addr: Any, name: str, handshake_timeout: float
+) -> QuicConn:
+    """Start the client handshake of ``protocol`` (already attached) towards ``addr``."""
+    conn = protocol.conn
     try:
         protocol.connect(addr)
         async with asyncio.timeout(handshake_timeout):
@@ -695,12 +714,12 @@ async def connect_quic(
     except TimeoutError as exc:
         conn.close(0, "")
         raise BrokenResourceError(
-            f"QUIC handshake with {host}:{port} timed out after {handshake_timeout:g}s"
+            f"QUIC handshake with {name} timed out after {handshake_timeout:g}s"
         ) from exc
     except Exception as exc:  # ConnectionError, TLS alerts, ValueError from aioquic
         conn.close(0, "")
         detail = conn._close_reason or repr(exc)
-        raise BrokenResourceError(f"QUIC handshake with {host}:{port} failed: {detail}") from exc
+        raise BrokenResourceError(f"QUIC handshake with {name} failed: {detail}") from exc
     return conn
 
 
@@ -720,6 +739,67 @@ class QuicServerHandle:
         for protocol in list(self._protocols):
             protocol.conn.close(0, "")
         self._server.close()
+
+
+def server_configuration(tls: QuicTlsConfig, alpn: str = ALPN) -> QuicConfiguration:
+    """Server side: our certificate; the client's chain is verified by us, not aioquic."""
+    config = _configuration(tls, is_client=False, alpn=alpn)
+    config.verify_mode = 0
+    return config
+
+
+def server_protocol_factory(
+    verify_client: Callable[[x509.Certificate | None, tuple[x509.Certificate, ...]], str],
+    on_connection: Callable[[QuicConn], None],
+    on_refused: Callable[[tuple[str, int], str], None] | None,
+    protocols: set[_Protocol],
+) -> Callable[..., _Protocol]:
+    """``create_protocol`` for a :class:`QuicServer`: verify the client, then hand it over.
+
+    Every live protocol is kept in ``protocols`` until its connection ends.
+    """
+
+    def handshake_done(protocol: _Protocol) -> None:
+        conn = protocol.conn
+        try:
+            conn.identity = verify_client(conn.peer.certificate, conn.peer.chain)
+        except Exception as exc:
+            reason = str(getattr(exc, "reason", "") or exc)
+            if on_refused is not None:
+                on_refused(conn.peer.address, reason)
+            conn.close(0, "")
+            return
+        on_connection(conn)
+
+    def create_protocol(quic: QuicConnection, stream_handler: Any = None) -> _Protocol:
+        protocol = _Protocol(quic, stream_handler, on_handshake=handshake_done)
+        protocols.add(protocol)
+        protocol.conn._on_closed.append(lambda: protocols.discard(protocol))
+        return protocol
+
+    return create_protocol
+
+
+async def bind_udp(host: str, port: int) -> socket.socket:
+    """A UDP socket bound to ``host:port`` (an IPv6 wildcard is dual-stack).
+
+    Raises:
+        OSError: the address does not resolve or could not be bound.
+    """
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(
+        host or None, port, type=socket.SOCK_DGRAM, flags=socket.AI_PASSIVE
+    )
+    family, _, _, _, addr = infos[0]
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)  # dual stack
+        sock.bind(addr)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 async def serve_quic(
@@ -745,41 +825,13 @@ async def serve_quic(
     Raises:
         OSError: the address could not be bound.
     """
-    config = _configuration(tls, is_client=False)
-    # The client's chain is verified by ``verify_client``, not by aioquic.
-    config.verify_mode = 0
+    config = server_configuration(tls)
     protocols: set[_Protocol] = set()
-
-    def handshake_done(protocol: _Protocol) -> None:
-        conn = protocol.conn
-        try:
-            conn.identity = verify_client(conn.peer.certificate, conn.peer.chain)
-        except Exception as exc:
-            reason = str(getattr(exc, "reason", "") or exc)
-            if on_refused is not None:
-                on_refused(conn.peer.address, reason)
-            conn.close(0, "")
-            return
-        on_connection(conn)
-
-    def create_protocol(quic: QuicConnection, stream_handler: Any = None) -> _Protocol:
-        protocol = _Protocol(quic, stream_handler, on_handshake=handshake_done)
-        protocols.add(protocol)
-        protocol.conn._on_closed.append(lambda: protocols.discard(protocol))
-        return protocol
-
-    loop = asyncio.get_running_loop()
-    infos = await loop.getaddrinfo(
-        host or None, port, type=socket.SOCK_DGRAM, flags=socket.AI_PASSIVE
-    )
-    family, _, _, _, addr = infos[0]
-    sock = socket.socket(family, socket.SOCK_DGRAM)
+    create_protocol = server_protocol_factory(verify_client, on_connection, on_refused, protocols)
+    sock = await bind_udp(host, port)
     try:
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)  # dual stack
-        sock.bind(addr)
         server = QuicServer(configuration=config, create_protocol=create_protocol)
-        BatchDatagramTransport(loop, sock, server)
+        BatchDatagramTransport(asyncio.get_running_loop(), sock, server)
     except OSError:
         sock.close()
         raise

@@ -175,7 +175,9 @@ class AllocGranted(_message.Message):
     def __init__(self, stream_id: _Optional[int] = ..., my_allocation: _Optional[int] = ..., peer_allocation: _Optional[int] = ..., forward_endpoint: _Optional[str] = ...) -> None: ...
 
 class StreamReady(_message.Message):
-    __slots__ = ("stream_id",)
+    __slots__ = ("stream_id", "outrelay_p2p_mode")
     STREAM_ID_FIELD_NUMBER: _ClassVar[int]
+    OUTRELAY_P2P_MODE_FIELD_NUMBER: _ClassVar[int]
     stream_id: int
-    def __init__(self, stream_id: _Optional[int] = ...) -> None: ...
+    outrelay_p2p_mode: int
+    def __init__(self, stream_id: _Optional[int] = ..., outrelay_p2p_mode: _Optional[int] = ...) -> None: ...

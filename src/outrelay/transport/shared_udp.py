@@ -1,0 +1,207 @@
+"""One UDP socket for every QUIC connection of an agent (spec 03 §2.3).
+
+With ``--p2p-listen`` the agent binds a single UDP socket that carries:
+
+* its outbound QUIC connection to the relay (and every reconnect),
+* a QUIC **server** for direct dials from peer agents (mTLS, client
+  certificate required and verified, ALPN ``orp/1``),
+* its own connectivity-check dials to peers,
+* the one-byte warm-up punches (spec 03 §7.6).
+
+The point is NAT traversal: the address the relay observes for the session
+(the srflx candidate) is the NAT mapping of *this* socket, so a peer that
+dials it reaches the listener, and our checks leave through the same mapping
+the peer's punch opened.
+
+Received datagrams are routed by destination connection id ([REC] §2.3):
+every connection's ids, client and server role alike, live in one table
+(aioquic's :class:`QuicServer` keeps it; client connections are added with
+the same issue/retire/terminate hooks), an unknown id on a full-sized
+Initial starts a server connection, and anything else -- a punch byte, a
+datagram without the QUIC fixed bit, garbage -- is dropped silently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections.abc import Callable
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+from aioquic.asyncio.server import QuicServer
+from aioquic.quic.connection import QuicConnection
+
+from outrelay.transport.base import BrokenResourceError
+from outrelay.transport.quic import (
+    HANDSHAKE_TIMEOUT,
+    QuicConn,
+    QuicTlsConfig,
+    _configuration,
+    _fold_address,
+    _Protocol,
+    bind_udp,
+    client_handshake,
+    resolve_udp,
+    server_configuration,
+    server_protocol_factory,
+)
+from outrelay.transport.udp import BatchDatagramTransport
+
+if TYPE_CHECKING:
+    from cryptography import x509
+
+__all__ = ["PUNCH", "SharedUdpEndpoint", "is_quic_datagram", "open_shared_udp"]
+
+log = logging.getLogger("outrelay.transport.shared_udp")
+
+PUNCH = b"\x00"
+"""The warm-up datagram (spec 03 §7.6): one zero byte, never valid QUIC."""
+_FIXED_BIT = 0x40
+_MIN_QUIC = 21
+"""A short-header packet: 1 flag byte + 8-byte connection id + ≥ 1 packet
+number byte + ≥ 16-byte AEAD tag, rounded down a little; anything shorter
+cannot be QUIC for us."""
+
+
+def is_quic_datagram(data: bytes) -> bool:
+    """Could ``data`` be a QUIC packet? (RFC 9000 §17: the fixed bit is set.)"""
+    return len(data) >= _MIN_QUIC and bool(data[0] & _FIXED_BIT)
+
+
+class _Demux(QuicServer):
+    """aioquic's server, taught to drop non-QUIC datagrams and to route to clients too."""
+
+    dropped = 0
+
+    def datagram_received(self, data: bytes | str, addr: Any) -> None:
+        if not isinstance(data, bytes) or not is_quic_datagram(data):
+            self.dropped += 1
+            return
+        super().datagram_received(data, addr)
+
+    def add_client(self, protocol: _Protocol) -> None:
+        """Route the connection ids of client-role ``protocol`` to it, for its whole life."""
+        quic = protocol._quic
+        for cid in quic._host_cids:
+            self._protocols[cid.cid] = protocol
+        protocol._connection_id_issued_handler = partial(
+            self._connection_id_issued, protocol=protocol
+        )
+        protocol._connection_id_retired_handler = partial(self._retired, protocol=protocol)
+        protocol._connection_terminated_handler = partial(
+            self._connection_terminated, protocol=protocol
+        )
+        protocol.conn._on_closed.append(partial(self._connection_terminated, protocol))
+
+    def _retired(self, cid: bytes, protocol: Any) -> None:
+        if self._protocols.get(cid) is protocol:
+            del self._protocols[cid]
+
+
+class SharedUdpEndpoint:
+    """The agent's one UDP socket; :meth:`close` ends it and every connection on it."""
+
+    def __init__(
+        self, sock: socket.socket, demux: _Demux, tls: QuicTlsConfig, protocols: set[_Protocol]
+    ) -> None:
+        self._sock = sock
+        self._demux = demux
+        self._tls = tls
+        self._server_protocols = protocols
+        self._closed = False
+        loop = asyncio.get_running_loop()
+        self._transport = BatchDatagramTransport(loop, sock, demux)
+        self.address: tuple[str, int] = _fold_address(sock.getsockname())
+        """The bound address (port resolved when 0 was asked)."""
+
+    @property
+    def family(self) -> int:
+        return self._sock.family
+
+    @property
+    def dropped(self) -> int:
+        """Datagrams dropped as not QUIC (punches, garbage)."""
+        return self._demux.dropped
+
+    def _sockaddr(self, host: str, port: int) -> Any:
+        """``host:port`` as this socket's family wants it (IPv4 mapped on a dual-stack one)."""
+        if self.family == socket.AF_INET6 and ":" not in host:
+            return (f"::ffff:{host}", port, 0, 0)
+        return (host, port)
+
+    async def connect(
+        self, host: str, port: int, tls: QuicTlsConfig | None = None, *,
+        handshake_timeout: float = HANDSHAKE_TIMEOUT,
+    ) -> QuicConn:  # fmt: skip
+        """Dial ``host:port`` as a QUIC client from the shared socket.
+
+        Raises:
+            BrokenResourceError: the address is of a family this socket cannot
+                reach, resolution or the handshake failed, or it timed out.
+        """
+        if self._closed:
+            raise BrokenResourceError("the shared UDP socket is closed")
+        family = socket.AF_INET if self.family == socket.AF_INET else 0
+        resolved_family, addr = await resolve_udp(host, port, family)
+        if self.family == socket.AF_INET and resolved_family != socket.AF_INET:
+            raise BrokenResourceError(f"{host}:{port} is not reachable from an IPv4 socket")
+        if resolved_family == socket.AF_INET:
+            addr = self._sockaddr(addr[0], addr[1])
+        config = _configuration(tls or self._tls, is_client=True)
+        protocol = _Protocol(QuicConnection(configuration=config))
+        protocol.connection_made(self._transport)
+        self._demux.add_client(protocol)
+        return await client_handshake(protocol, addr, f"{host}:{port}", handshake_timeout)
+
+    def send_raw(self, data: bytes, host: str, port: int) -> None:
+        """Send one datagram that is not QUIC (the warm-up punch).
+
+        Raises:
+            OSError: the address is unusable from this socket.
+        """
+        if self._closed:
+            raise OSError("the shared UDP socket is closed")
+        self._sock.sendto(data, self._sockaddr(host, port))
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for protocol in list(self._server_protocols):
+            protocol.conn.close(0, "")
+        for any_protocol in set(self._demux._protocols.values()):
+            if isinstance(any_protocol, _Protocol):
+                any_protocol.conn.close(0, "")
+        # Let the CONNECTION_CLOSE packets leave before the socket goes.
+        asyncio.get_running_loop().call_later(0.1, self._transport.close)
+
+
+async def open_shared_udp(
+    host: str,
+    port: int,
+    tls: QuicTlsConfig,
+    *,
+    verify_client: Callable[[x509.Certificate | None, tuple[x509.Certificate, ...]], str],
+    on_connection: Callable[[QuicConn], None],
+    on_refused: Callable[[tuple[str, int], str], None] | None = None,
+) -> SharedUdpEndpoint:
+    """Bind the shared socket; verified inbound connections go to ``on_connection``.
+
+    Raises:
+        OSError: the address could not be bound.
+    """
+    sock = await bind_udp(host, port)
+    protocols: set[_Protocol] = set()
+    try:
+        demux = _Demux(
+            configuration=server_configuration(tls),
+            create_protocol=server_protocol_factory(
+                verify_client, on_connection, on_refused, protocols
+            ),
+        )
+        return SharedUdpEndpoint(sock, demux, tls, protocols)
+    except OSError:
+        sock.close()
+        raise
