@@ -73,25 +73,33 @@ def test_without_flag_nothing_is_promoted(cluster: Cluster, backends: Backends) 
     assert not relay.find("stream migrated to p2p")
 
 
-def _promoted_pair(cluster: Cluster, backends: Backends) -> tuple[Relay, Agent, Agent, int]:
+def _promoted_pair(cluster: Cluster, backends: Backends) -> tuple[Relay, Agent, Agent, int, int]:
+    """Relay, provider, consumer, and the provider's and consumer's shared UDP ports."""
     relay = cluster.start_relay()
     echo = backends.echo()
     provider_args = _p2p_args()
+    consumer_args = _p2p_args()
     provider = cluster.start_agent(
         cluster.pki.agent(0), relay, expose={"echo": echo.addr}, args=provider_args
     )
-    consumer = cluster.start_agent(cluster.pki.agent(1), relay, consume=["echo"], args=_p2p_args())
-    return relay, provider, consumer, int(provider_args[1].rpartition(":")[2])
+    consumer = cluster.start_agent(
+        cluster.pki.agent(1), relay, consume=["echo"], args=consumer_args
+    )
+    ports = [int(args[1].rpartition(":")[2]) for args in (provider_args, consumer_args)]
+    return relay, provider, consumer, ports[0], ports[1]
 
 
 @contextlib.contextmanager
-def _drop_udp_port(port: int) -> Iterator[None]:
-    """Cut the direct path: drop UDP to and from ``port`` on lo (removed afterwards)."""
+def _drop_udp_between(port_a: int, port_b: int) -> Iterator[None]:
+    """Cut the direct path: drop UDP between the two agents' shared sockets on lo.
+
+    Each socket also carries its agent's relay connection, which stays up.
+    """
     if shutil.which("iptables") is None or os.geteuid() != 0:
         pytest.skip("iptables (as root) is needed to cut the direct path")
     rules = [
-        ["INPUT", "-i", "lo", "-p", "udp", "--dport", str(port), "-j", "DROP"],
-        ["INPUT", "-i", "lo", "-p", "udp", "--sport", str(port), "-j", "DROP"],
+        ["INPUT", "-i", "lo", "-p", "udp", "--sport", str(a), "--dport", str(b), "-j", "DROP"]
+        for a, b in ((port_a, port_b), (port_b, port_a))
     ]
     added = []
     try:
@@ -106,10 +114,10 @@ def _drop_udp_port(port: int) -> Iterator[None]:
 
 @pytest.mark.timeout(180)
 def test_cut_direct_path_demotes_to_the_relay(cluster: Cluster, backends: Backends) -> None:
-    _, provider, consumer, p2p_port = _promoted_pair(cluster, backends)
+    _, provider, consumer, p2p_port, consumer_port = _promoted_pair(cluster, backends)
     transfer = Transfer(consumer.port("echo"), 16 * MiB, pace=0.05)
     consumer.wait_for("p2p: migrated to direct", timeout=15)
-    with _drop_udp_port(p2p_port):
+    with _drop_udp_between(p2p_port, consumer_port):
         transfer.wait(120)
     transfer.check_exact()
     # Both sides noticed the dead direct path and resumed through the relay.
@@ -122,7 +130,7 @@ def test_cut_direct_path_demotes_to_the_relay(cluster: Cluster, backends: Backen
 def test_third_agent_cannot_take_over_a_promoted_stream(
     cluster: Cluster, backends: Backends
 ) -> None:
-    _, provider, consumer, p2p_port = _promoted_pair(cluster, backends)
+    _, provider, consumer, p2p_port, _ = _promoted_pair(cluster, backends)
     transfer = Transfer(consumer.port("echo"), 8 * MiB, pace=0.05)
     sid = consumer.wait_for("p2p: migrated to direct", timeout=15)["id"]
     # A third agent of the same tenant, with a perfectly valid certificate from the same CA.

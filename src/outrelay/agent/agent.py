@@ -169,6 +169,8 @@ class Agent:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._session_task
         await self.session.close()
+        if self.p2p is not None:
+            self.p2p.close()  # the shared socket outlives the relay connection on it
         self._stopped.set()
 
     # -- tasks ------------------------------------------------------------------------

@@ -62,6 +62,7 @@ from outrelay.transport import (
     connect_quic,
     connect_tcp,
 )
+from outrelay.transport.shared_udp import SharedUdpEndpoint
 from outrelay.wire import ControlChannel, FrameReader, frame_name
 
 __all__ = [
@@ -86,6 +87,13 @@ HANDSHAKE_TIMEOUT = 5.0  # spec 01: QUIC handshake
 TCP_HANDSHAKE_TIMEOUT = 10.0
 SRFLX_TIMEOUT = 3.0  # spec 03 §7.2 / §10
 OPEN_TIMEOUT = 10.0
+CAP_P2P_MODE = "p2p-mode"
+"""HELLO capability: our relay then tells the pair's p2p mode in STREAM_READY."""
+CAP_P2P_RESUME_V2 = "p2p-resume-v2"
+"""HELLO capability (spec 03 §7.7 [REC]): this agent migrates symmetrically. A
+reference relay neither reads nor forwards capabilities, so peers also learn it
+in-band, from a marker entry in CANDIDATE_OFFER/ANSWER (see ``agent.p2p``)."""
+HELLO_CAPABILITIES = (CAP_P2P_MODE, CAP_P2P_RESUME_V2)
 """Ours: opening a relay stream waits for the relay's stream limit, bounded."""
 
 
@@ -137,6 +145,8 @@ class _Link:
     ctrl: ControlChannel
     reader: FrameReader
     kind: str = "quic"
+    shared: bool = False
+    """QUIC from the shared UDP socket (``--p2p-listen``): srflx is meaningful."""
     register_waiters: deque[asyncio.Future[str]] = field(default_factory=deque)
     last_pong: float = field(default_factory=time.monotonic)
 
@@ -183,6 +193,25 @@ class RelaySession:
         self._accepting = True
         self._on_tcp = False
         self._connections = 0
+        self.udp_endpoint: SharedUdpEndpoint | None = None
+        """``--p2p-listen``: QUIC to the relay leaves from this socket (spec 03 §2.3)."""
+        self._p2p_modes: dict[int, int] = {}
+        """Stream id -> p2p mode told by our relay in STREAM_READY (P2PMode number + 1)."""
+
+    @property
+    def link_generation(self) -> int:
+        """How many relay connections have been established (changes on reconnect)."""
+        return self._connections
+
+    @property
+    def on_shared_socket(self) -> bool:
+        """The current relay connection runs on the shared UDP socket."""
+        link = self._link
+        return link is not None and link.shared and not link.conn.is_closed
+
+    def p2p_mode(self, stream_id: int) -> int:
+        """The relay's word on P2P for ``stream_id``: 0 (not told) or P2PMode number + 1."""
+        return self._p2p_modes.get(stream_id, 0)
 
     @property
     def link_address(self) -> str | None:
@@ -412,14 +441,17 @@ class RelaySession:
                 host, port, self.config.tls, handshake_timeout=handshake_timeout
             )
         else:
-            conn = await connect_quic(
-                host, port, self.config.tls, handshake_timeout=handshake_timeout
-            )
+            conn, shared = await self._dial_quic(host, port, handshake_timeout)
         try:
             ctrl = await conn.open_stream()
             channel = ControlChannel(ctrl)
             await channel.send(
-                FrameType.HELLO, Hello(protocol_version="orp/1", agent_uri=self.config.uri)
+                FrameType.HELLO,
+                Hello(
+                    protocol_version="orp/1",
+                    agent_uri=self.config.uri,
+                    capabilities=list(HELLO_CAPABILITIES),
+                ),
             )
             reader = FrameReader(ctrl)
             async with asyncio.timeout(self.config.hello_timeout):
@@ -446,7 +478,29 @@ class RelaySession:
         except BaseException:
             conn.close(0, "")
             raise
-        return _Link(address=address, conn=conn, ctrl=channel, reader=reader, kind=kind)
+        return _Link(
+            address=address,
+            conn=conn,
+            ctrl=channel,
+            reader=reader,
+            kind=kind,
+            shared=kind == "quic" and shared,
+        )
+
+    async def _dial_quic(
+        self, host: str, port: int, handshake_timeout: float
+    ) -> tuple[Connection, bool]:
+        """QUIC to a relay: from the shared socket when there is one and it can reach it."""
+        endpoint = self.udp_endpoint
+        if endpoint is not None:
+            try:
+                return await endpoint.connect(host, port, handshake_timeout=handshake_timeout), True
+            except BrokenResourceError as exc:
+                if "not reachable from" not in str(exc):
+                    raise
+                log.debug("session: relay not on the shared socket", extra=kv(err=str(exc)))
+        conn = await connect_quic(host, port, self.config.tls, handshake_timeout=handshake_timeout)
+        return conn, False
 
     # -- control stream ---------------------------------------------------------------------
 
@@ -512,6 +566,8 @@ class RelaySession:
             log.warning("session: unexpected ctrl frame", extra=kv(type="REGISTER_ACK"))
         elif frame_type == FrameType.STREAM_READY:
             sid = message.stream_id if isinstance(message, StreamReady) else 0
+            if isinstance(message, StreamReady) and message.outrelay_p2p_mode:
+                self._p2p_modes[sid] = message.outrelay_p2p_mode
             self._deliver_mode(sid, StreamMode.SPLICE)
         elif frame_type == FrameType.ALLOC_GRANTED:
             if not isinstance(message, AllocGrantedMessage):
@@ -657,6 +713,7 @@ class RelaySession:
     def untrack(self, stream_id: int) -> None:
         self._active_ids.discard(stream_id)
         self._grants.pop(stream_id, None)
+        self._p2p_modes.pop(stream_id, None)
 
     # -- resumable streams (spec 03 §4) ----------------------------------------------
 

@@ -22,14 +22,18 @@ from dataclasses import dataclass
 
 __all__ = [
     "ADVERTISED_PRIORITY",
+    "CAPABILITY_KIND",
     "SRFLX_PRIORITY",
     "SRFLX_PRIORITY_REC",
     "Candidate",
     "RequestIds",
+    "capability_marker",
     "host_candidates",
     "host_priority",
     "local_candidates",
     "order_remote",
+    "punch_targets",
+    "split_capabilities",
 ]
 
 ADVERTISED_PRIORITY = 100  # spec 03 §7.3 / §10
@@ -119,6 +123,54 @@ def local_candidates(
     out.extend(hosts)
     if rec:
         out.sort(key=lambda c: -c.priority)
+        # One entry per address: srflx often equals a host or the advertised one.
+        unique: dict[tuple[str, int], Candidate] = {}
+        for c in out:
+            unique.setdefault((c.ip, c.port), c)
+        out = list(unique.values())
+    return out
+
+
+CAPABILITY_KIND = "outrelay-cap"
+"""Kind of the marker entry that carries a capability in CANDIDATE_OFFER/ANSWER.
+
+A reference relay neither reads nor forwards HELLO capabilities (spec 03 §7.7
+[REC]), so two of our agents tell each other in-band: an entry whose ``ip`` is
+the capability name. A reference peer drops it, because the ip does not parse
+(§7.4), and our checks never dial it."""
+
+
+def capability_marker(name: str) -> Candidate:
+    return Candidate(CAPABILITY_KIND, name, 0, 0)
+
+
+def split_capabilities(candidates: Iterable[Candidate]) -> tuple[list[Candidate], set[str]]:
+    """(the real candidates, the capability names the peer announced)."""
+    real: list[Candidate] = []
+    caps: set[str] = set()
+    for c in candidates:
+        if c.kind == CAPABILITY_KIND:
+            caps.add(c.ip)
+        else:
+            real.append(c)
+    return real, caps
+
+
+def punch_targets(candidates: Iterable[Candidate]) -> list[tuple[str, int]]:
+    """Where the responder sends its warm-up byte (spec 03 §7.6).
+
+    Skipped: an empty or unparseable ip, port 0 or above 65535; duplicates once.
+    """
+    out: list[tuple[str, int]] = []
+    for c in candidates:
+        if not c.ip or not 0 < c.port <= 0xFFFF:
+            continue
+        addr = _parse(c.ip)
+        if addr is None:
+            continue
+        target = (str(addr), c.port)
+        if target not in out:
+            out.append(target)
     return out
 
 

@@ -1,29 +1,36 @@
-"""P2P promotion shell (spec 03 §7.5–§7.8), **off unless ``--p2p-listen`` is given**.
+"""P2P promotion shell (spec 03 §2.3, §7.5–§7.9), **off unless ``--p2p-listen`` is given**.
 
 What runs when enabled:
 
-* a QUIC listener (ALPN ``orp/1``, client certificate required and verified)
-  on ``--p2p-listen``; its own UDP socket, *not* yet shared with the relay
-  connection (issue 7 item 1 is still open);
-* the responder (provider) answers every CANDIDATE_OFFER with its local
-  candidates (``--p2p-advertise`` first, then host candidates);
-* the initiator (consumer) offers its candidates 1 s after a splice starts,
-  checks the answer's candidates concurrently and staggered (:class:`CheckPlan`),
-  sends MIGRATE_TO_P2P on ctrl, and swaps the stream onto the direct
-  connection;
-* the swap is symmetric (both ends are ours): each side :meth:`detaches
-  <outrelay.agent.resumable.ResumableStream.detach>` its relay stream,
-  sends STREAM_RESUME with its positions on the direct stream, retransmits
-  what the peer has not received, installs the direct stream, and only then
-  closes the old relay stream. No byte is lost or duplicated;
+* the **shared UDP socket** (:mod:`outrelay.transport.shared_udp`) bound at
+  ``--p2p-listen``: the relay connection, the direct-path QUIC listener
+  (ALPN ``orp/1``, client certificate required and verified), the checks and
+  the warm-up punches all use it, so the srflx address the relay observes is
+  the mapping a peer dials;
+* **candidates**: ``--p2p-advertise`` (100), srflx from OBSERVED_ADDR_QUERY
+  (re-asked after every reconnect; [REC] priority 65), host addresses of the
+  interfaces (§7.1), ordered by priority ([REC] §7.5), one per address;
+* the responder (provider) answers every CANDIDATE_OFFER with its candidates
+  and first sends the one-byte warm-up punch to each offered address (§7.6,
+  before the answer so the initiator's first dial finds the pinhole open);
+* the initiator (consumer) offers 1 s after a splice starts, checks the
+  answer's candidates concurrently and staggered (:class:`CheckPlan`), sends
+  MIGRATE_TO_P2P on ctrl and swaps the stream onto the direct connection;
+* **symmetric swap** when both ends are ours (capability ``p2p-resume-v2``,
+  in HELLO and as a marker entry in the offer/answer): each side detaches
+  its relay stream, sends STREAM_RESUME with its positions on the direct
+  stream, retransmits what the peer lacks, installs the direct stream, and
+  only then FINs the old relay stream. Against a **reference peer** the wire
+  is the reference's (§7.7: the initiator sends STREAM_RESUME and reads no
+  echo; the responder retransmits and sends none); as initiator we swap only
+  once the peer has acknowledged every byte we sent, so nothing is lost;
 * the responder accepts a direct stream only from the stream's known peer
   (the dialling certificate's URI SAN must equal the consumer's URI);
-* demotion: when the direct path breaks, the ResumableStream resumes through
-  the relay with STREAM_RESUME (spec 03 §7.8 [REC]), like after a relay loss.
-
-Missing (issue 7): the shared socket with CID routing, srflx in the offer,
-the warm-up punch, a HELLO capability to fall back to the reference's
-asymmetric migration, p2p_mode from the relay, the NAT namespace tests.
+* **p2p_mode** (§7.9): our relay tells it in STREAM_READY; FORBIDDEN means no
+  offer at all; REQUIRED promotes without the 1 s delay;
+* **demotion** (§7.8 [REC]): when the direct path dies (peer close, or no
+  answer to keep-alives within the QUIC silence bound), the ResumableStream
+  resumes through the relay with STREAM_RESUME, like after a relay loss.
 """
 
 from __future__ import annotations
@@ -31,16 +38,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import socket
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any
 
-from outrelay.agent.p2p.candidates import Candidate, host_candidates, local_candidates
+from outrelay.agent.p2p.candidates import (
+    Candidate,
+    capability_marker,
+    host_candidates,
+    local_candidates,
+    punch_targets,
+    split_capabilities,
+)
 from outrelay.agent.p2p.checks import CheckOutcome, CheckPlan
+from outrelay.agent.p2p.interfaces import interface_addresses
 from outrelay.agent.resumable import ResumableStream, ResumeFailed, exchange_resume
-from outrelay.agent.session import RelaySession
+from outrelay.agent.session import CAP_P2P_RESUME_V2, NotConnected, RelaySession
 from outrelay.observe import kv
 from outrelay.orp import Candidate as CandidateMessage
 from outrelay.orp import (
@@ -54,15 +68,8 @@ from outrelay.orp import (
 )
 from outrelay.pki import ClientVerifier, load_certificates
 from outrelay.resume import ResumeError, retransmit_range
-from outrelay.transport import (
-    Connection,
-    QuicServerHandle,
-    QuicTlsConfig,
-    Stream,
-    TransportError,
-    connect_quic,
-    serve_quic,
-)
+from outrelay.transport import Connection, QuicTlsConfig, Stream, TransportError
+from outrelay.transport.shared_udp import PUNCH, SharedUdpEndpoint, open_shared_udp
 from outrelay.wire import FrameReader, expect_message
 
 __all__ = ["P2PConfig", "P2PService"]
@@ -75,6 +82,15 @@ SWAP_TIMEOUT = 5.0
 """Ours: the STREAM_RESUME exchange on the direct stream."""
 ANSWER_QUEUE = 64
 """Offers waiting for an answer; more are dropped (the initiator times out)."""
+ACK_WAIT = 2.0
+"""Against a reference responder: how long we wait for the peer to acknowledge
+every byte we sent before swapping (its reference swap would lose them)."""
+SRFLX_POLL = 1.0
+"""How often the candidate task looks for a new relay connection."""
+PEER_CAPS_MAX = 4096
+"""Streams whose peer capabilities we remember (oldest forgotten first)."""
+MODE_FORBIDDEN = 2  # STREAM_READY outrelay_p2p_mode: policy P2PMode number + 1
+MODE_REQUIRED = 3
 
 
 @dataclass(frozen=True)
@@ -93,13 +109,6 @@ def _from_message(m: CandidateMessage) -> Candidate:
     return Candidate(m.kind, m.ip, int(m.port), int(m.priority))
 
 
-def _interface_addresses() -> list[str]:
-    with contextlib.suppress(OSError):
-        infos = socket.getaddrinfo(socket.gethostname(), None)
-        return list(dict.fromkeys(str(i[4][0]) for i in infos))
-    return []
-
-
 class P2PService:
     """Listener, auto-answer and promotion for one agent; ``run()`` owns its tasks."""
 
@@ -108,22 +117,30 @@ class P2PService:
         self.tls = tls
         self.config = config
         self._verifier = ClientVerifier(load_certificates(tls.ca_file))
-        self._server: QuicServerHandle | None = None
+        self.endpoint: SharedUdpEndpoint | None = None
         self.address: tuple[str, int] | None = None
         self._answers: dict[int, asyncio.Future[list[Candidate]]] = {}
-        self._offers: asyncio.Queue[int] = asyncio.Queue(ANSWER_QUEUE)
+        self._offers: asyncio.Queue[tuple[int, list[Candidate]]] = asyncio.Queue(ANSWER_QUEUE)
         self._incoming: asyncio.Queue[Connection] = asyncio.Queue(ANSWER_QUEUE)
+        self._hosts: list[Candidate] = []
         self._candidates: list[Candidate] = []
+        self._peer_caps: dict[int, set[str]] = {}
+        """Stream id -> capabilities the peer's offer announced (responder side)."""
         self._direct: set[Connection] = set()
 
+    @property
+    def candidates(self) -> list[Candidate]:
+        """What we offer and answer now (advertised, srflx, hosts)."""
+        return list(self._candidates)
+
     async def start(self) -> None:
-        """Bind the listener and hook the session's candidate frames.
+        """Bind the shared socket, hand it to the session, hook the candidate frames.
 
         Raises:
             OSError: the listen address could not be bound.
         """
         host, port = self.config.listen
-        self._server = await serve_quic(
+        self.endpoint = await open_shared_udp(
             host,
             port,
             self.tls,
@@ -133,39 +150,77 @@ class P2PService:
                 "p2p: direct dial refused", extra=kv(remote=f"{addr[0]}:{addr[1]}", reason=why)
             ),
         )
-        self.address = self._server.address
-        hosts = host_candidates(_interface_addresses(), self.address[1])
-        self._candidates = local_candidates(hosts, advertised=self.config.advertise)
+        self.address = self.endpoint.address
+        bound = self.address[0]
+        addresses = interface_addresses() if bound in ("0.0.0.0", "::") else [bound]
+        self._hosts = host_candidates(addresses, self.address[1])
+        self._candidates = local_candidates(self._hosts, advertised=self.config.advertise)
         self.session.on_candidates = self._on_candidates
+        self.session.udp_endpoint = self.endpoint
         log.info(
             "p2p: listening",
             extra=kv(
-                addr=f"{self.address[0]}:{self.address[1]}",
-                candidates=",".join(f"{c.ip}:{c.port}/{c.priority}" for c in self._candidates),
+                addr=f"{self.address[0]}:{self.address[1]}", candidates=_show(self._candidates)
             ),
         )
 
     async def run(self) -> None:
-        """Answer offers and serve direct connections until cancelled."""
+        """Answer offers, keep srflx fresh and serve direct connections until cancelled."""
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._answer_loop())
+                tg.create_task(self._srflx_loop())
                 while True:
                     conn = await self._incoming.get()
                     tg.create_task(_guard(self._serve_direct(conn), "direct connection"))
         finally:
             self.session.on_candidates = None
-            if self._server is not None:
-                self._server.close()
             for conn in list(self._direct):
                 conn.close(0, "")
+
+    def close(self) -> None:
+        """Close the shared socket (after the session: the relay connection uses it)."""
+        self.session.udp_endpoint = None
+        if self.endpoint is not None:
+            self.endpoint.close()
+
+    def _offered(self) -> list[Candidate]:
+        """Our candidates plus the marker that tells a peer of ours we swap symmetrically."""
+        return [*self._candidates, capability_marker(CAP_P2P_RESUME_V2)]
+
+    async def _srflx_loop(self) -> None:
+        """Ask the relay for our srflx address after every (re)connect (spec 03 §7.2)."""
+        seen = -1
+        while True:
+            await self.session.connected.wait()
+            generation = self.session.link_generation
+            if generation != seen:
+                seen = generation
+                srflx: tuple[str, int] | None = None
+                if self.session.on_shared_socket:
+                    try:
+                        srflx = await self.session.observed_address()
+                    except (NotConnected, TimeoutError, TransportError, OrpError) as exc:
+                        log.info("p2p: no srflx candidate", extra=kv(err=str(exc) or repr(exc)))
+                self._candidates = local_candidates(
+                    self._hosts, srflx=srflx, advertised=self.config.advertise
+                )
+                log.info(
+                    "p2p: candidates",
+                    extra=kv(
+                        srflx=f"{srflx[0]}:{srflx[1]}" if srflx else "",
+                        candidates=_show(self._candidates),
+                    ),
+                )
+            await asyncio.sleep(SRFLX_POLL)
 
     # -- responder ---------------------------------------------------------------------
 
     def _on_candidates(self, frame_type: int, message: object) -> None:
         if isinstance(message, CandidateOffer):
+            offered = [_from_message(c) for c in message.candidates]
             try:
-                self._offers.put_nowait(message.stream_id)
+                self._offers.put_nowait((message.stream_id, offered))
             except asyncio.QueueFull:
                 log.debug("p2p: offer dropped (queue full)", extra=kv(id=message.stream_id))
         elif isinstance(message, CandidateAnswer):
@@ -175,14 +230,38 @@ class P2PService:
 
     async def _answer_loop(self) -> None:
         while True:
-            sid = await self._offers.get()
-            answer = CandidateAnswer(
-                stream_id=sid, candidates=[_to_message(c) for c in self._candidates]
-            )
+            sid, offered = await self._offers.get()
+            remote, caps = split_capabilities(offered)
+            self._peer_caps[sid] = caps
+            while len(self._peer_caps) > PEER_CAPS_MAX:
+                del self._peer_caps[next(iter(self._peer_caps))]
+            ours: list[Candidate] = []
+            if self.session.p2p_mode(sid) == MODE_FORBIDDEN:
+                log.info(
+                    "p2p: not answering with candidates",
+                    extra=kv(id=sid, reason="p2p_mode forbidden"),
+                )
+            else:
+                ours = self._offered()
+                self._punch(sid, remote)
+            answer = CandidateAnswer(stream_id=sid, candidates=[_to_message(c) for c in ours])
             try:
                 await self.session.send_control(FrameType.CANDIDATE_ANSWER, answer)
             except Exception as exc:  # NotConnected, TransportError
                 log.debug("p2p: answer not sent", extra=kv(id=sid, err=str(exc)))
+
+    def _punch(self, sid: int, remote: list[Candidate]) -> None:
+        """One 0x00 byte from the shared socket to each offered address (spec 03 §7.6)."""
+        if self.endpoint is None or not self.session.on_shared_socket:
+            return
+        targets = punch_targets(remote)
+        for host, port in targets:
+            try:
+                self.endpoint.send_raw(PUNCH, host, port)
+            except OSError as exc:
+                log.debug("p2p: punch failed", extra=kv(id=sid, to=f"{host}:{port}", err=str(exc)))
+        if targets:
+            log.debug("p2p: punched", extra=kv(id=sid, to=",".join(f"{h}:{p}" for h, p in targets)))
 
     def _on_connection(self, conn: Connection) -> None:
         try:
@@ -227,6 +306,16 @@ class P2PService:
             )
             stream.abort()
             return
+        symmetric = CAP_P2P_RESUME_V2 in self._peer_caps.get(sid, set())
+        if not symmetric:
+            # A reference initiator swapped already and will not retransmit:
+            # give our reader a moment to take what is still in flight on the
+            # relay stream before we stop reading it.
+            deadline = time.monotonic() + 0.5
+            while target.positions.received < resume.my_position:
+                if time.monotonic() >= deadline:  # (positions move without an event)
+                    break
+                await asyncio.sleep(0.02)
         old = target.detach()
         if old is None:
             log.info("p2p: stream not migratable now", extra=kv(id=sid))
@@ -235,6 +324,15 @@ class P2PService:
         try:
             gap = retransmit_range(resume.peer_ack_position, target.ring)
             target.apply_checkpoint(resume.my_position, resume.peer_ack_position)
+            if not symmetric:
+                # Spec 03 §7.7: the reference responder writes no STREAM_RESUME back.
+                lost = resume.my_position - target.positions.received
+                if lost > 0:
+                    log.warning(
+                        "p2p: reference initiator: bytes in flight on the relay are lost",
+                        extra=kv(id=sid, bytes=lost),
+                    )
+                raise _NoEcho
             async with asyncio.timeout(SWAP_TIMEOUT):
                 await stream.send_all(
                     encode_message(
@@ -246,6 +344,8 @@ class P2PService:
                         ),
                     )
                 )
+        except _NoEcho:
+            pass
         except (TimeoutError, TransportError, ResumeError) as exc:
             log.warning("p2p: migration failed; back to the relay", extra=kv(id=sid, err=str(exc)))
             stream.abort()
@@ -255,7 +355,14 @@ class P2PService:
         target.path = "direct"
         log.info(
             "p2p: migrated to direct",
-            extra=kv(id=sid, role="responder", path=_path(conn), retransmitted=len(gap)),
+            extra=kv(
+                id=sid,
+                role="responder",
+                path=_path(conn),
+                rtt_ms=_rtt_ms(conn),
+                retransmitted=len(gap),
+                swap="symmetric" if symmetric else "reference",
+            ),
         )
         await target.retransmit(stream, gap)
         await _close_quietly(old)
@@ -275,24 +382,50 @@ class P2PService:
 
     async def _promote(self, stream: ResumableStream) -> None:
         sid = stream.stream_id
-        await asyncio.sleep(PROMOTION_DELAY)
+        mode = self.session.p2p_mode(sid)
+        if mode == MODE_FORBIDDEN:
+            log.info("p2p: not promoting", extra=kv(id=sid, reason="p2p_mode forbidden"))
+            return
+        # REQUIRED: the relay closes the stream 10 s after the open without a
+        # MIGRATE_TO_P2P (spec 02 §7.5), so do not wait the usual second.
+        await asyncio.sleep(0.05 if mode == MODE_REQUIRED else PROMOTION_DELAY)
+        if not self._candidates:
+            # [REC] §7.5: nothing to offer, nothing to gain from an offer.
+            log.info("p2p: not promoting", extra=kv(id=sid, reason="no local candidates"))
+            return
         conn: Connection | None = None
         try:
             started = time.monotonic()
             try:
                 async with asyncio.timeout(PROMOTION_BUDGET):
-                    remote = await self._exchange(sid)
+                    answer = await self._exchange(sid)
+                    remote, caps = split_capabilities(answer)
+                    if not remote:
+                        raise ConnectionError("the peer answered no candidates")
+                    symmetric = CAP_P2P_RESUME_V2 in caps
+                    if not symmetric:
+                        await self._wait_acknowledged(stream)
                     conn, winner, rtt = await self._check(remote)
                     await self.session.send_control(
                         FrameType.MIGRATE_TO_P2P,
                         MigrateToP2P(stream_id=sid, selected=_to_message(winner)),
                     )
             except Exception as exc:
-                log.debug("p2p: stayed on relay", extra=kv(id=sid, err=str(exc) or repr(exc)))
+                level = logging.WARNING if mode == MODE_REQUIRED else logging.INFO
+                log.log(
+                    level,
+                    "p2p: stayed on relay",
+                    extra=kv(id=sid, reason=str(exc) or repr(exc), required=mode == MODE_REQUIRED),
+                )
                 if conn is not None:
                     conn.close(0, "")
                 return
-            if not await self._swap(stream, conn):
+            swapped = (
+                await self._swap(stream, conn)
+                if symmetric
+                else await self._swap_reference(stream, conn)
+            )
+            if not swapped:
                 conn.close(0, "")
                 return
             log.info(
@@ -301,8 +434,10 @@ class P2PService:
                     id=sid,
                     role="initiator",
                     path=f"{winner.ip}:{winner.port}",
+                    kind=winner.kind,
                     rtt_ms=f"{rtt * 1000:.1f}",
                     took_ms=int((time.monotonic() - started) * 1000),
+                    swap="symmetric" if symmetric else "reference",
                 ),
             )
             await conn.wait_closed()  # the direct path lives as long as the stream
@@ -310,15 +445,32 @@ class P2PService:
             if conn is not None:
                 conn.close(0, "")
 
+    async def _wait_acknowledged(self, stream: ResumableStream) -> None:
+        """Before a reference swap: wait until the peer has every byte we sent.
+
+        The reference responder never gets a retransmit from its initiator,
+        so bytes still in flight through the relay would be lost (spec 03
+        §7.7). A reference agent sends no checkpoints, so against one this
+        usually fails and the stream stays on the relay: no loss either way.
+
+        Raises:
+            ConnectionError: not acknowledged within :data:`ACK_WAIT`.
+        """
+        deadline = time.monotonic() + ACK_WAIT
+        while stream.positions.peer_acked < stream.positions.sent:
+            if time.monotonic() >= deadline:
+                raise ConnectionError(
+                    "the peer has not acknowledged every byte we sent (reference peer?)"
+                )
+            await asyncio.sleep(0.05)
+
     async def _exchange(self, sid: int) -> list[Candidate]:
         waiter: asyncio.Future[list[Candidate]] = asyncio.get_running_loop().create_future()
         self._answers[sid] = waiter
         try:
             await self.session.send_control(
                 FrameType.CANDIDATE_OFFER,
-                CandidateOffer(
-                    stream_id=sid, candidates=[_to_message(c) for c in self._candidates]
-                ),
+                CandidateOffer(stream_id=sid, candidates=[_to_message(c) for c in self._offered()]),
             )
             return await waiter
         finally:
@@ -327,6 +479,9 @@ class P2PService:
     async def _check(self, remote: list[Candidate]) -> tuple[Connection, Candidate, float]:
         """Concurrent, staggered checks; the first full QUIC+mTLS handshake wins."""
         loop = asyncio.get_running_loop()
+        endpoint = self.endpoint
+        if endpoint is None:
+            raise ConnectionError("no shared UDP socket")
         plan = CheckPlan(remote)
         plan.start(loop.time())
         dials: dict[asyncio.Task[Any], Candidate] = {}
@@ -334,11 +489,8 @@ class P2PService:
             while plan.outcome is CheckOutcome.RUNNING:
                 for candidate in plan.poll(loop.time()):
                     task = loop.create_task(
-                        connect_quic(
-                            candidate.ip,
-                            candidate.port,
-                            self.tls,
-                            handshake_timeout=plan.pair_timeout,
+                        endpoint.connect(
+                            candidate.ip, candidate.port, handshake_timeout=plan.pair_timeout
                         )
                     )
                     dials[task] = candidate
@@ -391,6 +543,55 @@ class P2PService:
         await stream.retransmit(direct, gap)
         await _close_quietly(old)  # FIN the old relay stream after the swap ([REC] §7.7)
         return True
+
+    async def _swap_reference(self, stream: ResumableStream, conn: Connection) -> bool:
+        """Spec 03 §7.7 initiator, as the reference does it: STREAM_RESUME, no echo, swap.
+
+        Only after :meth:`_wait_acknowledged`, so no byte of ours is lost;
+        the peer retransmits what we lack from our ``peer_ack_position``.
+        """
+        sid = stream.stream_id
+        old = stream.detach()
+        if old is None:
+            return False
+        try:
+            async with asyncio.timeout(SWAP_TIMEOUT):
+                direct = await conn.open_stream()
+                await direct.send_all(
+                    encode_message(
+                        FrameType.STREAM_RESUME,
+                        StreamResume(
+                            stream_id=sid,
+                            my_position=stream.positions.sent,
+                            peer_ack_position=stream.positions.received,
+                        ),
+                    )
+                )
+        except (TimeoutError, TransportError) as exc:
+            log.warning(
+                "p2p: migration failed; back to the relay",
+                extra=kv(id=sid, err=str(exc) or repr(exc)),
+            )
+            stream.fail_migration(old, str(exc) or repr(exc))
+            return False
+        stream.install(direct, b"")
+        stream.path = "direct"
+        await stream.retransmit(direct, b"")
+        await _close_quietly(old)
+        return True
+
+
+class _NoEcho(Exception):
+    """Internal: the responder's reference path skips the echo."""
+
+
+def _show(candidates: list[Candidate]) -> str:
+    return ",".join(f"{c.kind}:{c.ip}:{c.port}/{c.priority}" for c in candidates)
+
+
+def _rtt_ms(conn: Connection) -> str:
+    rtt = getattr(conn, "rtt", None)
+    return f"{rtt * 1000:.1f}" if rtt is not None else ""
 
 
 async def _guard(coro: Coroutine[Any, Any, None], what: str) -> None:
