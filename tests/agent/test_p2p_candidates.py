@@ -16,6 +16,13 @@ from outrelay.agent.p2p import (
     local_candidates,
     order_remote,
 )
+from outrelay.agent.p2p.candidates import (
+    CAPABILITY_KIND,
+    capability_marker,
+    punch_targets,
+    split_capabilities,
+)
+from outrelay.agent.p2p.interfaces import interface_addresses, parse_if_inet6
 
 
 @pytest.mark.parametrize(
@@ -167,3 +174,64 @@ def test_empty_answer_is_no_pair_at_once_and_nonpositive_timeout_ignored() -> No
     plan = CheckPlan([A], pair_timeout=0)
     plan.start(0.0)
     assert plan.pair_timeout == 2.0
+
+
+# -- capability markers, punch targets, de-duplication, interfaces ------------------------
+
+
+def test_capability_marker_round_trip_and_never_dialled() -> None:
+    marker = capability_marker("p2p-resume-v2")
+    assert marker.kind == CAPABILITY_KIND
+    offered = [Candidate("srflx", "203.0.113.7", 4000, 65), marker]
+    real, caps = split_capabilities(offered)
+    assert real == offered[:1]
+    assert caps == {"p2p-resume-v2"}
+    # A peer that does not know the marker (the reference) drops it: the ip does not parse.
+    assert order_remote(offered) == offered[:1]
+
+
+def test_punch_targets_follow_the_spec_filters() -> None:
+    offered = [
+        Candidate("host", "", 5000, 30),  # empty ip
+        Candidate("host", "10.0.0.1", 0, 30),  # port 0
+        Candidate("host", "10.0.0.1", 70000, 30),  # above 65535
+        Candidate("host", "not-an-ip", 5000, 30),
+        capability_marker("p2p-resume-v2"),
+        Candidate("srflx", "203.0.113.7", 4000, 65),
+        Candidate("host", "::ffff:10.0.0.2", 4001, 30),  # mapped v4 is unmapped
+        Candidate("host", "203.0.113.7", 4000, 100),  # the same address twice: once
+    ]
+    assert punch_targets(offered) == [("203.0.113.7", 4000), ("10.0.0.2", 4001)]
+
+
+def test_local_candidates_keep_one_entry_per_address_highest_priority_first() -> None:
+    hosts = host_candidates(["192.168.1.5", "198.51.100.9"], 7000)
+    got = local_candidates(hosts, srflx=("198.51.100.9", 7000), advertised=("203.0.113.1", 7000))
+    assert [(c.kind, c.ip, c.priority) for c in got] == [
+        ("host", "203.0.113.1", 100),
+        ("host", "198.51.100.9", 70),  # the public host candidate beats the equal srflx
+        ("host", "192.168.1.5", 30),
+    ]
+
+
+def test_srflx_comes_before_private_hosts() -> None:
+    hosts = host_candidates(["10.1.0.2", "fd00::2"], 7000)
+    got = local_candidates(hosts, srflx=("198.51.100.20", 61000))
+    assert got[0] == Candidate("srflx", "198.51.100.20", 61000, 65)
+
+
+def test_parse_if_inet6() -> None:
+    text = (
+        "00000000000000000000000000000001 01 80 10 80       lo\n"
+        "fe800000000000000000000000000001 02 40 20 80     eth0\n"
+        "garbage\n"
+        "20010db8000000000000000000000002 03 40 00 00     eth1\n"
+    )
+    assert parse_if_inet6(text) == ["::1", "fe80::1", "2001:db8::2"]
+
+
+def test_interface_addresses_include_loopback() -> None:
+    # Every Linux host (and namespace with lo up) has 127.0.0.1; host_candidates filters it.
+    addresses = interface_addresses()
+    assert addresses == list(dict.fromkeys(addresses))
+    assert "127.0.0.1" in addresses or not addresses

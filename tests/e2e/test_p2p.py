@@ -17,6 +17,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -24,7 +25,7 @@ from outrelay.orp import FrameType, StreamResume, encode_message
 from outrelay.pki import issue_agent, load_ca, write_identity
 from outrelay.transport import QuicTlsConfig, TransportError, connect_quic
 
-from .harness import Agent, Backends, Cluster, Relay, free_udp_port
+from .harness import Agent, Backends, Cluster, Relay, free_udp_port, write_policy
 from .test_resume import Transfer
 
 pytestmark = [pytest.mark.e2e]
@@ -161,3 +162,56 @@ def test_third_agent_cannot_take_over_a_promoted_stream(
     provider.wait_for("p2p: direct stream refused: not the stream's peer", timeout=5)
     transfer.wait(60)
     transfer.check_exact()
+
+
+def _policy(tmp_path: Path, p2p_mode: str) -> Path:
+    return write_policy(
+        tmp_path / f"policy-{p2p_mode}.json",
+        [
+            {
+                "id": f"p2p-{p2p_mode}",
+                "caller": "outrelay://acme/*",
+                "target": "*",
+                "decision": "allow",
+                "p2p_mode": p2p_mode,
+            },
+            {"id": "callee", "caller": "*", "target": "outrelay://acme/*", "decision": "allow"},
+        ],
+    )
+
+
+@pytest.mark.timeout(120)
+def test_p2p_mode_forbidden_keeps_every_byte_on_the_relay(
+    cluster: Cluster, backends: Backends, tmp_path: Path
+) -> None:
+    relay = cluster.start_relay(policy=_policy(tmp_path, "forbidden"))
+    echo = backends.echo()
+    provider = cluster.start_agent(
+        cluster.pki.agent(0), relay, expose={"echo": echo.addr}, args=_p2p_args()
+    )
+    consumer = cluster.start_agent(cluster.pki.agent(1), relay, consume=["echo"], args=_p2p_args())
+    transfer = Transfer(consumer.port("echo"), 8 * MiB, pace=0.1)
+    rec = consumer.wait_for("p2p: not promoting", timeout=15)
+    assert "forbidden" in rec["reason"]
+    transfer.wait(60)
+    transfer.check_exact()
+    for agent in (consumer, provider):
+        assert not agent.find("p2p: migrated to direct")
+    assert not relay.find("stream migrated to p2p")
+
+
+@pytest.mark.timeout(120)
+def test_p2p_mode_required_promotes_before_the_relay_gives_up(
+    cluster: Cluster, backends: Backends, tmp_path: Path
+) -> None:
+    relay = cluster.start_relay(policy=_policy(tmp_path, "required"))
+    echo = backends.echo()
+    cluster.start_agent(cluster.pki.agent(0), relay, expose={"echo": echo.addr}, args=_p2p_args())
+    consumer = cluster.start_agent(cluster.pki.agent(1), relay, consume=["echo"], args=_p2p_args())
+    # Longer than the relay's 10 s REQUIRED window (spec 02 §7.5).
+    transfer = Transfer(consumer.port("echo"), 12 * MiB, pace=0.25)
+    rec = consumer.wait_for("p2p: migrated to direct", timeout=10)
+    assert int(rec["took_ms"]) < 5000
+    transfer.wait(90)
+    transfer.check_exact()
+    assert not relay.find("required p2p promotion timeout — closing splice")
