@@ -215,3 +215,56 @@ def test_p2p_mode_required_promotes_before_the_relay_gives_up(
     transfer.wait(90)
     transfer.check_exact()
     assert not relay.find("required p2p promotion timeout — closing splice")
+
+
+@pytest.mark.timeout(120)
+def test_forbidden_is_enforced_by_our_relay_for_an_agent_that_ignores_it(
+    cluster: Cluster, backends: Backends, tmp_path: Path
+) -> None:
+    """A consumer that does not know p2p modes (the reference's wire) still stays on the relay."""
+    relay = cluster.start_relay(policy=_policy(tmp_path, "forbidden"))
+    echo = backends.echo()
+    cluster.start_agent(cluster.pki.agent(0), relay, expose={"echo": echo.addr}, args=_p2p_args())
+    consumer = cluster.start_agent(
+        cluster.pki.agent(1), relay, consume=["echo"], args=[*_p2p_args(), "--p2p-reference-wire"]
+    )
+    transfer = Transfer(consumer.port("echo"), 8 * MiB, pace=0.1)
+    relay.wait_for("p2p offer refused (p2p_mode forbidden)", timeout=15)
+    rec = consumer.wait_for("p2p: stayed on relay", timeout=10)
+    assert "no candidates" in rec["reason"]
+    transfer.wait(60)
+    transfer.check_exact()
+    assert not consumer.find("p2p: migrated to direct")
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("reference_side", ["provider", "consumer"])
+def test_reference_wire_peer_gets_the_asymmetric_swap(
+    cluster: Cluster, backends: Backends, reference_side: str
+) -> None:
+    """Against a peer without the capability the swap is the reference's, and still exact."""
+    relay = cluster.start_relay()
+    echo = backends.echo()
+    extra = {reference_side: ["--p2p-reference-wire"]}
+    provider = cluster.start_agent(
+        cluster.pki.agent(0),
+        relay,
+        expose={"echo": echo.addr},
+        args=[*_p2p_args(), *extra.get("provider", [])],
+    )
+    consumer = cluster.start_agent(
+        cluster.pki.agent(1),
+        relay,
+        consume=["echo"],
+        args=[*_p2p_args(), *extra.get("consumer", [])],
+    )
+    transfer = Transfer(consumer.port("echo"), 16 * MiB, pace=0.05)
+    try:
+        rec = consumer.wait_for("p2p: migrated to direct", timeout=15)
+        assert rec["swap"] == "reference"
+        assert provider.wait_for("p2p: migrated to direct", timeout=5)["swap"] == "reference"
+        relay.send_signal(signal.SIGSTOP)  # the rest goes direct
+        transfer.wait(90)
+    finally:
+        relay.send_signal(signal.SIGCONT)
+    transfer.check_exact()

@@ -160,14 +160,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--p2p-listen",
         default="",
         metavar="HOST:PORT",
-        help="experimental: accept direct (P2P) QUIC dials here and promote spliced streams "
-        "off the relay; empty: off, the relay carries every byte (default)",
+        help="one UDP socket for everything QUIC: the relay connection, direct (P2P) dials "
+        "from peer agents (mTLS, the stream's own peer only), connectivity checks and NAT "
+        "punches; spliced streams are then promoted to a direct path when one works, and "
+        "fall back to the relay when it dies. Use 0.0.0.0:PORT behind a NAT (the relay "
+        "tells us our public address). Empty: off, the relay carries every byte (default)",
     )
     p.add_argument(
         "--p2p-advertise",
         default="",
         metavar="IP:PORT",
         help="with --p2p-listen: an address peers can reach the listener at, offered first",
+    )
+    p.add_argument(
+        "--p2p-reference-wire",
+        action="store_true",
+        help="with --p2p-listen: speak P2P exactly as the reference agent does (no capability "
+        "marker, asymmetric STREAM_RESUME swap, the relay's p2p mode ignored); for interop "
+        "tests",
     )
     p.add_argument(
         "--resume-window",
@@ -273,9 +283,9 @@ def _build_config(args: argparse.Namespace) -> AgentConfig:
             )
         except ValueError as exc:
             raise UsageError(str(exc)) from exc
-        p2p = P2PConfig(p2p_listen, advertise)
-    elif args.p2p_advertise:
-        raise UsageError("--p2p-advertise needs --p2p-listen")
+        p2p = P2PConfig(p2p_listen, advertise, reference_wire=args.p2p_reference_wire)
+    elif args.p2p_advertise or args.p2p_reference_wire:
+        raise UsageError("--p2p-advertise and --p2p-reference-wire need --p2p-listen")
     return AgentConfig(
         p2p=p2p,
         session=SessionConfig(

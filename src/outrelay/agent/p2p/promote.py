@@ -99,6 +99,9 @@ class P2PConfig:
     """``--p2p-listen``: where the direct-path QUIC listener binds."""
     advertise: tuple[str, int] | None = None
     """``--p2p-advertise``: an address peers can reach us at (priority 100)."""
+    reference_wire: bool = False
+    """``--p2p-reference-wire``: no capability marker, the reference's asymmetric
+    swap, p2p mode ignored (interop tests)."""
 
 
 def _to_message(c: Candidate) -> CandidateMessage:
@@ -186,7 +189,13 @@ class P2PService:
 
     def _offered(self) -> list[Candidate]:
         """Our candidates plus the marker that tells a peer of ours we swap symmetrically."""
+        if self.config.reference_wire:
+            return list(self._candidates)
         return [*self._candidates, capability_marker(CAP_P2P_RESUME_V2)]
+
+    def _mode(self, sid: int) -> int:
+        """The relay's p2p mode for ``sid`` (0: not told; the reference agent never is)."""
+        return 0 if self.config.reference_wire else self.session.p2p_mode(sid)
 
     async def _srflx_loop(self) -> None:
         """Ask the relay for our srflx address after every (re)connect (spec 03 §7.2)."""
@@ -236,7 +245,7 @@ class P2PService:
             while len(self._peer_caps) > PEER_CAPS_MAX:
                 del self._peer_caps[next(iter(self._peer_caps))]
             ours: list[Candidate] = []
-            if self.session.p2p_mode(sid) == MODE_FORBIDDEN:
+            if self._mode(sid) == MODE_FORBIDDEN:
                 log.info(
                     "p2p: not answering with candidates",
                     extra=kv(id=sid, reason="p2p_mode forbidden"),
@@ -306,7 +315,9 @@ class P2PService:
             )
             stream.abort()
             return
-        symmetric = CAP_P2P_RESUME_V2 in self._peer_caps.get(sid, set())
+        symmetric = not self.config.reference_wire and CAP_P2P_RESUME_V2 in self._peer_caps.get(
+            sid, set()
+        )
         if not symmetric:
             # A reference initiator swapped already and will not retransmit:
             # give our reader a moment to take what is still in flight on the
@@ -382,7 +393,7 @@ class P2PService:
 
     async def _promote(self, stream: ResumableStream) -> None:
         sid = stream.stream_id
-        mode = self.session.p2p_mode(sid)
+        mode = self._mode(sid)
         if mode == MODE_FORBIDDEN:
             log.info("p2p: not promoting", extra=kv(id=sid, reason="p2p_mode forbidden"))
             return
@@ -402,9 +413,14 @@ class P2PService:
                     remote, caps = split_capabilities(answer)
                     if not remote:
                         raise ConnectionError("the peer answered no candidates")
-                    symmetric = CAP_P2P_RESUME_V2 in caps
-                    if not symmetric:
-                        await self._wait_acknowledged(stream)
+                    symmetric = not self.config.reference_wire and CAP_P2P_RESUME_V2 in caps
+                    if not symmetric and stream.positions.peer_acked == 0 and stream.positions.sent:
+                        # The reference agent sends no checkpoints: we could
+                        # never know that our bytes arrived before the swap.
+                        raise ConnectionError(
+                            "the peer acknowledges nothing (reference agent): a reference "
+                            "swap would lose bytes"
+                        )
                     conn, winner, rtt = await self._check(remote)
                     await self.session.send_control(
                         FrameType.MIGRATE_TO_P2P,
@@ -420,11 +436,12 @@ class P2PService:
                 if conn is not None:
                     conn.close(0, "")
                 return
-            swapped = (
-                await self._swap(stream, conn)
-                if symmetric
-                else await self._swap_reference(stream, conn)
-            )
+            linger: Stream | None = None
+            if symmetric:
+                swapped = await self._swap(stream, conn)
+            else:
+                linger = await self._swap_reference(stream, conn)
+                swapped = linger is not None
             if not swapped:
                 conn.close(0, "")
                 return
@@ -440,29 +457,21 @@ class P2PService:
                     swap="symmetric" if symmetric else "reference",
                 ),
             )
-            await conn.wait_closed()  # the direct path lives as long as the stream
+            try:
+                if linger is not None:
+                    # A reference peer swaps when our STREAM_RESUME arrives on the
+                    # direct path; a FIN on the relay stream could overtake it and
+                    # read as the end of our data. FIN the relay stream later.
+                    await asyncio.sleep(SWAP_TIMEOUT)
+                    await _close_quietly(linger)
+                    linger = None
+                await conn.wait_closed()  # the direct path lives as long as the stream
+            finally:
+                if linger is not None:
+                    linger.abort()
         finally:
             if conn is not None:
                 conn.close(0, "")
-
-    async def _wait_acknowledged(self, stream: ResumableStream) -> None:
-        """Before a reference swap: wait until the peer has every byte we sent.
-
-        The reference responder never gets a retransmit from its initiator,
-        so bytes still in flight through the relay would be lost (spec 03
-        §7.7). A reference agent sends no checkpoints, so against one this
-        usually fails and the stream stays on the relay: no loss either way.
-
-        Raises:
-            ConnectionError: not acknowledged within :data:`ACK_WAIT`.
-        """
-        deadline = time.monotonic() + ACK_WAIT
-        while stream.positions.peer_acked < stream.positions.sent:
-            if time.monotonic() >= deadline:
-                raise ConnectionError(
-                    "the peer has not acknowledged every byte we sent (reference peer?)"
-                )
-            await asyncio.sleep(0.05)
 
     async def _exchange(self, sid: int) -> list[Candidate]:
         waiter: asyncio.Future[list[Candidate]] = asyncio.get_running_loop().create_future()
@@ -544,17 +553,27 @@ class P2PService:
         await _close_quietly(old)  # FIN the old relay stream after the swap ([REC] §7.7)
         return True
 
-    async def _swap_reference(self, stream: ResumableStream, conn: Connection) -> bool:
+    async def _swap_reference(self, stream: ResumableStream, conn: Connection) -> Stream | None:
         """Spec 03 §7.7 initiator, as the reference does it: STREAM_RESUME, no echo, swap.
 
-        Only after :meth:`_wait_acknowledged`, so no byte of ours is lost;
-        the peer retransmits what we lack from our ``peer_ack_position``.
+        The reference responder takes no retransmit from us, so first we stop
+        writing (detach) and wait until the peer has acknowledged every byte
+        we sent; then nothing of ours is lost. The peer retransmits what we
+        lack from our ``peer_ack_position``. If the acknowledgement does not
+        come, the stream resumes through the relay (a stall, no loss).
+
+        Returns:
+            The old relay stream, still open (the caller FINs it later), or
+            None if the stream stayed on the relay.
         """
         sid = stream.stream_id
         old = stream.detach()
         if old is None:
-            return False
+            return None
         try:
+            async with asyncio.timeout(ACK_WAIT):
+                while stream.positions.peer_acked < stream.positions.sent:  # noqa: ASYNC110
+                    await asyncio.sleep(0.02)  # (checkpoints arrive without an event)
             async with asyncio.timeout(SWAP_TIMEOUT):
                 direct = await conn.open_stream()
                 await direct.send_all(
@@ -568,17 +587,14 @@ class P2PService:
                     )
                 )
         except (TimeoutError, TransportError) as exc:
-            log.warning(
-                "p2p: migration failed; back to the relay",
-                extra=kv(id=sid, err=str(exc) or repr(exc)),
-            )
-            stream.fail_migration(old, str(exc) or repr(exc))
-            return False
+            reason = str(exc) or "the peer did not acknowledge our bytes in time"
+            log.warning("p2p: migration failed; back to the relay", extra=kv(id=sid, err=reason))
+            stream.fail_migration(old, reason)
+            return None
         stream.install(direct, b"")
         stream.path = "direct"
         await stream.retransmit(direct, b"")
-        await _close_quietly(old)
-        return True
+        return old  # the caller FINs it once the peer has surely swapped
 
 
 class _NoEcho(Exception):
