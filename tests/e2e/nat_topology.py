@@ -59,11 +59,18 @@ from .harness import AGENT_CMD, LOG_LEVEL, RELAY_CMD, Agent, Cluster, Identity, 
 __all__ = [
     "CMD_TIMEOUT",
     "ECHO_SCRIPT",
+    "ROLES",
     "TRANSFER_SCRIPT",
     "UDP_PEER_SCRIPT",
     "NatTopology",
+    "Unusable",
     "nat_topology",
+    "progress",
     "skip_reason",
+    "start_agent",
+    "start_proc",
+    "start_relay",
+    "start_script",
 ]
 
 CMD_TIMEOUT = 20.0
@@ -486,7 +493,8 @@ try:
         count += len(block)
         if count - reported >= 1 << 20:
             reported = count
-            out(msg="progress", received=count, sent=state["sent"])
+            out(msg="progress", received=count, sent=state["sent"],
+                t=round(now - started, 2))
     how = "eof"
 except BaseException as exc:
     how = "read: %r" % (exc,)
@@ -494,6 +502,7 @@ writer.join(60)
 out(msg="transfer done", size=size, sent=state["sent"], received=count, how=how,
     sent_sha256=hashlib.sha256(data).hexdigest(), received_sha256=received.hexdigest(),
     seconds=round(time.monotonic() - started, 2), longest_gap=round(gap, 2),
+    eof_after_last_byte=round(time.monotonic() - last, 2),
     error=state["error"])
 """
 """argv: PORT SIZE CHUNK PACE. Sends SIZE random bytes to 127.0.0.1:PORT in

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -42,6 +43,7 @@ from outrelay.pki import issue_agent, load_ca, write_identity
 from .harness import Agent, Cluster, Pki, Proc, Relay, contains, write_policy
 from .nat_topology import (
     ECHO_SCRIPT,
+    ROLES,
     TRANSFER_SCRIPT,
     UDP_PEER_SCRIPT,
     NatTopology,
@@ -159,6 +161,29 @@ def test_topology_behaves_like_the_two_nat_types(bare: tuple[Cluster, NatTopolog
     assert not z.find("udp received"), z.tail()
 
 
+@pytest.mark.timeout(60)
+def test_topology_teardown_survives_a_failing_body() -> None:
+    seen: NatTopology | None = None
+    orphan: subprocess.Popen[bytes] | None = None
+    with pytest.raises(RuntimeError, match="boom"), nat_topology((CONSUMER_P2P,)) as t:
+        seen = t
+        assert "MASQUERADE" in t.iptables_rules("natp", "nat")
+        assert f"--to-destination {t.c_ip}:{CONSUMER_P2P}" in t.iptables_rules("natc", "nat")
+        # A process nobody stops: the finalizer must kill it, or the namespace lingers.
+        orphan = subprocess.Popen([*t.prefix("p"), "sleep", "60"])
+        raise RuntimeError("boom")
+    assert seen is not None and orphan is not None
+    assert orphan.wait(timeout=5) != 0
+    listed = subprocess.run(
+        ["ip", "netns", "list"], capture_output=True, text=True, timeout=10, check=False
+    ).stdout
+    assert not [role for role in ROLES if seen.ns(role) in listed], listed
+    addrs = subprocess.run(
+        ["ip", "-4", "-o", "addr", "show"], capture_output=True, text=True, timeout=10, check=False
+    ).stdout
+    assert f"10.{seen.octet}." not in addrs
+
+
 # --------------------------------------------------------------------------- 2. the agents
 
 
@@ -249,14 +274,19 @@ def test_promoted_through_both_nats_survives_a_frozen_relay(
 
 
 @pytest.mark.timeout(150)
+@pytest.mark.parametrize("when", ["early", "late"])
 def test_cut_direct_path_between_the_nats_demotes_to_the_relay(
-    cluster: Cluster, topo: NatTopology
+    cluster: Cluster, topo: NatTopology, when: str
 ) -> None:
+    """``early``: right after the promotion; ``late``: once 90% came back over the
+    direct path (long after the relay stopped carrying the stream)."""
     size = 50 * MiB
     s = _start(cluster, topo)
     transfer = _transfer(cluster, topo, size)
     rec = s.consumer.wait_for("p2p: migrated to direct", timeout=20)
     assert _ip(rec["path"]) == topo.natp_public, rec
+    if when == "late":
+        transfer.wait_for("progress", received=lambda n: int(n) >= size * 9 // 10, timeout=60)
     with topo.direct_path_cut():
         cut_at = progress(transfer)
         assert not transfer.find("transfer done"), "finished before the direct path was cut"
