@@ -13,8 +13,9 @@ the provider's warm-up punch that opens its port-restricted NAT.
 * a 50 MiB echo transfer is promoted to the direct path mid-transfer (the
   consumer's ``path`` is natp's public address) and completes with the relay
   frozen (SIGSTOP): the bytes no longer go through it; sha256 equal both ways;
-* demotion: the direct path is cut between the NATs after promotion; the
-  transfer completes through the relay, nothing lost;
+* demotion: the direct path is cut between the NATs after promotion (right
+  after it, and once 90% came back); the transfer completes through the relay,
+  nothing lost;
 * ``p2p_mode`` FORBIDDEN in the relay's policy: no promotion, the relay's splice
   carries every byte;
 * a third agent with a valid certificate from the same CA, on the provider's
@@ -22,7 +23,8 @@ the provider's warm-up punch that opens its port-restricted NAT.
   the transfer is unaffected.
 
 Root only (skipped with a reason otherwise). Every namespace, veth, rule and
-process is removed by the fixture's finalizer, also when a test fails.
+process is removed by the fixture's finalizer, also when a test fails
+(``test_topology_teardown_survives_a_failing_body``).
 """
 
 from __future__ import annotations
