@@ -54,15 +54,22 @@ from outrelay.agent.p2p.candidates import (
 from outrelay.agent.p2p.checks import CheckOutcome, CheckPlan
 from outrelay.agent.p2p.interfaces import interface_addresses
 from outrelay.agent.resumable import ResumableStream, ResumeFailed, exchange_resume
-from outrelay.agent.session import CAP_P2P_RESUME_V2, NotConnected, RelaySession
+from outrelay.agent.session import (
+    CAP_P2P_RESUME_V2,
+    CHECKPOINT_PERIOD,
+    NotConnected,
+    RelaySession,
+)
 from outrelay.observe import kv
 from outrelay.orp import Candidate as CandidateMessage
 from outrelay.orp import (
     CandidateAnswer,
     CandidateOffer,
+    Frame,
     FrameType,
     MigrateToP2P,
     OrpError,
+    StreamCheckpoint,
     StreamResume,
     encode_message,
 )
@@ -299,6 +306,9 @@ class P2PService:
                 frame = await reader.read_frame()
             if frame is None:
                 raise OrpError("direct stream ended before STREAM_RESUME")
+            if frame.type == FrameType.STREAM_CHECKPOINT:
+                await self._read_checkpoints(conn, reader, frame)
+                return
             resume = expect_message(frame, FrameType.STREAM_RESUME, StreamResume)
         except (TimeoutError, TransportError, OrpError) as exc:
             log.warning("p2p: bad direct stream", extra=kv(err=str(exc) or repr(exc)))
@@ -377,6 +387,8 @@ class P2PService:
         )
         await target.retransmit(stream, gap)
         await _close_quietly(old)
+        if symmetric:
+            await _send_checkpoints(conn, target)
 
     # -- initiator -----------------------------------------------------------------------
 
@@ -465,13 +477,57 @@ class P2PService:
                     await asyncio.sleep(SWAP_TIMEOUT)
                     await _close_quietly(linger)
                     linger = None
-                await conn.wait_closed()  # the direct path lives as long as the stream
+                if symmetric:
+                    # The relay forgets the pair once its splice ends, so its
+                    # ctrl no longer carries our checkpoints: they go direct.
+                    async with asyncio.TaskGroup() as tg:
+                        tg.create_task(_send_checkpoints(conn, stream))
+                        tg.create_task(self._accept_checkpoints(conn, stream))
+                else:
+                    await conn.wait_closed()  # the direct path lives as long as the stream
             finally:
                 if linger is not None:
                     linger.abort()
         finally:
             if conn is not None:
                 conn.close(0, "")
+
+    async def _read_checkpoints(
+        self, conn: Connection, reader: FrameReader, first: Frame | None = None
+    ) -> None:
+        """Apply a peer's STREAM_CHECKPOINTs from a direct stream (for its own streams only)."""
+        dialler = getattr(conn, "identity", "") or ""
+        frame = first
+        while True:
+            if frame is None:
+                try:
+                    frame = await reader.read_frame()
+                except TransportError:
+                    return  # the direct path ended; demotion is the stream's business
+                if frame is None:
+                    return
+            checkpoint = expect_message(frame, FrameType.STREAM_CHECKPOINT, StreamCheckpoint)
+            frame = None
+            target = self.session.resumable(checkpoint.stream_id)
+            if target is not None and self.session.peer_of(checkpoint.stream_id) == dialler:
+                target.apply_checkpoint(checkpoint.my_position, checkpoint.peer_ack_position)
+
+    async def _accept_checkpoints(self, conn: Connection, stream: ResumableStream) -> None:
+        """Initiator: the responder's checkpoint stream on the connection we dialled."""
+        try:
+            while True:
+                incoming = await conn.accept_stream()
+                reader = FrameReader(incoming)
+                while (frame := await reader.read_frame()) is not None:
+                    checkpoint = expect_message(
+                        frame, FrameType.STREAM_CHECKPOINT, StreamCheckpoint
+                    )
+                    if checkpoint.stream_id == stream.stream_id:
+                        stream.apply_checkpoint(
+                            checkpoint.my_position, checkpoint.peer_ack_position
+                        )
+        except (TransportError, OrpError) as exc:
+            log.debug("p2p: direct checkpoints ended", extra=kv(err=str(exc) or repr(exc)))
 
     async def _exchange(self, sid: int) -> list[Candidate]:
         waiter: asyncio.Future[list[Candidate]] = asyncio.get_running_loop().create_future()
@@ -595,6 +651,32 @@ class P2PService:
         stream.path = "direct"
         await stream.retransmit(direct, b"")
         return old  # the caller FINs it once the peer has surely swapped
+
+
+async def _send_checkpoints(conn: Connection, stream: ResumableStream) -> None:
+    """STREAM_CHECKPOINT for ``stream`` on its own direct stream, every 100 ms (spec 03 §4.3).
+
+    Ends when the connection does, or when the stream has left the direct path.
+    """
+    try:
+        out = await conn.open_stream()
+        last: tuple[int, int] | None = None
+        while stream.path == "direct" and not conn.is_closed:
+            now = (stream.positions.sent, stream.positions.received)
+            if now != last:
+                last = now
+                await out.send_all(
+                    encode_message(
+                        FrameType.STREAM_CHECKPOINT,
+                        StreamCheckpoint(
+                            stream_id=stream.stream_id, my_position=now[0], peer_ack_position=now[1]
+                        ),
+                    )
+                )
+            await asyncio.sleep(CHECKPOINT_PERIOD)
+        out.abort()
+    except TransportError as exc:
+        log.debug("p2p: direct checkpoints ended", extra=kv(err=str(exc) or repr(exc)))
 
 
 class _NoEcho(Exception):
