@@ -819,7 +819,12 @@ class RelaySession:
             stream.path = "relay"
             log.info(
                 "p2p: demoted to relay",
-                extra=kv(id=sid, relay=link.address, reason=stream.broken_reason),
+                extra=kv(
+                    id=sid,
+                    path=link.address,
+                    rtt_ms=_rtt_ms(link.conn),
+                    reason=stream.broken_reason,
+                ),
             )
         await stream.retransmit(new, gap)
         log.info(
@@ -877,6 +882,11 @@ class RelaySession:
         self._mode_waiters.clear()
         with contextlib.suppress(Exception):
             await asyncio.sleep(0)
+
+
+def _rtt_ms(conn: Connection) -> str:
+    rtt = getattr(conn, "rtt", None)
+    return f"{rtt * 1000:.1f}" if rtt is not None else ""
 
 
 def stream_window(stream: ResumableStream) -> float:

@@ -2,9 +2,10 @@
 
 Pure parts, exported here: candidate rules and priorities
 (:mod:`.candidates`) and the connectivity-check schedule (:mod:`.checks`).
-The asyncio shell, :mod:`.promote`, runs only with ``--p2p-listen``
-(experimental, off by default); it is imported by the agent directly, not
-from here, because it depends on the session, which depends on this package.
+The asyncio shell, :mod:`.promote`, runs with ``--p2p-listen`` (off by
+default); it is imported by the agent directly, not from here, because it
+depends on the session, which depends on this package. :mod:`.interfaces`
+lists the host's addresses for host candidates.
 """
 
 from __future__ import annotations
