@@ -46,7 +46,14 @@ from outrelay.transport import (
 )
 from outrelay.wire import FrameReader, expect_message
 
-__all__ = ["RESUME_WINDOW", "ResumableStream", "ResumeFailed", "StreamLost", "exchange_resume"]
+__all__ = [
+    "RESUME_WINDOW",
+    "ResumableStream",
+    "ResumeFailed",
+    "StreamLost",
+    "exchange_resume",
+    "resume_frame",
+]
 
 log = logging.getLogger("outrelay.agent.resume")
 
@@ -62,6 +69,18 @@ ACK_WAIT = 5.0
 
 class ResumeFailed(Exception):
     """The other side did not complete a STREAM_RESUME exchange."""
+
+
+def resume_frame(stream: ResumableStream) -> bytes:
+    """``STREAM_RESUME{id, my_position=sent, peer_ack_position=received}`` (spec 03 §4.4)."""
+    return encode_message(
+        FrameType.STREAM_RESUME,
+        StreamResume(
+            stream_id=stream.stream_id,
+            my_position=stream.positions.sent,
+            peer_ack_position=stream.positions.received,
+        ),
+    )
 
 
 async def exchange_resume(conn: Connection, stream: ResumableStream) -> tuple[Stream, bytes, bytes]:
@@ -82,16 +101,7 @@ async def exchange_resume(conn: Connection, stream: ResumableStream) -> tuple[St
     """
     new = await conn.open_stream()
     try:
-        await new.send_all(
-            encode_message(
-                FrameType.STREAM_RESUME,
-                StreamResume(
-                    stream_id=stream.stream_id,
-                    my_position=stream.positions.sent,
-                    peer_ack_position=stream.positions.received,
-                ),
-            )
-        )
+        await new.send_all(resume_frame(stream))
         reader = FrameReader(new)
         frame = await reader.read_frame()
         if frame is None:

@@ -53,7 +53,12 @@ from outrelay.agent.p2p.candidates import (
 )
 from outrelay.agent.p2p.checks import CheckOutcome, CheckPlan
 from outrelay.agent.p2p.interfaces import interface_addresses
-from outrelay.agent.resumable import ResumableStream, ResumeFailed, exchange_resume
+from outrelay.agent.resumable import (
+    ResumableStream,
+    ResumeFailed,
+    exchange_resume,
+    resume_frame,
+)
 from outrelay.agent.session import (
     CAP_P2P_RESUME_V2,
     CHECKPOINT_PERIOD,
@@ -355,16 +360,7 @@ class P2PService:
                     )
                 raise _NoEcho
             async with asyncio.timeout(SWAP_TIMEOUT):
-                await stream.send_all(
-                    encode_message(
-                        FrameType.STREAM_RESUME,
-                        StreamResume(
-                            stream_id=sid,
-                            my_position=target.positions.sent,
-                            peer_ack_position=target.positions.received,
-                        ),
-                    )
-                )
+                await stream.send_all(resume_frame(target))
         except _NoEcho:
             pass
         except (TimeoutError, TransportError, ResumeError) as exc:
@@ -632,16 +628,7 @@ class P2PService:
                     await asyncio.sleep(0.02)  # (checkpoints arrive without an event)
             async with asyncio.timeout(SWAP_TIMEOUT):
                 direct = await conn.open_stream()
-                await direct.send_all(
-                    encode_message(
-                        FrameType.STREAM_RESUME,
-                        StreamResume(
-                            stream_id=sid,
-                            my_position=stream.positions.sent,
-                            peer_ack_position=stream.positions.received,
-                        ),
-                    )
-                )
+                await direct.send_all(resume_frame(stream))
         except (TimeoutError, TransportError) as exc:
             reason = str(exc) or "the peer did not acknowledge our bytes in time"
             log.warning("p2p: migration failed; back to the relay", extra=kv(id=sid, err=reason))
