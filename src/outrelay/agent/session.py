@@ -59,8 +59,8 @@ from outrelay.transport import (
     QuicTlsConfig,
     Stream,
     TransportError,
-    connect_quic,
     connect_tcp,
+    select_quic_backend,
 )
 from outrelay.wire import ControlChannel, FrameReader, frame_name
 
@@ -123,6 +123,9 @@ class SessionConfig:
     """``auto``: QUIC first, TCP when QUIC cannot connect; ``quic``; ``tcp``."""
     resume_window: float = RESUME_WINDOW
     """How long a broken stream waits to be resumed before it is dropped."""
+    quic_backend: str = "aioquic"
+    """QUIC client library for relay connections: ``aioquic``, ``qh3`` or ``auto``
+    (see :mod:`outrelay.transport.quic_backend`)."""
     quic_attempt_timeout: float = 3.0
     """In ``auto`` mode with TCP endpoints, how long a QUIC handshake may take
     before the TCP fallback is tried."""
@@ -157,6 +160,7 @@ class RelaySession:
         on_fatal: Callable[[str], Awaitable[None]] | None = None,
     ) -> None:
         self.config = config
+        self._connect_quic = select_quic_backend(config.quic_backend).connect
         self._on_incoming = on_incoming
         self._on_refused = on_refused
         self._on_fatal = on_fatal
@@ -412,7 +416,7 @@ class RelaySession:
                 host, port, self.config.tls, handshake_timeout=handshake_timeout
             )
         else:
-            conn = await connect_quic(
+            conn = await self._connect_quic(
                 host, port, self.config.tls, handshake_timeout=handshake_timeout
             )
         try:
