@@ -47,7 +47,7 @@ from cryptography import x509
 from qh3.asyncio.protocol import QuicConnectionProtocol
 from qh3.quic import events
 from qh3.quic.configuration import QuicConfiguration
-from qh3.quic.connection import QuicConnection
+from qh3.quic.connection import QuicConnection, QuicConnectionError
 
 from outrelay.transport._chunks import take_chunks
 from outrelay.transport.base import (
@@ -183,7 +183,12 @@ class Qh3Stream(Stream):
                     await self._send_ready.wait()
                     continue
                 chunk = view[:room]
-                self._conn._quic.send_stream_data(self.stream_id, chunk, False)
+                try:
+                    self._conn._quic.send_stream_data(self.stream_id, chunk, False)
+                except QuicConnectionError as exc:
+                    # The core closed before its ConnectionTerminated was popped.
+                    self._conn._on_terminated(exc.reason_phrase)
+                    raise BrokenResourceError(f"connection lost: {exc.reason_phrase}") from exc
                 self._conn._transmit_soon()
                 view = view[len(chunk) :]
                 if not view:
@@ -313,7 +318,12 @@ class Qh3Conn(Connection):
             stream = Qh3Stream(self, stream_id)
             self._streams[stream_id] = stream
             # Allocates the id; the peer sees the stream with our first bytes.
-            self._quic.send_stream_data(stream_id, b"", False)
+            try:
+                self._quic.send_stream_data(stream_id, b"", False)
+            except QuicConnectionError as exc:
+                self._streams.pop(stream_id, None)
+                self._on_terminated(exc.reason_phrase)
+                raise BrokenResourceError(f"connection lost: {exc.reason_phrase}") from exc
             return stream
 
     async def accept_stream(self) -> Stream:
