@@ -13,6 +13,8 @@ Scenarios (``--only`` takes a comma-separated subset; default: all):
   resume       relay SIGKILLed mid-download and restarted 2 s later
   stacks       aioquic vs qh3 (asyncio and uvloop) as the QUIC client
   qh3          alias of stacks
+  backends     the agents on aioquic vs qh3 vs qh3+uvloop, and on TLS+yamux with and
+               without uvloop, end to end through the relay: bulk, TTFB, resume
   experiments  candidate src changes applied at run time, vs baseline
   profile      py-spy (or cProfile) of consumer, relay and provider under bulk load
 
@@ -40,7 +42,16 @@ from bench.common import BenchError
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BENCHMARKS_MD = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
-SCENARIOS = ["bulk", "ttfb", "concurrency", "resume", "stacks", "experiments", "profile"]
+SCENARIOS = [
+    "bulk",
+    "ttfb",
+    "concurrency",
+    "resume",
+    "stacks",
+    "backends",
+    "experiments",
+    "profile",
+]
 ALIASES = {"cpu": "bulk", "qh3": "stacks"}
 
 
@@ -144,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         table = {
             "stacks": scenarios.run_stacks,
+            "backends": scenarios.run_backends,
             "concurrency": scenarios.run_concurrency,
             "resume": scenarios.run_resume,
             "experiments": scenarios.run_experiments,

@@ -32,6 +32,10 @@ proposal for the lead, with its before/after ratio in BENCHMARKS.md:
 ``ring4k``
     Resume rings allocated at 4 KiB instead of 64 KiB (concurrency scenario).
 
+``uvloop``
+    Run the entry point on uvloop's event loop instead of asyncio's (the
+    ``backends`` scenario: agents on qh3 and on the TCP transport).
+
 ``--cprofile OUT`` runs the entry point under :mod:`cProfile` and writes the
 stats to OUT when the process exits (SIGTERM leads to a clean exit).
 """
@@ -294,6 +298,15 @@ def _ring4k() -> None:
     defaults = ring.RingBuffer.__init__.__defaults__
     assert defaults is not None and len(defaults) == 2
     ring.RingBuffer.__init__.__defaults__ = (defaults[0], 4096)
+
+
+@_patch("uvloop")
+def _uvloop() -> None:
+    import asyncio
+
+    import uvloop
+
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
 def _entry(name: str) -> Callable[[list[str]], int]:

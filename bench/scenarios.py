@@ -649,6 +649,138 @@ def _resume_once(
     return run
 
 
+# -- agent QUIC backends and uvloop, end to end (issue 6 item 4) ---------------------------
+
+BACKEND_VARIANTS: dict[str, tuple[str, list[str], bool]] = {
+    # name: (transport, agent flags, agents on uvloop); the relay is always plain.
+    "aioquic": ("quic", ["--quic-backend", "aioquic"], False),
+    "qh3": ("quic", ["--quic-backend", "qh3"], False),
+    "qh3+uvloop": ("quic", ["--quic-backend", "qh3"], True),
+    "tcp": ("tcp", [], False),
+    "tcp+uvloop": ("tcp", [], True),
+}
+
+
+def _agents_on_uvloop() -> dict[str, list[str]]:
+    return {k: v for k, v in _wrap("uvloop").items() if k != "relay"}
+
+
+def run_backends(ctx: Ctx) -> None:
+    """The agents on aioquic vs qh3 vs qh3+uvloop (and TCP vs TCP+uvloop), same run.
+
+    End to end through a relay (always aioquic, plain asyncio): bulk and TTFB
+    interleaved per repetition, then the resume scenario once per QUIC variant.
+    """
+    opts = ctx.opts
+    size = opts.aux_size_mib * MIB
+    store: dict[str, Any] = {}
+    ctx.results["backends"] = {"size_mib": opts.aux_size_mib, "reps": opts.reps, "paths": store}
+    variants = dict(BACKEND_VARIANTS)
+    if not _importable("qh3"):
+        ctx.skipped["backends qh3"] = "qh3 not installed"
+        variants = {k: v for k, v in variants.items() if "qh3" not in k}
+    if not _importable("uvloop"):
+        ctx.skipped["backends uvloop"] = "uvloop not installed"
+        variants = {k: v for k, v in variants.items() if "uvloop" not in k}
+    with Procs(ctx.logdir("backends")) as procs:
+        backend = setups.start_backend(procs)
+        paths: list[TcpPath] = []
+        for name, (transport, flags, uv) in variants.items():
+            say(f"backends: starting relay + agents ({name})")
+            try:
+                o = setups.start_outrelay(
+                    procs,
+                    ctx.pki,
+                    backend.port,
+                    transport=transport,
+                    agent_args=flags,
+                    wrap=_agents_on_uvloop() if uv else None,
+                )
+            except BenchError as exc:
+                ctx.skipped[f"backends {name}"] = str(exc).splitlines()[0]
+                continue
+            paths.append(TcpPath(name, f"agents on {name}", o.local_port, o.procs))
+            store[name] = {"label": name, "seconds": [], "cpu": {}, "ttfb": []}
+        for path in paths:
+            with contextlib.suppress(BenchError, OSError):
+                path.bulk(2 * MIB)  # warm-up
+        for rep in range(opts.reps):
+            for path in paths:
+                entry = store[path.name]
+                try:
+                    seconds, cpu = path.bulk(size)
+                    entry["ttfb"] += path.ttfb(max(1, opts.ttfb_count // opts.reps))
+                except (BenchError, OSError) as exc:
+                    _record_error(entry, exc)
+                    continue
+                entry["seconds"].append(seconds)
+                for proc, used in cpu.items():
+                    entry["cpu"].setdefault(proc, []).append(used)
+            say(
+                f"backends rep {rep + 1}/{opts.reps}: "
+                + ", ".join(
+                    f"{n}={size * 8 / 1e6 / e['seconds'][-1]:.0f}"
+                    for n, e in store.items()
+                    if e["seconds"]
+                )
+                + " Mbit/s"
+            )
+    for entry in store.values():
+        secs = sorted(entry["seconds"])
+        samples = sorted(entry["ttfb"])
+        if secs:
+            entry["mbps"] = size * 8 / 1e6 / secs[len(secs) // 2]
+        if samples:
+            entry["ttfb_ms"] = samples[len(samples) // 2] * 1000
+        for proc, used in entry["cpu"].items():
+            entry.setdefault("cpu_s_per_gib", {})[proc] = sorted(used)[len(used) // 2] / (
+                size / GIB
+            )
+    _backends_resume(ctx, variants)
+    say("backends summary: " + json.dumps({n: _brief(e) for n, e in store.items()}))
+
+
+def _brief(entry: dict[str, Any]) -> dict[str, Any]:
+    out = {k: round(entry[k], 2) for k in ("mbps", "ttfb_ms") if k in entry}
+    out["cpu_s_per_gib"] = {k: round(v, 2) for k, v in entry.get("cpu_s_per_gib", {}).items()}
+    if entry.get("errors"):
+        out["errors"] = entry["errors"][:2]
+    return out
+
+
+def _backends_resume(ctx: Ctx, variants: dict[str, tuple[str, list[str], bool]]) -> None:
+    opts = ctx.opts
+    rate = int(opts.resume_rate_mib * MIB)
+    size = int(rate * opts.resume_seconds)
+    runs: list[dict[str, Any]] = []
+    ctx.results["backends"]["resume"] = runs
+    for name, (transport, flags, uv) in variants.items():
+        if transport != "quic":
+            continue
+        with Procs(ctx.logdir(f"backends-resume-{name}")) as procs:
+            backend = setups.start_backend(procs)
+            o = setups.start_outrelay(
+                procs,
+                ctx.pki,
+                backend.port,
+                log_level="info",
+                agent_args=flags,
+                wrap=_agents_on_uvloop() if uv else None,
+            )
+            for rep in range(opts.resume_reps):
+                run = _resume_once(procs, o, size, rate, 3.0, 2.0, opts.resume_seconds)
+                run["variant"] = name
+                run.pop("timeline", None)
+                runs.append(run)
+                say(
+                    f"backends resume {name} rep {rep + 1}: app stall "
+                    f"{run.get('max_gap_ms', float('nan')):.0f} ms, intact={run.get('intact')}, "
+                    f"received={run.get('received')}/{size}"
+                )
+                if rep + 1 < opts.resume_reps:
+                    setups.wait_path(o.local_port, 60.0, list(o.procs.values()))
+
+
 # -- experiments: candidate src changes, applied at run time -----------------------------------
 
 VARIANTS = [

@@ -180,13 +180,15 @@ def start_outrelay(
     wrap: dict[str, list[str]] | None = None,
     env: dict[str, str] | None = None,
     transport: str = "quic",
+    agent_args: list[str] | None = None,
 ) -> Outrelay:
     """Relay, then provider (``--expose svc``), then consumer (``--consume svc@...``).
 
     ``wrap`` maps "relay"/"provider"/"consumer" to a command that replaces the
     console script (profiling and patch experiments use it). ``transport``
     "tcp" adds ``--listen-tcp`` to the relay and makes both agents use the
-    TLS+yamux fallback only (``--transport tcp --relay-tcp``).
+    TLS+yamux fallback only (``--transport tcp --relay-tcp``). ``agent_args``
+    go to both agents (e.g. ``--quic-backend qh3``).
     """
     wrap = wrap or {}
     relay_port = free_port(socket.SOCK_DGRAM)
@@ -197,6 +199,7 @@ def start_outrelay(
         tcp_port = free_port()
         extra_relay = ["--listen-tcp", f"{LOOPBACK}:{tcp_port}"]
         common += ["--transport", "tcp", "--relay-tcp", f"{LOOPBACK}:{tcp_port}"]
+    common += agent_args or []
     relay, relay_argv = start_relay(
         procs, pki, relay_port, log_level=log_level, wrap=wrap.get("relay"), extra=extra_relay
     )

@@ -22,9 +22,32 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     return make_pki(tmp_path_factory.mktemp("e2e-pki") / "pki")
 
 
+try:
+    import qh3  # noqa: F401
+
+    HAVE_QH3 = True
+except ImportError:  # pragma: no cover - qh3 is a dev dependency
+    HAVE_QH3 = False
+
+QUIC_BACKEND_PARAMS = [
+    "aioquic",
+    pytest.param("qh3", marks=pytest.mark.skipif(not HAVE_QH3, reason="qh3 is not installed")),
+]
+"""For modules that run every agent on each QUIC client backend: override
+``quic_backend`` with ``@pytest.fixture(scope="module", params=QUIC_BACKEND_PARAMS)``."""
+
+
+@pytest.fixture(scope="module")
+def quic_backend() -> str | None:
+    """``--quic-backend`` for the agents (None: the agent's default, ``auto``)."""
+    return None
+
+
 @pytest.fixture
-def cluster(request: pytest.FixtureRequest, tmp_path: Path, pki: Pki) -> Iterator[Cluster]:
-    c = Cluster(tmp_path / "procs", pki)
+def cluster(
+    request: pytest.FixtureRequest, tmp_path: Path, pki: Pki, quic_backend: str | None
+) -> Iterator[Cluster]:
+    c = Cluster(tmp_path / "procs", pki, quic_backend)
     request.node.e2e_log_tail = c.log_tail
     try:
         yield c

@@ -447,10 +447,12 @@ class Cluster:
     """A pure consumer logs nothing when HELLO_ACK arrives; after the relay's
     ``agent connected`` we give the ACK this long to land."""
 
-    def __init__(self, workdir: Path, pki: Pki) -> None:
+    def __init__(self, workdir: Path, pki: Pki, quic_backend: str | None = None) -> None:
         self.workdir = workdir
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.pki = pki
+        self.quic_backend = quic_backend
+        """``--quic-backend`` for every agent (None: the agent's default)."""
         self.procs: list[Proc] = []
         self._names: dict[str, int] = {}
 
@@ -562,6 +564,8 @@ class Cluster:
             argv += ["--consume", f"{svc}@127.0.0.1:0"]
         if "--shutdown-grace" not in args:
             argv += ["--shutdown-grace", AGENT_SHUTDOWN_GRACE]
+        if self.quic_backend is not None and "--quic-backend" not in args:
+            argv += ["--quic-backend", self.quic_backend]
         argv += list(args)
         unique, log_path = self._log_path(name or identity.name)
         relay_since = relay.count() if isinstance(relay, Relay) else 0

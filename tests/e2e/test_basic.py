@@ -33,6 +33,7 @@ import pytest
 import outrelay
 from outrelay.pki import create_ca, issue_agent, load_ca, write_identity
 
+from .conftest import QUIC_BACKEND_PARAMS
 from .harness import (
     AGENT_CMD,
     RELAY_CMD,
@@ -55,6 +56,13 @@ from .harness import (
 )
 
 pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module", params=QUIC_BACKEND_PARAMS)
+def quic_backend(request: pytest.FixtureRequest) -> str:
+    """Every scenario here runs with the agents on each QUIC client backend."""
+    return str(request.param)
+
 
 HTTP_BODY = b"".join(b"outrelay e2e line %06d\n" % i for i in range(12_000))  # ~276 KiB
 GREETING = b"hello from a backend that closes first\n"
@@ -86,9 +94,11 @@ class Stack:
 
 
 @pytest.fixture(scope="module")
-def shared(tmp_path_factory: pytest.TempPathFactory, pki: Pki) -> Iterator[Stack]:
+def shared(
+    tmp_path_factory: pytest.TempPathFactory, pki: Pki, quic_backend: str
+) -> Iterator[Stack]:
     backends = Backends()
-    cluster = Cluster(tmp_path_factory.mktemp("e2e-basic"), pki)
+    cluster = Cluster(tmp_path_factory.mktemp("e2e-basic"), pki, quic_backend)
     try:
         http = backends.http(HTTP_BODY)
         echo = backends.echo()
@@ -240,6 +250,9 @@ def test_20_mib_each_way_through_echo(stack: Stack, record_property: Callable) -
 
 @pytest.mark.timeout(90)
 def test_200_concurrent_connections(stack: Stack, record_property: Callable) -> None:
+    if stack.cluster.quic_backend == "qh3":
+        # Known failure, why --quic-backend auto stays aioquic (transport/quic_backend.py).
+        pytest.xfail("times out with the agents on qh3 (100 relay-opened streams, held queue)")
     port = stack.consumer.port("echo")
     n = 200
 

@@ -16,9 +16,17 @@ import time
 
 import pytest
 
+from .conftest import QUIC_BACKEND_PARAMS
 from .harness import Agent, Backends, Cluster, Relay
 
 pytestmark = [pytest.mark.e2e]
+
+
+@pytest.fixture(scope="module", params=QUIC_BACKEND_PARAMS)
+def quic_backend(request: pytest.FixtureRequest) -> str:
+    """Every scenario here runs with the agents on each QUIC client backend."""
+    return str(request.param)
+
 
 MiB = 1 << 20
 

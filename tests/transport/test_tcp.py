@@ -530,3 +530,36 @@ def test_client_hello_alpn_parser() -> None:
         client_hello_alpn(b"GET / HTTP/1.1\r\n\r\n")
     with pytest.raises(ValueError):
         client_hello_alpn(b"\x16\x03\x01\x00\x05\x02\x00\x00\x01\x00")  # ServerHello type
+
+
+def test_tls_yamux_runs_on_uvloop(pki: Pki) -> None:
+    """The agent may run on uvloop (bench: TLS+yamux is faster there), whose TCP
+    transports implement asyncio.Transport without subclassing it."""
+    uvloop = pytest.importorskip("uvloop")
+
+    async def main() -> None:
+        server = await _serve(pki)
+        assert server.handle is not None
+        try:
+            client, peer = await _pair(pki, server)
+            stream = await client.open_stream()
+            data = os.urandom(4 << 20)
+
+            async def write() -> None:
+                await stream.send_all(data)
+                await stream.send_eof()
+
+            writer = asyncio.create_task(write())
+            remote = await peer.accept_stream()
+            assert await _read_all(remote) == data
+            await writer
+            await remote.send_all(b"pong")
+            await remote.send_eof()
+            assert await _read_all(stream) == b"pong"
+            client.close()
+        finally:
+            server.handle.close()
+            await server.handle.wait_closed()
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(asyncio.wait_for(main(), 30))

@@ -35,7 +35,7 @@ from outrelay.cliutil import go_style_argv, parse_host_port
 from outrelay.identity import InvalidIdentity, parse_identity
 from outrelay.observe import kv, setup_logging
 from outrelay.pki import PkiError, load_certificates, load_identity
-from outrelay.transport import QuicTlsConfig
+from outrelay.transport import QUIC_BACKENDS, QuicTlsConfig, select_quic_backend
 
 __all__ = ["build_parser", "main"]
 
@@ -92,6 +92,14 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("auto", "quic", "tcp"),
         help="auto: QUIC first, then --relay-tcp, and back to QUIC on a later reconnect; "
         "quic or tcp: only that (default %(default)s)",
+    )
+    p.add_argument(
+        "--quic-backend",
+        default="auto",
+        choices=QUIC_BACKENDS,
+        help="QUIC library that dials the relay: qh3 (Rust core, faster client) or aioquic; "
+        "auto: aioquic for now (qh3 does not yet pass every test). The relay, P2P and "
+        "forward planes always use aioquic (default %(default)s)",
     )
     p.add_argument(
         "--uri",
@@ -229,6 +237,21 @@ def _build_config(args: argparse.Namespace) -> AgentConfig:
     if args.transport != "tcp" and not relays:
         raise UsageError("--relay needs at least one host:port")
 
+    try:
+        backend = select_quic_backend(args.quic_backend)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    if args.transport != "tcp":
+        log.info(
+            "QUIC backend",
+            extra=kv(
+                backend=backend.name,
+                version=backend.version,
+                requested=args.quic_backend,
+                note=backend.note or "-",
+            ),
+        )
+
     services: dict[str, str] = {}
     if args.expose_service:
         if not args.expose_target:
@@ -295,6 +318,7 @@ def _build_config(args: argparse.Namespace) -> AgentConfig:
             services=services,
             relays_tcp=tuple(relays_tcp),
             transport=args.transport,
+            quic_backend=backend.name,
             resume_window=args.resume_window,
         ),
         consumes=consumes,

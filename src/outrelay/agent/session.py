@@ -59,8 +59,8 @@ from outrelay.transport import (
     QuicTlsConfig,
     Stream,
     TransportError,
-    connect_quic,
     connect_tcp,
+    select_quic_backend,
 )
 from outrelay.transport.shared_udp import SharedUdpEndpoint
 from outrelay.wire import ControlChannel, FrameReader, frame_name
@@ -131,6 +131,9 @@ class SessionConfig:
     """``auto``: QUIC first, TCP when QUIC cannot connect; ``quic``; ``tcp``."""
     resume_window: float = RESUME_WINDOW
     """How long a broken stream waits to be resumed before it is dropped."""
+    quic_backend: str = "aioquic"
+    """QUIC client library for relay connections: ``aioquic``, ``qh3`` or ``auto``
+    (see :mod:`outrelay.transport.quic_backend`)."""
     quic_attempt_timeout: float = 3.0
     """In ``auto`` mode with TCP endpoints, how long a QUIC handshake may take
     before the TCP fallback is tried."""
@@ -167,6 +170,7 @@ class RelaySession:
         on_fatal: Callable[[str], Awaitable[None]] | None = None,
     ) -> None:
         self.config = config
+        self._connect_quic = select_quic_backend(config.quic_backend).connect
         self._on_incoming = on_incoming
         self._on_refused = on_refused
         self._on_fatal = on_fatal
@@ -490,7 +494,11 @@ class RelaySession:
     async def _dial_quic(
         self, host: str, port: int, handshake_timeout: float
     ) -> tuple[Connection, bool]:
-        """QUIC to a relay: from the shared socket when there is one and it can reach it."""
+        """QUIC to a relay: from the shared socket when there is one and it can reach it.
+
+        The shared socket runs aioquic whatever ``--quic-backend`` says: it
+        also serves direct dials, and only aioquic can verify client certificates.
+        """
         endpoint = self.udp_endpoint
         if endpoint is not None:
             try:
@@ -499,7 +507,9 @@ class RelaySession:
                 if "not reachable from" not in str(exc):
                     raise
                 log.debug("session: relay not on the shared socket", extra=kv(err=str(exc)))
-        conn = await connect_quic(host, port, self.config.tls, handshake_timeout=handshake_timeout)
+        conn = await self._connect_quic(
+            host, port, self.config.tls, handshake_timeout=handshake_timeout
+        )
         return conn, False
 
     # -- control stream ---------------------------------------------------------------------

@@ -23,17 +23,20 @@ from outrelay.transport.quic import (
     connect_quic_on,
     serve_quic,
 )
+from outrelay.transport.quic_backend import QUIC_BACKENDS, QuicBackend, select_quic_backend
 from outrelay.transport.tcp import TcpServerHandle, connect_tcp, serve_tcp
 
 __all__ = [
     "ALPN",
     "FORWARD_ALPN",
+    "QUIC_BACKENDS",
     "BrokenResourceError",
     "BusyResourceError",
     "ClosedResourceError",
     "Connection",
     "PacketEndpoint",
     "PeerInfo",
+    "QuicBackend",
     "QuicServerHandle",
     "QuicTlsConfig",
     "SocketStream",
@@ -45,6 +48,7 @@ __all__ = [
     "connect_quic_on",
     "connect_tcp",
     "open_tcp",
+    "select_quic_backend",
     "serve_quic",
     "serve_tcp",
 ]

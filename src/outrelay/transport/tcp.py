@@ -49,7 +49,7 @@ import socket
 import ssl
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from cryptography import x509
 
@@ -578,15 +578,15 @@ class _YamuxProtocol(asyncio.Protocol):
     # -- asyncio callbacks --------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        peer = transport.get_extra_info("peername")
+        # uvloop's TCP transports implement asyncio.Transport without subclassing it.
+        self.transport = tr = cast("asyncio.Transport", transport)
+        peer = tr.get_extra_info("peername")
         if peer:
             self.address = _fold_address(peer)
-        _tune_socket(transport)
-        transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH, low=WRITE_BUFFER_LOW)
+        _tune_socket(tr)
+        tr.set_write_buffer_limits(high=WRITE_BUFFER_HIGH, low=WRITE_BUFFER_LOW)
         if self._sslobj is None:
-            transport.pause_reading()  # until start_session()
+            tr.pause_reading()  # until start_session()
             self.handshake.set_result(None)
         elif not self._server_side:
             self._advance_handshake()  # sends the ClientHello
