@@ -19,6 +19,7 @@ from outrelay.agent.p2p import (
 from outrelay.agent.p2p.candidates import (
     CAPABILITY_KIND,
     capability_marker,
+    identity_marker,
     punch_targets,
     split_capabilities,
 )
@@ -183,9 +184,13 @@ def test_capability_marker_round_trip_and_never_dialled() -> None:
     marker = capability_marker("p2p-resume-v2")
     assert marker.kind == CAPABILITY_KIND
     offered = [Candidate("srflx", "203.0.113.7", 4000, 65), marker]
-    real, caps = split_capabilities(offered)
+    real, markers = split_capabilities(
+        [*offered, identity_marker("outrelay://acme/agent/1f0e6c8e-0000-4000-8000-000000000001")]
+    )
     assert real == offered[:1]
-    assert caps == {"p2p-resume-v2"}
+    assert markers.capabilities == {"p2p-resume-v2"}
+    assert markers.identity == "outrelay://acme/agent/1f0e6c8e-0000-4000-8000-000000000001"
+    assert split_capabilities(offered[:1])[1].identity == ""  # a reference peer tells nothing
     # A peer that does not know the marker (the reference) drops it: the ip does not parse.
     assert order_remote(offered) == offered[:1]
 
@@ -202,6 +207,8 @@ def test_punch_targets_follow_the_spec_filters() -> None:
         Candidate("host", "203.0.113.7", 4000, 100),  # the same address twice: once
     ]
     assert punch_targets(offered) == [("203.0.113.7", 4000), ("10.0.0.2", 4001)]
+    many = [Candidate("host", f"10.0.{i // 250}.{i % 250 + 1}", 5000, 30) for i in range(2000)]
+    assert len(punch_targets(many)) == 8
 
 
 def test_local_candidates_keep_one_entry_per_address_highest_priority_first() -> None:

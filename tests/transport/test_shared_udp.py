@@ -160,3 +160,21 @@ async def test_a_closed_endpoint_refuses_new_dials(pki: Pki, sides: tuple[Side, 
         await a.endpoint.connect(*b.endpoint.address)
     with pytest.raises(OSError):
         a.endpoint.send_raw(PUNCH, *b.endpoint.address)
+
+
+async def test_a_cancelled_dial_leaves_no_live_connection(
+    pki: Pki, sides: tuple[Side, Side]
+) -> None:
+    """A losing connectivity check is cancelled mid-handshake: it must not finish later."""
+    a, b = sides
+    dial = asyncio.create_task(a.endpoint.connect(*b.endpoint.address))
+    await asyncio.sleep(0)  # the dial has sent its Initial
+    await asyncio.sleep(0.001)
+    dial.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await dial
+    await asyncio.sleep(1.5)
+    assert not a.endpoint._demux._protocols  # every id of the dial is unrouted
+    while not b.inbound.empty():  # the peer may have completed its side: it must be closed
+        conn = b.inbound.get_nowait()
+        await asyncio.wait_for(conn.wait_closed(), 5)

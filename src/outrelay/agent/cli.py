@@ -30,7 +30,7 @@ from outrelay.agent.intercept import (
     parse_dns_upstream,
 )
 from outrelay.agent.p2p.promote import P2PConfig
-from outrelay.agent.session import SessionConfig
+from outrelay.agent.session import HELLO_CAPABILITIES, SessionConfig
 from outrelay.cliutil import go_style_argv, parse_host_port
 from outrelay.identity import InvalidIdentity, parse_identity
 from outrelay.observe import kv, setup_logging
@@ -320,6 +320,7 @@ def _build_config(args: argparse.Namespace) -> AgentConfig:
             transport=args.transport,
             quic_backend=backend.name,
             resume_window=args.resume_window,
+            capabilities=HELLO_CAPABILITIES if p2p and not p2p.reference_wire else (),
         ),
         consumes=consumes,
         shutdown_grace=args.shutdown_grace,

@@ -134,6 +134,9 @@ class SessionConfig:
     quic_backend: str = "aioquic"
     """QUIC client library for relay connections: ``aioquic``, ``qh3`` or ``auto``
     (see :mod:`outrelay.transport.quic_backend`)."""
+    capabilities: tuple[str, ...] = ()
+    """HELLO capabilities (:data:`HELLO_CAPABILITIES` with ``--p2p-listen``); the
+    reference sends none, and neither do we without P2P."""
     quic_attempt_timeout: float = 3.0
     """In ``auto`` mode with TCP endpoints, how long a QUIC handshake may take
     before the TCP fallback is tried."""
@@ -454,7 +457,7 @@ class RelaySession:
                 Hello(
                     protocol_version="orp/1",
                     agent_uri=self.config.uri,
-                    capabilities=list(HELLO_CAPABILITIES),
+                    capabilities=list(self.config.capabilities),
                 ),
             )
             reader = FrameReader(ctrl)
@@ -576,7 +579,11 @@ class RelaySession:
             log.warning("session: unexpected ctrl frame", extra=kv(type="REGISTER_ACK"))
         elif frame_type == FrameType.STREAM_READY:
             sid = message.stream_id if isinstance(message, StreamReady) else 0
-            if isinstance(message, StreamReady) and message.outrelay_p2p_mode:
+            if (
+                isinstance(message, StreamReady)
+                and message.outrelay_p2p_mode
+                and (sid in self._active_ids or sid in self._mode_waiters)
+            ):
                 self._p2p_modes[sid] = message.outrelay_p2p_mode
             self._deliver_mode(sid, StreamMode.SPLICE)
         elif frame_type == FrameType.ALLOC_GRANTED:
@@ -716,6 +723,10 @@ class RelaySession:
             stream.abort()
             raise
         return stream, sid, waiter
+
+    def is_active(self, stream_id: int) -> bool:
+        """A stream of ours (opened or accepted, not yet finished) has this id."""
+        return stream_id in self._active_ids
 
     def track(self, stream_id: int) -> None:
         self._active_ids.add(stream_id)

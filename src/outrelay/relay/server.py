@@ -751,6 +751,8 @@ class Relay:
             )
             return
         # Splice mode (spec 02 §6.3); a forward rule without --listen-forward splices too.
+        if p2p_mode == P2PMode.FORBIDDEN:
+            self.p2p_forbidden.add(sid)  # before STREAM_READY: no offer may slip through
         current_provider = self.agents.get(provider.uri)
         for agent in (consumer, current_provider):
             if agent is None:
@@ -760,8 +762,6 @@ class Relay:
                 ready.outrelay_p2p_mode = int(p2p_mode) + 1
             with contextlib.suppress(TransportError):
                 await agent.ctrl.send(FrameType.STREAM_READY, ready)
-        if p2p_mode == P2PMode.FORBIDDEN:
-            self.p2p_forbidden.add(sid)
         try:
             await self._splice_pair(c_stream, c_leftover, p_stream, p_reader, sid, p2p_mode)
         finally:

@@ -720,6 +720,11 @@ async def client_handshake(
         conn.close(0, "")
         detail = conn._close_reason or repr(exc)
         raise BrokenResourceError(f"QUIC handshake with {name} failed: {detail}") from exc
+    except BaseException:
+        # Cancelled (a losing connectivity check): the handshake must not
+        # finish later into a live connection that nobody owns.
+        conn.close(0, "")
+        raise
     return conn
 
 

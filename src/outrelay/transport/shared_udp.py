@@ -86,14 +86,18 @@ class _Demux(QuicServer):
         quic = protocol._quic
         for cid in quic._host_cids:
             self._protocols[cid.cid] = protocol
-        protocol._connection_id_issued_handler = partial(
-            self._connection_id_issued, protocol=protocol
-        )
+        protocol._connection_id_issued_handler = partial(self._issued, protocol=protocol)
         protocol._connection_id_retired_handler = partial(self._retired, protocol=protocol)
         protocol._connection_terminated_handler = partial(
             self._connection_terminated, protocol=protocol
         )
         protocol.conn._on_closed.append(partial(self._connection_terminated, protocol))
+
+    def _issued(self, cid: bytes, protocol: _Protocol) -> None:
+        # aioquic may still issue ids while a connection we closed drains:
+        # they must not route datagrams to it again.
+        if not protocol.conn._terminated:
+            self._protocols[cid] = protocol
 
     def _retired(self, cid: bytes, protocol: Any) -> None:
         if self._protocols.get(cid) is protocol:

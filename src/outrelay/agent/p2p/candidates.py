@@ -23,13 +23,17 @@ from dataclasses import dataclass
 __all__ = [
     "ADVERTISED_PRIORITY",
     "CAPABILITY_KIND",
+    "IDENTITY_KIND",
+    "PUNCH_MAX",
     "SRFLX_PRIORITY",
     "SRFLX_PRIORITY_REC",
     "Candidate",
+    "PeerMarkers",
     "RequestIds",
     "capability_marker",
     "host_candidates",
     "host_priority",
+    "identity_marker",
     "local_candidates",
     "order_remote",
     "punch_targets",
@@ -140,38 +144,65 @@ the capability name. A reference peer drops it, because the ip does not parse
 (§7.4), and our checks never dial it."""
 
 
+IDENTITY_KIND = "outrelay-id"
+"""Kind of the marker entry whose ``ip`` is the sender's agent URI. The relay
+forwards an offer or answer only between the two agents of a pair, so the
+initiator learns whom it must reach and checks the certificate of the agent it
+dialled against it (spec 03 §7.7 [REC]: a certificate from the same CA is not
+enough)."""
+
+
 def capability_marker(name: str) -> Candidate:
     return Candidate(CAPABILITY_KIND, name, 0, 0)
 
 
-def split_capabilities(candidates: Iterable[Candidate]) -> tuple[list[Candidate], set[str]]:
-    """(the real candidates, the capability names the peer announced)."""
+def identity_marker(uri: str) -> Candidate:
+    return Candidate(IDENTITY_KIND, uri, 0, 0)
+
+
+@dataclass(frozen=True)
+class PeerMarkers:
+    capabilities: frozenset[str] = frozenset()
+    identity: str = ""
+    """The peer's agent URI, when it told it ("" from a reference peer)."""
+
+
+def split_capabilities(candidates: Iterable[Candidate]) -> tuple[list[Candidate], PeerMarkers]:
+    """(the real candidates, what the peer's marker entries announced)."""
     real: list[Candidate] = []
     caps: set[str] = set()
+    identity = ""
     for c in candidates:
         if c.kind == CAPABILITY_KIND:
             caps.add(c.ip)
+        elif c.kind == IDENTITY_KIND:
+            identity = c.ip
         else:
             real.append(c)
-    return real, caps
+    return real, PeerMarkers(frozenset(caps), identity)
 
 
-def punch_targets(candidates: Iterable[Candidate]) -> list[tuple[str, int]]:
-    """Where the responder sends its warm-up byte (spec 03 §7.6).
+PUNCH_MAX = 8
+"""Ours: at most this many punches per offer. The spec punches every offered
+candidate; a peer could otherwise aim our socket at thousands of addresses."""
 
-    Skipped: an empty or unparseable ip, port 0 or above 65535; duplicates once.
+
+def punch_targets(candidates: Iterable[Candidate], limit: int = PUNCH_MAX) -> list[tuple[str, int]]:
+    """Where the responder sends its warm-up byte (spec 03 §7.6), highest priority first.
+
+    Skipped: an empty or unparseable ip, port 0 or above 65535; duplicates once;
+    at most ``limit`` targets.
     """
-    out: list[tuple[str, int]] = []
-    for c in candidates:
+    out: dict[tuple[str, int], None] = {}
+    for c in sorted(candidates, key=lambda c: -c.priority):
+        if len(out) >= limit:
+            break
         if not c.ip or not 0 < c.port <= 0xFFFF:
             continue
         addr = _parse(c.ip)
-        if addr is None:
-            continue
-        target = (str(addr), c.port)
-        if target not in out:
-            out.append(target)
-    return out
+        if addr is not None:
+            out[(str(addr), c.port)] = None
+    return list(out)
 
 
 def order_remote(candidates: Iterable[Candidate]) -> list[Candidate]:

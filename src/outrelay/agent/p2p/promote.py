@@ -47,6 +47,7 @@ from outrelay.agent.p2p.candidates import (
     Candidate,
     capability_marker,
     host_candidates,
+    identity_marker,
     local_candidates,
     punch_targets,
     split_capabilities,
@@ -79,6 +80,7 @@ from outrelay.orp import (
     encode_message,
 )
 from outrelay.pki import ClientVerifier, load_certificates
+from outrelay.pki.verify import first_uri_san
 from outrelay.resume import ResumeError, retransmit_range
 from outrelay.transport import Connection, QuicTlsConfig, Stream, TransportError
 from outrelay.transport.shared_udp import PUNCH, SharedUdpEndpoint, open_shared_udp
@@ -139,7 +141,7 @@ class P2PService:
         self._incoming: asyncio.Queue[Connection] = asyncio.Queue(ANSWER_QUEUE)
         self._hosts: list[Candidate] = []
         self._candidates: list[Candidate] = []
-        self._peer_caps: dict[int, set[str]] = {}
+        self._peer_caps: dict[int, frozenset[str]] = {}
         """Stream id -> capabilities the peer's offer announced (responder side)."""
         self._direct: set[Connection] = set()
 
@@ -200,10 +202,14 @@ class P2PService:
             self.endpoint.close()
 
     def _offered(self) -> list[Candidate]:
-        """Our candidates plus the marker that tells a peer of ours we swap symmetrically."""
+        """Our candidates, plus markers for a peer of ours: the symmetric swap, and who we are."""
         if self.config.reference_wire:
             return list(self._candidates)
-        return [*self._candidates, capability_marker(CAP_P2P_RESUME_V2)]
+        return [
+            *self._candidates,
+            capability_marker(CAP_P2P_RESUME_V2),
+            identity_marker(self.session.config.uri),
+        ]
 
     def _mode(self, sid: int) -> int:
         """The relay's p2p mode for ``sid`` (0: not told; the reference agent never is)."""
@@ -252,8 +258,9 @@ class P2PService:
     async def _answer_loop(self) -> None:
         while True:
             sid, offered = await self._offers.get()
-            remote, caps = split_capabilities(offered)
-            self._peer_caps[sid] = caps
+            remote, markers = split_capabilities(offered)
+            self._peer_caps.pop(sid, None)
+            self._peer_caps[sid] = markers.capabilities
             while len(self._peer_caps) > PEER_CAPS_MAX:
                 del self._peer_caps[next(iter(self._peer_caps))]
             ours: list[Candidate] = []
@@ -264,7 +271,8 @@ class P2PService:
                 )
             else:
                 ours = self._offered()
-                self._punch(sid, remote)
+                if self.session.is_active(sid):  # never punch for a stream we do not serve
+                    self._punch(sid, remote)
             answer = CandidateAnswer(stream_id=sid, candidates=[_to_message(c) for c in ours])
             try:
                 await self.session.send_control(FrameType.CANDIDATE_ANSWER, answer)
@@ -295,9 +303,17 @@ class P2PService:
         try:
             async with asyncio.TaskGroup() as tg:
                 try:
+                    # A connection that carries no stream (a check that lost
+                    # the race, a scanner) is not kept alive by keep-alives.
+                    async with asyncio.timeout(2 * SWAP_TIMEOUT):
+                        first = await conn.accept_stream()
+                    tg.create_task(_guard(self._direct_stream(conn, first), "direct stream"))
                     while True:
                         stream = await conn.accept_stream()
                         tg.create_task(_guard(self._direct_stream(conn, stream), "direct stream"))
+                except TimeoutError:
+                    log.debug("p2p: idle direct connection closed", extra=kv(remote=_path(conn)))
+                    conn.close(0, "")
                 except TransportError:
                     pass
         finally:
@@ -331,7 +347,7 @@ class P2PService:
             stream.abort()
             return
         symmetric = not self.config.reference_wire and CAP_P2P_RESUME_V2 in self._peer_caps.get(
-            sid, set()
+            sid, frozenset()
         )
         if not symmetric:
             # A reference initiator swapped already and will not retransmit:
@@ -418,10 +434,12 @@ class P2PService:
             try:
                 async with asyncio.timeout(PROMOTION_BUDGET):
                     answer = await self._exchange(sid)
-                    remote, caps = split_capabilities(answer)
+                    remote, markers = split_capabilities(answer)
                     if not remote:
                         raise ConnectionError("the peer answered no candidates")
-                    symmetric = not self.config.reference_wire and CAP_P2P_RESUME_V2 in caps
+                    symmetric = (
+                        not self.config.reference_wire and CAP_P2P_RESUME_V2 in markers.capabilities
+                    )
                     if not symmetric and stream.positions.peer_acked == 0 and stream.positions.sent:
                         # The reference agent sends no checkpoints: we could
                         # never know that our bytes arrived before the swap.
@@ -429,7 +447,7 @@ class P2PService:
                             "the peer acknowledges nothing (reference agent): a reference "
                             "swap would lose bytes"
                         )
-                    conn, winner, rtt = await self._check(remote)
+                    conn, winner, rtt = await self._check(remote, markers.identity)
                     await self.session.send_control(
                         FrameType.MIGRATE_TO_P2P,
                         MigrateToP2P(stream_id=sid, selected=_to_message(winner)),
@@ -537,8 +555,15 @@ class P2PService:
         finally:
             self._answers.pop(sid, None)
 
-    async def _check(self, remote: list[Candidate]) -> tuple[Connection, Candidate, float]:
-        """Concurrent, staggered checks; the first full QUIC+mTLS handshake wins."""
+    async def _check(
+        self, remote: list[Candidate], expect_uri: str = ""
+    ) -> tuple[Connection, Candidate, float]:
+        """Concurrent, staggered checks; the first full QUIC+mTLS handshake wins.
+
+        With ``expect_uri`` (the peer told it through the relay) a handshake
+        with an agent whose certificate names someone else is a failed check:
+        a private address can lead to another agent of the same CA.
+        """
         loop = asyncio.get_running_loop()
         endpoint = self.endpoint
         if endpoint is None:
@@ -568,6 +593,18 @@ class P2PService:
                 for task in done:
                     candidate = dials[task]
                     if task.exception() is not None:
+                        plan.failed(candidate, loop.time())
+                    elif expect_uri and _server_uri(task.result()) != expect_uri:
+                        log.warning(
+                            "p2p: direct dial reached another agent",
+                            extra=kv(
+                                to=f"{candidate.ip}:{candidate.port}",
+                                got=_server_uri(task.result()),
+                                want=expect_uri,
+                            ),
+                        )
+                        task.result().close(0, "")
+                        del dials[task]
                         plan.failed(candidate, loop.time())
                     elif plan.succeeded(candidate, loop.time()):
                         assert plan.rtt is not None
@@ -648,7 +685,7 @@ async def _send_checkpoints(conn: Connection, stream: ResumableStream) -> None:
     try:
         out = await conn.open_stream()
         last: tuple[int, int] | None = None
-        while stream.path == "direct" and not conn.is_closed:
+        while stream.path == "direct" and not conn.is_closed and not stream.is_lost:
             now = (stream.positions.sent, stream.positions.received)
             if now != last:
                 last = now
@@ -672,6 +709,11 @@ class _NoEcho(Exception):
 
 def _show(candidates: list[Candidate]) -> str:
     return ",".join(f"{c.kind}:{c.ip}:{c.port}/{c.priority}" for c in candidates)
+
+
+def _server_uri(conn: Connection) -> str:
+    certificate = conn.peer.certificate
+    return (first_uri_san(certificate) or "") if certificate is not None else ""
 
 
 def _rtt_ms(conn: Connection) -> str:
