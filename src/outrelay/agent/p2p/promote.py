@@ -36,7 +36,6 @@ What runs when enabled:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Coroutine
@@ -54,15 +53,21 @@ from outrelay.agent.p2p.candidates import (
 )
 from outrelay.agent.p2p.checks import CheckOutcome, CheckPlan
 from outrelay.agent.p2p.interfaces import interface_addresses
+from outrelay.agent.p2p.swap import (
+    SWAP_TIMEOUT,
+    accept_checkpoints,
+    close_quietly,
+    rtt_ms,
+    send_checkpoints,
+    swap_reference,
+    swap_symmetric,
+)
 from outrelay.agent.resumable import (
     ResumableStream,
-    ResumeFailed,
-    exchange_resume,
     resume_frame,
 )
 from outrelay.agent.session import (
     CAP_P2P_RESUME_V2,
-    CHECKPOINT_PERIOD,
     NotConnected,
     RelaySession,
 )
@@ -77,7 +82,6 @@ from outrelay.orp import (
     OrpError,
     StreamCheckpoint,
     StreamResume,
-    encode_message,
 )
 from outrelay.pki import ClientVerifier, load_certificates
 from outrelay.pki.verify import first_uri_san
@@ -92,13 +96,8 @@ log = logging.getLogger("outrelay.agent.p2p")
 
 PROMOTION_DELAY = 1.0  # spec 03 §7.5
 PROMOTION_BUDGET = 5.0  # spec 03 §7.5
-SWAP_TIMEOUT = 5.0
-"""Ours: the STREAM_RESUME exchange on the direct stream."""
 ANSWER_QUEUE = 64
 """Offers waiting for an answer; more are dropped (the initiator times out)."""
-ACK_WAIT = 2.0
-"""Against a reference responder: how long we wait for the peer to acknowledge
-every byte we sent before swapping (its reference swap would lose them)."""
 SRFLX_POLL = 1.0
 """How often the candidate task looks for a new relay connection."""
 PEER_CAPS_MAX = 4096
@@ -392,15 +391,15 @@ class P2PService:
                 id=sid,
                 role="responder",
                 path=_path(conn),
-                rtt_ms=_rtt_ms(conn),
+                rtt_ms=rtt_ms(conn),
                 retransmitted=len(gap),
                 swap="symmetric" if symmetric else "reference",
             ),
         )
         await target.retransmit(stream, gap)
-        await _close_quietly(old)
+        await close_quietly(old)
         if symmetric:
-            await _send_checkpoints(conn, target)
+            await send_checkpoints(conn, target)
 
     # -- initiator -----------------------------------------------------------------------
 
@@ -464,9 +463,9 @@ class P2PService:
                 return
             linger: Stream | None = None
             if symmetric:
-                swapped = await self._swap(stream, conn)
+                swapped = await swap_symmetric(stream, conn)
             else:
-                linger = await self._swap_reference(stream, conn)
+                linger = await swap_reference(stream, conn)
                 swapped = linger is not None
             if not swapped:
                 conn.close(0, "")
@@ -489,14 +488,14 @@ class P2PService:
                     # direct path; a FIN on the relay stream could overtake it and
                     # read as the end of our data. FIN the relay stream later.
                     await asyncio.sleep(SWAP_TIMEOUT)
-                    await _close_quietly(linger)
+                    await close_quietly(linger)
                     linger = None
                 if symmetric:
                     # The relay forgets the pair once its splice ends, so its
                     # ctrl no longer carries our checkpoints: they go direct.
                     async with asyncio.TaskGroup() as tg:
-                        tg.create_task(_send_checkpoints(conn, stream))
-                        tg.create_task(self._accept_checkpoints(conn, stream))
+                        tg.create_task(send_checkpoints(conn, stream))
+                        tg.create_task(accept_checkpoints(conn, stream))
                 else:
                     await conn.wait_closed()  # the direct path lives as long as the stream
             finally:
@@ -525,23 +524,6 @@ class P2PService:
             target = self.session.resumable(checkpoint.stream_id)
             if target is not None and self.session.peer_of(checkpoint.stream_id) == dialler:
                 target.apply_checkpoint(checkpoint.my_position, checkpoint.peer_ack_position)
-
-    async def _accept_checkpoints(self, conn: Connection, stream: ResumableStream) -> None:
-        """Initiator: the responder's checkpoint stream on the connection we dialled."""
-        try:
-            while True:
-                incoming = await conn.accept_stream()
-                reader = FrameReader(incoming)
-                while (frame := await reader.read_frame()) is not None:
-                    checkpoint = expect_message(
-                        frame, FrameType.STREAM_CHECKPOINT, StreamCheckpoint
-                    )
-                    if checkpoint.stream_id == stream.stream_id:
-                        stream.apply_checkpoint(
-                            checkpoint.my_position, checkpoint.peer_ack_position
-                        )
-        except (TransportError, OrpError) as exc:
-            log.debug("p2p: direct checkpoints ended", extra=kv(err=str(exc) or repr(exc)))
 
     async def _exchange(self, sid: int) -> list[Candidate]:
         waiter: asyncio.Future[list[Candidate]] = asyncio.get_running_loop().create_future()
@@ -621,87 +603,6 @@ class P2PService:
                 elif not task.cancelled() and task.exception() is None:
                     task.result().close(0, "")
 
-    async def _swap(self, stream: ResumableStream, conn: Connection) -> bool:
-        sid = stream.stream_id
-        old = stream.detach()
-        if old is None:
-            return False
-        try:
-            async with asyncio.timeout(SWAP_TIMEOUT):
-                direct, leftover, gap = await exchange_resume(conn, stream)
-        except (TimeoutError, TransportError, OrpError, ResumeError, ResumeFailed) as exc:
-            log.warning(
-                "p2p: migration failed; back to the relay",
-                extra=kv(id=sid, err=str(exc) or repr(exc)),
-            )
-            stream.fail_migration(old, str(exc) or repr(exc))
-            return False
-        stream.install(direct, leftover)
-        stream.path = "direct"
-        await stream.retransmit(direct, gap)
-        await _close_quietly(old)  # FIN the old relay stream after the swap ([REC] §7.7)
-        return True
-
-    async def _swap_reference(self, stream: ResumableStream, conn: Connection) -> Stream | None:
-        """Spec 03 §7.7 initiator, as the reference does it: STREAM_RESUME, no echo, swap.
-
-        The reference responder takes no retransmit from us, so first we stop
-        writing (detach) and wait until the peer has acknowledged every byte
-        we sent; then nothing of ours is lost. The peer retransmits what we
-        lack from our ``peer_ack_position``. If the acknowledgement does not
-        come, the stream resumes through the relay (a stall, no loss).
-
-        Returns:
-            The old relay stream, still open (the caller FINs it later), or
-            None if the stream stayed on the relay.
-        """
-        sid = stream.stream_id
-        old = stream.detach()
-        if old is None:
-            return None
-        try:
-            async with asyncio.timeout(ACK_WAIT):
-                while stream.positions.peer_acked < stream.positions.sent:  # noqa: ASYNC110
-                    await asyncio.sleep(0.02)  # (checkpoints arrive without an event)
-            async with asyncio.timeout(SWAP_TIMEOUT):
-                direct = await conn.open_stream()
-                await direct.send_all(resume_frame(stream))
-        except (TimeoutError, TransportError) as exc:
-            reason = str(exc) or "the peer did not acknowledge our bytes in time"
-            log.warning("p2p: migration failed; back to the relay", extra=kv(id=sid, err=reason))
-            stream.fail_migration(old, reason)
-            return None
-        stream.install(direct, b"")
-        stream.path = "direct"
-        await stream.retransmit(direct, b"")
-        return old  # the caller FINs it once the peer has surely swapped
-
-
-async def _send_checkpoints(conn: Connection, stream: ResumableStream) -> None:
-    """STREAM_CHECKPOINT for ``stream`` on its own direct stream, every 100 ms (spec 03 §4.3).
-
-    Ends when the connection does, or when the stream has left the direct path.
-    """
-    try:
-        out = await conn.open_stream()
-        last: tuple[int, int] | None = None
-        while stream.path == "direct" and not conn.is_closed and not stream.is_lost:
-            now = (stream.positions.sent, stream.positions.received)
-            if now != last:
-                last = now
-                await out.send_all(
-                    encode_message(
-                        FrameType.STREAM_CHECKPOINT,
-                        StreamCheckpoint(
-                            stream_id=stream.stream_id, my_position=now[0], peer_ack_position=now[1]
-                        ),
-                    )
-                )
-            await asyncio.sleep(CHECKPOINT_PERIOD)
-        out.abort()
-    except TransportError as exc:
-        log.debug("p2p: direct checkpoints ended", extra=kv(err=str(exc) or repr(exc)))
-
 
 class _NoEcho(Exception):
     """Internal: the responder's reference path skips the echo."""
@@ -716,22 +617,12 @@ def _server_uri(conn: Connection) -> str:
     return (first_uri_san(certificate) or "") if certificate is not None else ""
 
 
-def _rtt_ms(conn: Connection) -> str:
-    rtt = getattr(conn, "rtt", None)
-    return f"{rtt * 1000:.1f}" if rtt is not None else ""
-
-
 async def _guard(coro: Coroutine[Any, Any, None], what: str) -> None:
     """Run a child task; a bug in one connection must not stop the listener."""
     try:
         await coro
     except Exception:
         log.exception("p2p: task failed", extra=kv(task=what))
-
-
-async def _close_quietly(stream: Stream) -> None:
-    with contextlib.suppress(TransportError):
-        await stream.aclose()
 
 
 def _path(conn: Connection) -> str:
