@@ -135,10 +135,30 @@ def _fold_address(addr: Any) -> tuple[str, int]:
     return host, port
 
 
-class QuicStream(Stream):
-    """One bidirectional QUIC stream with bounded buffers both ways."""
+class _StreamOwner(Protocol):
+    """What a :class:`QuicStream` needs from its connection (aioquic's or qh3's)."""
 
-    def __init__(self, conn: QuicConn, stream_id: int) -> None:
+    _quic: Any
+    _terminated: bool
+    _want_send: set[Any]
+
+    def _transmit_soon(self) -> None: ...
+
+    def _raise_if_terminated(self) -> None: ...
+
+    def _forget(self, stream: Any) -> None: ...
+
+
+class QuicStream(Stream):
+    """One bidirectional QUIC stream with bounded buffers both ways.
+
+    The buffering, half-close and error rules live here; a QUIC library's
+    specifics are the four hooks :meth:`_on_buffered`, :meth:`_on_consumed`,
+    :attr:`unsent_bytes` and :meth:`_send_data` (aioquic's here; qh3's in
+    :mod:`outrelay.transport.quic_qh3`).
+    """
+
+    def __init__(self, conn: _StreamOwner, stream_id: int) -> None:
         self.stream_id = stream_id
         self._conn = conn
         self._chunks: deque[bytes] = deque()
@@ -160,6 +180,7 @@ class QuicStream(Stream):
         if data and not self._closed:
             self._chunks.append(data)
             self._buffered += len(data)
+            self._on_buffered()
         if end_stream:
             self._eof_received = True
         self._data_ready.set()
@@ -194,15 +215,21 @@ class QuicStream(Stream):
                 self._data_ready.clear()
                 await self._data_ready.wait()
             chunk = take_chunks(self._chunks, max_bytes)
-            n = len(chunk)
-            self._buffered -= n
-            self._consumed += n
-            self._conn._credit_consumed(self)
+            self._buffered -= len(chunk)
+            self._on_consumed(len(chunk))
             return chunk
         finally:
             self._reading = False
 
-    # -- writing ------------------------------------------------------------------
+    # -- the QUIC library's part (aioquic) ----------------------------------------
+
+    def _on_buffered(self) -> None:
+        """Bytes were added to the receive buffer."""
+
+    def _on_consumed(self, n: int) -> None:
+        """The application took ``n`` bytes: return credit (see ``_write_stream_limits``)."""
+        self._consumed += n
+        self._conn._credit_consumed(self)  # type: ignore[attr-defined]
 
     @property
     def unsent_bytes(self) -> int:
@@ -211,6 +238,11 @@ class QuicStream(Stream):
             return 0
         sender = aio.sender
         return int(sender._buffer_stop - sender._buffer_start)
+
+    def _send_data(self, chunk: memoryview) -> None:
+        self._conn._quic.send_stream_data(self.stream_id, bytes(chunk), False)
+
+    # -- writing ------------------------------------------------------------------
 
     def _check_writable(self) -> None:
         if self._closed or self._eof_sent:
@@ -234,7 +266,7 @@ class QuicStream(Stream):
                     await self._send_ready.wait()
                     continue
                 chunk = view[:room]
-                self._conn._quic.send_stream_data(self.stream_id, bytes(chunk), False)
+                self._send_data(chunk)
                 self._conn._transmit_soon()
                 view = view[len(chunk) :]
                 if not view:

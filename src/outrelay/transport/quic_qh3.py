@@ -49,10 +49,8 @@ from qh3.quic import events
 from qh3.quic.configuration import QuicConfiguration
 from qh3.quic.connection import QuicConnection, QuicConnectionError
 
-from outrelay.transport._chunks import take_chunks
 from outrelay.transport.base import (
     BrokenResourceError,
-    BusyResourceError,
     ClosedResourceError,
     Connection,
     PeerInfo,
@@ -70,6 +68,7 @@ from outrelay.transport.quic import (
     PEER_SILENCE_TIMEOUT,
     SEND_BUFFER,
     STREAM_WINDOW,
+    QuicStream,
     QuicTlsConfig,
     _fold_address,
 )
@@ -86,157 +85,32 @@ FORGOTTEN_STREAMS = 4096
 a new stream (qh3, unlike aioquic, exposes no stream table to ask)."""
 
 
-class Qh3Stream(Stream):
-    """One bidirectional QUIC stream on qh3 with bounded buffers both ways."""
+class Qh3Stream(QuicStream):
+    """One bidirectional QUIC stream on qh3: :class:`QuicStream` with qh3's hooks."""
 
-    def __init__(self, conn: Qh3Conn, stream_id: int) -> None:
-        self.stream_id = stream_id
-        self._conn = conn
-        self._chunks: deque[bytes] = deque()
-        self._buffered = 0
-        self._eof_received = False
-        self._reset_code: int | None = None
-        self._data_ready = asyncio.Event()
-        self._reading = False
-        self._writing = False
-        self._eof_sent = False
-        self._stop_sending_code: int | None = None
-        self._closed = False
-        self._send_ready = asyncio.Event()
+    _conn: Qh3Conn
 
-    # -- events from the connection ---------------------------------------------
+    def _on_buffered(self) -> None:
+        if self._buffered >= STREAM_WINDOW:
+            self._conn._full.add(self.stream_id)
 
-    def _on_data(self, data: bytes, end_stream: bool) -> None:
-        if data and not self._closed:
-            self._chunks.append(data)
-            self._buffered += len(data)
-            if self._buffered >= STREAM_WINDOW:
-                self._conn._full.add(self.stream_id)
-        if end_stream:
-            self._eof_received = True
-        self._data_ready.set()
-
-    def _on_reset(self, code: int) -> None:
-        self._reset_code = code
-        self._data_ready.set()
-
-    def _on_stop_sending(self, code: int) -> None:
-        self._stop_sending_code = code
-        self._send_ready.set()
-
-    def _wake_all(self) -> None:
-        self._data_ready.set()
-        self._send_ready.set()
-
-    # -- reading ------------------------------------------------------------------
-
-    async def receive_some(self, max_bytes: int = 65536) -> bytes:
-        if self._reading:
-            raise BusyResourceError("another task is reading this stream")
-        self._reading = True
-        try:
-            while not self._chunks:
-                if self._closed:
-                    raise ClosedResourceError("stream closed")
-                if self._reset_code is not None:
-                    raise BrokenResourceError(f"stream reset by peer (code {self._reset_code})")
-                if self._eof_received:
-                    return b""
-                self._conn._raise_if_terminated()
-                self._data_ready.clear()
-                await self._data_ready.wait()
-            chunk = take_chunks(self._chunks, max_bytes)
-            self._buffered -= len(chunk)
-            if self._buffered < STREAM_WINDOW:
-                self._conn._drained(self.stream_id)
-            return chunk
-        finally:
-            self._reading = False
-
-    # -- writing ------------------------------------------------------------------
+    def _on_consumed(self, n: int) -> None:
+        if self._buffered < STREAM_WINDOW:
+            self._conn._drained(self.stream_id)
 
     @property
     def unsent_bytes(self) -> int:
         if self._conn._terminated:
             return 0
-        return self._conn._quic.get_send_buffer_size(self.stream_id)
+        return int(self._conn._quic.get_send_buffer_size(self.stream_id))
 
-    def _check_writable(self) -> None:
-        if self._closed or self._eof_sent:
-            raise ClosedResourceError("stream already closed for sending")
-        if self._stop_sending_code is not None:
-            raise BrokenResourceError(f"peer stopped reading (code {self._stop_sending_code})")
-        self._conn._raise_if_terminated()
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        if self._writing:
-            raise BusyResourceError("another task is writing this stream")
-        self._writing = True
+    def _send_data(self, chunk: memoryview) -> None:
         try:
-            view = memoryview(data).cast("B")
-            while True:
-                self._check_writable()
-                room = SEND_BUFFER - self.unsent_bytes
-                if room <= 0:
-                    self._send_ready.clear()
-                    self._conn._want_send.add(self)
-                    await self._send_ready.wait()
-                    continue
-                chunk = view[:room]
-                try:
-                    self._conn._quic.send_stream_data(self.stream_id, chunk, False)
-                except QuicConnectionError as exc:
-                    # The core closed before its ConnectionTerminated was popped.
-                    self._conn._on_terminated(exc.reason_phrase)
-                    raise BrokenResourceError(f"connection lost: {exc.reason_phrase}") from exc
-                self._conn._transmit_soon()
-                view = view[len(chunk) :]
-                if not view:
-                    return
-        finally:
-            self._writing = False
-
-    async def send_eof(self) -> None:
-        if self._eof_sent or self._closed or self._stop_sending_code is not None:
-            return
-        if self._conn._terminated:
-            return
-        self._eof_sent = True
-        with contextlib.suppress(Exception):
-            self._conn._quic.send_stream_data(self.stream_id, b"", True)
-            self._conn._transmit_soon()
-
-    def abort(self, error_code: int = 0) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        quic = self._conn._quic
-        if not self._conn._terminated:
-            if not self._eof_sent and self._stop_sending_code is None:
-                with contextlib.suppress(Exception):
-                    quic.reset_stream(self.stream_id, error_code)
-            if not self._eof_received and self._reset_code is None:
-                with contextlib.suppress(Exception):
-                    quic.stop_stream(self.stream_id, error_code)
-            self._conn._transmit_soon()
-        self._release()
-
-    async def aclose(self) -> None:
-        if self._closed:
-            return
-        await self.send_eof()
-        self._closed = True
-        if not self._conn._terminated and not self._eof_received and self._reset_code is None:
-            with contextlib.suppress(Exception):
-                self._conn._quic.stop_stream(self.stream_id, 0)
-                self._conn._transmit_soon()
-        self._release()
-
-    def _release(self) -> None:
-        self._chunks.clear()
-        self._buffered = 0
-        self._wake_all()
-        self._conn._forget(self)
+            self._conn._quic.send_stream_data(self.stream_id, chunk, False)
+        except QuicConnectionError as exc:
+            # The core closed before its ConnectionTerminated was popped.
+            self._conn._on_terminated(exc.reason_phrase)
+            raise BrokenResourceError(f"connection lost: {exc.reason_phrase}") from exc
 
 
 class _HeldQuicConnection(QuicConnection):
