@@ -349,7 +349,91 @@ def _write_stream_limits(
         stream.max_stream_data_local_sent = stream.max_stream_data_local
 
 
-class QuicConn(Connection):
+class _QuicConnBase(Connection):
+    """What :class:`QuicConn` (aioquic) and the qh3 connection share: state,
+    termination, accepting, waking writers and openers."""
+
+    _protocol: Any
+    _quic: Any
+    _streams: dict[int, QuicStream]
+    _accept_queue: asyncio.Queue[QuicStream | None]
+    _want_send: set[QuicStream]
+    _open_lock: asyncio.Lock
+    _streams_available: asyncio.Event
+    _terminated: bool
+    _local_close: bool
+    _close_reason: str
+    _closed_event: asyncio.Event
+    _peer: PeerInfo
+    _on_closed: list[Callable[[], None]]
+
+    @property
+    def peer(self) -> PeerInfo:
+        return self._peer
+
+    @property
+    def is_closed(self) -> bool:
+        return self._terminated
+
+    @property
+    def close_reason(self) -> str:
+        return self._close_reason
+
+    async def accept_stream(self) -> Stream:
+        stream = await self._accept_queue.get()
+        if stream is None:
+            self._accept_queue.put_nowait(None)  # wake the next waiter too
+            self._raise_if_terminated()
+            raise BrokenResourceError("connection closed")
+        return stream
+
+    async def wait_closed(self) -> None:
+        await self._closed_event.wait()
+
+    def _raise_if_terminated(self) -> None:
+        if self._terminated:
+            if self._local_close:
+                raise ClosedResourceError(self._close_reason)
+            raise BrokenResourceError(f"connection lost: {self._close_reason}")
+
+    def _transmit_soon(self) -> None:
+        self._protocol._transmit_soon()
+
+    def _is_peer_stream(self, stream_id: int) -> bool:
+        client_initiated = stream_id % 2 == 0
+        return client_initiated != bool(self._quic._is_client)
+
+    def _on_progress(self) -> None:
+        """After every transmit: wake writers whose buffer drained, and openers."""
+        if self._want_send:
+            for stream in list(self._want_send):
+                if stream.unsent_bytes < SEND_BUFFER or stream._stop_sending_code is not None:
+                    self._want_send.discard(stream)
+                    stream._send_ready.set()
+        if self._open_lock.locked():
+            self._streams_available.set()
+
+    def _on_terminated(self, reason: str) -> None:
+        if self._terminated:
+            return
+        self._terminated = True
+        self._close_reason = reason
+        for stream in list(self._streams.values()):
+            stream._wake_all()
+        self._streams_available.set()
+        self._accept_queue.put_nowait(None)
+        self._closed_event.set()
+        self._protocol._stop_keepalive()
+        handshake = self._protocol.handshake
+        if not handshake.done():
+            handshake.set_exception(BrokenResourceError(reason))
+            handshake.exception()  # retrieved: nobody may be waiting any more
+        callbacks, self._on_closed = self._on_closed, []
+        for callback in callbacks:
+            callback()
+
+
+class QuicConn(_QuicConnBase):
     """A :class:`Connection` over one aioquic connection."""
 
     def __init__(self, protocol: _Protocol) -> None:
@@ -376,18 +460,6 @@ class QuicConn(Connection):
     # -- Connection API -----------------------------------------------------------
 
     @property
-    def peer(self) -> PeerInfo:
-        return self._peer
-
-    @property
-    def is_closed(self) -> bool:
-        return self._terminated
-
-    @property
-    def close_reason(self) -> str:
-        return self._close_reason
-
-    @property
     def rtt(self) -> float | None:
         """Smoothed round-trip time in seconds, once measured."""
         loss = self._quic._loss
@@ -412,14 +484,6 @@ class QuicConn(Connection):
                 self._transmit_soon()
             return stream
 
-    async def accept_stream(self) -> Stream:
-        stream = await self._accept_queue.get()
-        if stream is None:
-            self._accept_queue.put_nowait(None)  # wake the next waiter too
-            self._raise_if_terminated()
-            raise BrokenResourceError("connection closed")
-        return stream
-
     def close(self, error_code: int = 0, reason: str = "") -> None:
         if self._terminated:
             return
@@ -429,19 +493,7 @@ class QuicConn(Connection):
         # our users are done with it now.
         self._on_terminated(f"closed locally (code {error_code}{': ' + reason if reason else ''})")
 
-    async def wait_closed(self) -> None:
-        await self._closed_event.wait()
-
     # -- internals ------------------------------------------------------------------
-
-    def _raise_if_terminated(self) -> None:
-        if self._terminated:
-            if self._local_close:
-                raise ClosedResourceError(self._close_reason)
-            raise BrokenResourceError(f"connection lost: {self._close_reason}")
-
-    def _transmit_soon(self) -> None:
-        self._protocol._transmit_soon()
 
     def _credit_consumed(self, stream: QuicStream) -> None:
         aio = self._quic._streams.get(stream.stream_id)
@@ -453,10 +505,6 @@ class QuicConn(Connection):
     def _forget(self, stream: QuicStream) -> None:
         self._want_send.discard(stream)
         self._streams.pop(stream.stream_id, None)
-
-    def _is_peer_stream(self, stream_id: int) -> bool:
-        client_initiated = stream_id % 2 == 0
-        return client_initiated != self._quic._is_client
 
     def _on_event(self, event: events.QuicEvent) -> None:
         if isinstance(event, events.StreamDataReceived):
@@ -499,35 +547,6 @@ class QuicConn(Connection):
             stream = QuicStream(self, stream_id)
             self._streams[stream_id] = stream
             self._accept_queue.put_nowait(stream)
-
-    def _on_progress(self) -> None:
-        """After every transmit: wake writers whose buffer drained, and openers."""
-        if self._want_send:
-            for stream in list(self._want_send):
-                if stream.unsent_bytes < SEND_BUFFER or stream._stop_sending_code is not None:
-                    self._want_send.discard(stream)
-                    stream._send_ready.set()
-        if self._open_lock.locked():
-            self._streams_available.set()
-
-    def _on_terminated(self, reason: str) -> None:
-        if self._terminated:
-            return
-        self._terminated = True
-        self._close_reason = reason
-        for stream in list(self._streams.values()):
-            stream._wake_all()
-        self._streams_available.set()
-        self._accept_queue.put_nowait(None)
-        self._closed_event.set()
-        self._protocol._stop_keepalive()
-        handshake = self._protocol.handshake
-        if not handshake.done():
-            handshake.set_exception(BrokenResourceError(reason))
-            handshake.exception()  # retrieved: nobody may be waiting any more
-        callbacks, self._on_closed = self._on_closed, []
-        for callback in callbacks:
-            callback()
 
 
 class _Protocol(QuicConnectionProtocol):

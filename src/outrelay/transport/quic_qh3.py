@@ -51,8 +51,6 @@ from qh3.quic.connection import QuicConnection, QuicConnectionError
 
 from outrelay.transport.base import (
     BrokenResourceError,
-    ClosedResourceError,
-    Connection,
     PeerInfo,
     Stream,
 )
@@ -66,11 +64,11 @@ from outrelay.transport.quic import (
     LIVENESS_CHECK,
     MAX_DATAGRAM_SIZE,
     PEER_SILENCE_TIMEOUT,
-    SEND_BUFFER,
     STREAM_WINDOW,
     QuicStream,
     QuicTlsConfig,
     _fold_address,
+    _QuicConnBase,
 )
 from outrelay.transport.udp import BatchDatagramTransport, defer_transmit
 
@@ -135,18 +133,18 @@ class _HeldQuicConnection(QuicConnection):
             super()._drain_core()
 
 
-class Qh3Conn(Connection):
+class Qh3Conn(_QuicConnBase):
     """A :class:`Connection` over one qh3 client connection."""
 
     def __init__(self, protocol: _Qh3Protocol) -> None:
         self._protocol = protocol
         self._quic: _HeldQuicConnection = protocol._quic
-        self._streams: dict[int, Qh3Stream] = {}
+        self._streams: dict[int, QuicStream] = {}
         self._full: set[int] = set()
         """Streams holding ``STREAM_WINDOW`` or more unread bytes: while any
         does, the core's events (and so the peer's credit) are held."""
-        self._accept_queue: asyncio.Queue[Qh3Stream | None] = asyncio.Queue()
-        self._want_send: set[Qh3Stream] = set()
+        self._accept_queue: asyncio.Queue[QuicStream | None] = asyncio.Queue()
+        self._want_send: set[QuicStream] = set()
         self._open_lock = asyncio.Lock()
         self._streams_available = asyncio.Event()
         self._done: set[int] = set()
@@ -161,18 +159,6 @@ class Qh3Conn(Connection):
         self._quic.held = lambda: bool(self._full)
 
     # -- Connection API -----------------------------------------------------------
-
-    @property
-    def peer(self) -> PeerInfo:
-        return self._peer
-
-    @property
-    def is_closed(self) -> bool:
-        return self._terminated
-
-    @property
-    def close_reason(self) -> str:
-        return self._close_reason
 
     @property
     def rtt(self) -> float | None:
@@ -200,14 +186,6 @@ class Qh3Conn(Connection):
                 raise BrokenResourceError(f"connection lost: {exc.reason_phrase}") from exc
             return stream
 
-    async def accept_stream(self) -> Stream:
-        stream = await self._accept_queue.get()
-        if stream is None:
-            self._accept_queue.put_nowait(None)  # wake the next waiter too
-            self._raise_if_terminated()
-            raise BrokenResourceError("connection closed")
-        return stream
-
     def close(self, error_code: int = 0, reason: str = "") -> None:
         if self._terminated:
             return
@@ -217,19 +195,7 @@ class Qh3Conn(Connection):
             self._protocol.transmit()
         self._on_terminated(f"closed locally (code {error_code}{': ' + reason if reason else ''})")
 
-    async def wait_closed(self) -> None:
-        await self._closed_event.wait()
-
     # -- internals ------------------------------------------------------------------
-
-    def _raise_if_terminated(self) -> None:
-        if self._terminated:
-            if self._local_close:
-                raise ClosedResourceError(self._close_reason)
-            raise BrokenResourceError(f"connection lost: {self._close_reason}")
-
-    def _transmit_soon(self) -> None:
-        self._protocol._transmit_soon()
 
     def _drained(self, stream_id: int) -> None:
         """A stream fell below the window: pop what the core held back."""
@@ -250,10 +216,6 @@ class Qh3Conn(Connection):
             if len(self._done_order) > FORGOTTEN_STREAMS:
                 self._done.discard(self._done_order.popleft())
         self._drained(stream.stream_id)
-
-    def _is_peer_stream(self, stream_id: int) -> bool:
-        client_initiated = stream_id % 2 == 0
-        return client_initiated != self._quic._is_client
 
     def _on_event(self, event: events.QuicEvent) -> None:
         if isinstance(event, events.StreamDataReceived):
@@ -279,35 +241,6 @@ class Qh3Conn(Connection):
             reason = event.reason_phrase or ""
             detail = f"code {event.error_code}" + (f": {reason}" if reason else "")
             self._on_terminated(detail)
-
-    def _on_progress(self) -> None:
-        """After every transmit: wake writers whose buffer drained, and openers."""
-        if self._want_send:
-            for stream in list(self._want_send):
-                if stream.unsent_bytes < SEND_BUFFER or stream._stop_sending_code is not None:
-                    self._want_send.discard(stream)
-                    stream._send_ready.set()
-        if self._open_lock.locked():
-            self._streams_available.set()
-
-    def _on_terminated(self, reason: str) -> None:
-        if self._terminated:
-            return
-        self._terminated = True
-        self._close_reason = reason
-        for stream in list(self._streams.values()):
-            stream._wake_all()
-        self._streams_available.set()
-        self._accept_queue.put_nowait(None)
-        self._closed_event.set()
-        self._protocol._stop_keepalive()
-        handshake = self._protocol.handshake
-        if not handshake.done():
-            handshake.set_exception(BrokenResourceError(reason))
-            handshake.exception()  # retrieved: nobody may be waiting any more
-        callbacks, self._on_closed = self._on_closed, []
-        for callback in callbacks:
-            callback()
 
 
 def _to_x509(cert: Any) -> x509.Certificate | None:
