@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 from dataclasses import dataclass
 
-from outrelay.transport.base import Stream, TransportError
+from outrelay.transport.base import SendClosedError, Stream, TransportError
 
 __all__ = ["DirectionResult", "SpliceResult", "splice"]
 
@@ -70,8 +70,10 @@ async def _pump(
             result.bytes += len(data)
     except TransportError as exc:
         result.write_error = exc
-        if abort_source_on_write_error:
-            src.abort()  # tell the writer at once instead of dropping its bytes
+        if abort_source_on_write_error and not isinstance(exc, SendClosedError):
+            # The destination refused (not: we ended its sending half ourselves,
+            # like the relay's REQUIRED timeout): tell the writer at once.
+            src.abort()
     if result.read_error is not None and abort_on_error:
         dst.abort()
         return

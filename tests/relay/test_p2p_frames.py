@@ -14,10 +14,10 @@ Our deliberate deviations from the reference are tested as ours:
   and that agent's STREAM_READY carries field 100 (``outrelay_p2p_mode``) = P2PMode + 1;
   an agent without it gets the reference's empty HELLO_ACK and plain STREAM_READY.
 
-Differences from the spec found here are strict xfails (see each ``reason``): the REQUIRED
-timer starts after STREAM_ACCEPT instead of before it (§7.5), a P->C write after the
-REQUIRED FIN resets the provider's stream (§7.5), and a stranger's offer for a FORBIDDEN
-stream id is answered instead of dropped (§5).
+Three differences from the spec found by this file were fixed in the relay: the REQUIRED
+timer now starts before the provider answers (§7.5), a P->C write after the REQUIRED FIN
+no longer resets the provider's stream (§7.5), and a stranger's offer for a FORBIDDEN
+stream id is dropped, not answered (§5).
 """
 
 from __future__ import annotations
@@ -740,14 +740,6 @@ async def test_required_fins_consumer_after_10s_unless_migrated(pki: Pki) -> Non
         await provider.ping_pong()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "spec 02 §7.5/§6.1 step 7: the REQUIRED timer is armed after INCOMING_STREAM, "
-        "before the provider accepts; our relay arms it only once the splice starts "
-        "(after STREAM_ACCEPT), so a slow accept delays C's FIN by the accept time"
-    ),
-)
 async def test_required_timer_starts_before_provider_accepts(pki: Pki) -> None:
     """With the timeout overridden to 3 s (spec: "overridable in tests") and the provider
     accepting after 2 s, C's FIN must come ~3 s after the open, not ~5 s."""
@@ -762,15 +754,6 @@ async def test_required_timer_starts_before_provider_accepts(pki: Pki) -> None:
         assert 2.5 <= fin_after <= 4.0, f"EOF {fin_after:.2f}s after the open"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "spec 02 §7.5 effect: after the REQUIRED FIN, P->C bytes fail to write and only that "
-        "direction ends; C->P keeps flowing and P gets a FIN once C closes. Our splice "
-        "(abort_source_on_write_error) resets P's stream when a P->C write fails, so C->P "
-        "bytes are lost and P sees a reset instead of a FIN"
-    ),
-)
 async def test_required_timeout_fins_only_consumer_direction(pki: Pki) -> None:
     """§7.5 effect: C sees EOF; P->C then ends, but C->P keeps flowing until C closes,
     and P sees a FIN (not a reset) only after that. Timeout overridden to 2 s."""
@@ -818,15 +801,6 @@ async def test_forbidden_offer_answered_empty_not_forwarded(pki: Pki) -> None:
         await pair.exchange(b"forbidden-still-spliced")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "spec 02 §5 step 2/§7.2: a CANDIDATE_OFFER from an agent that is not in the pair is "
-        "dropped silently; under FORBIDDEN our relay checks the stream id before the pair, so "
-        "any agent (even another tenant's) gets an empty CANDIDATE_ANSWER for a live "
-        "forbidden stream id -- a probe that reveals live stream ids"
-    ),
-)
 async def test_forbidden_offer_from_stranger_dropped_silently(pki: Pki) -> None:
     async with running_relay(pki, policy_rules("forbidden")) as h:
         consumer, provider, pair = await live_pair(h)

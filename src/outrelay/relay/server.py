@@ -462,7 +462,12 @@ class Relay:
         """Spec 02 §5: blind-forward to the other half of a live pair."""
         message = decode_message(frame)
         stream_id = int(getattr(message, "stream_id", 0))
-        if frame.type == FrameType.CANDIDATE_OFFER and stream_id in self.p2p_forbidden:
+        target_uri = self.pairs.route(stream_id, session.uri)
+        if (
+            frame.type == FrameType.CANDIDATE_OFFER
+            and stream_id in self.p2p_forbidden
+            and target_uri
+        ):
             # Ours (spec 02 §7.6 has no effect): the policy forbids a direct
             # path, so the offer goes no further and the offerer gets an
             # empty answer at once -- a reference agent then stays on the relay.
@@ -472,7 +477,6 @@ class Relay:
                     FrameType.CANDIDATE_ANSWER, CandidateAnswer(stream_id=stream_id)
                 )
             return
-        target_uri = self.pairs.route(stream_id, session.uri)
         target = self.agents.get(target_uri) if target_uri else None
         if target is None:
             if frame.type != FrameType.STREAM_CHECKPOINT:
@@ -724,6 +728,31 @@ class Relay:
         p2p_mode: P2PMode,
         relay_mode: RelayMode,
     ) -> None:
+        enforcer: asyncio.Task[None] | None = None
+        if p2p_mode == P2PMode.REQUIRED:
+            # Spec 02 §7.5: armed once INCOMING_STREAM is out, before the provider answers.
+            enforcer = asyncio.get_running_loop().create_task(self._enforce_required(sid, c_stream))
+        try:
+            await self._answer_then_splice(
+                consumer, c_stream, c_leftover, provider, p_stream, sid, p2p_mode, relay_mode
+            )
+        finally:
+            if enforcer is not None:
+                enforcer.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await enforcer
+
+    async def _answer_then_splice(
+        self,
+        consumer: AgentSession,
+        c_stream: Stream,
+        c_leftover: bytes,
+        provider: AgentSession,
+        p_stream: Stream,
+        sid: int,
+        p2p_mode: P2PMode,
+        relay_mode: RelayMode,
+    ) -> None:
         p_reader = FrameReader(p_stream)
         try:
             async with asyncio.timeout(PROVIDER_ANSWER_TIMEOUT):
@@ -746,9 +775,7 @@ class Relay:
             return
 
         if relay_mode == RelayMode.FORWARD and self.plane is not None:
-            await self._forward_session(
-                consumer, c_stream, provider, p_stream, sid, p2p_mode, self.plane
-            )
+            await self._forward_session(consumer, c_stream, provider, p_stream, sid, self.plane)
             return
         # Splice mode (spec 02 §6.3); a forward rule without --listen-forward splices too.
         if p2p_mode == P2PMode.FORBIDDEN:
@@ -763,7 +790,7 @@ class Relay:
             with contextlib.suppress(TransportError):
                 await agent.ctrl.send(FrameType.STREAM_READY, ready)
         try:
-            await self._splice_pair(c_stream, c_leftover, p_stream, p_reader, sid, p2p_mode)
+            await self._splice_pair(c_stream, c_leftover, p_stream, p_reader, sid)
         finally:
             self.p2p_forbidden.discard(sid)
 
@@ -774,26 +801,19 @@ class Relay:
         p_stream: Stream,
         p_reader: FrameReader,
         sid: int,
-        p2p_mode: P2PMode,
     ) -> None:
-        """Spec 02 §6.5 splice, with REQUIRED enforcement (§7.5) beside it."""
-        async with asyncio.TaskGroup() as tg:
-            enforcer = None
-            if p2p_mode == P2PMode.REQUIRED:
-                enforcer = tg.create_task(self._enforce_required(sid, c_stream))
-            # A source that breaks (not a clean EOF) resets the other side, so
-            # its agent resumes instead of taking a FIN for a finished stream.
-            result = await splice(
-                c_stream,
-                p_stream,
-                a_to_b_prefix=c_leftover,
-                b_to_a_prefix=p_reader.take_leftover(),
-                abort_a_on_b_error=True,
-                abort_b_on_a_error=True,
-                abort_source_on_write_error=True,
-            )
-            if enforcer is not None:
-                enforcer.cancel()
+        """Spec 02 §6.5 splice (REQUIRED enforcement runs beside it, see the caller)."""
+        # A source that breaks (not a clean EOF) resets the other side, so
+        # its agent resumes instead of taking a FIN for a finished stream.
+        result = await splice(
+            c_stream,
+            p_stream,
+            a_to_b_prefix=c_leftover,
+            b_to_a_prefix=p_reader.take_leftover(),
+            abort_a_on_b_error=True,
+            abort_b_on_a_error=True,
+            abort_source_on_write_error=True,
+        )
         log.debug(
             "splice ended",
             extra=kv(stream_id=sid, c_to_p=result.a_to_b.bytes, p_to_c=result.b_to_a.bytes),
@@ -806,7 +826,6 @@ class Relay:
         provider: AgentSession,
         p_stream: Stream,
         sid: int,
-        p2p_mode: P2PMode,
         plane: ForwardPlane,
     ) -> None:
         """Spec 02 §6.4: allocations instead of a splice; the data streams are liveness only."""
@@ -846,17 +865,12 @@ class Relay:
                 "forward session",
                 extra=kv(stream_id=sid, consumer_alloc=a_c, provider_alloc=a_p, endpoint=endpoint),
             )
+            # Under REQUIRED only C's FIN happens here (spec 02 §7.5; armed by the caller).
             async with asyncio.TaskGroup() as tg:
-                enforcer = None
-                if p2p_mode == P2PMode.REQUIRED:
-                    # Spec 02 §7.5: under REQUIRED only C's FIN happens here.
-                    enforcer = tg.create_task(self._enforce_required(sid, c_stream))
                 drains = [tg.create_task(_discard(c_stream)), tg.create_task(_discard(p_stream))]
                 await asyncio.wait(drains, return_when=asyncio.FIRST_COMPLETED)
                 for task in drains:
                     task.cancel()
-                if enforcer is not None:
-                    enforcer.cancel()
         finally:
             plane.release(a_c, a_p)
             log.info("allocation reclaimed", extra=kv(stream_id=sid, allocations=f"{a_c},{a_p}"))

@@ -8,6 +8,7 @@ from outrelay.transport.base import (
     ClosedResourceError,
     Connection,
     PeerInfo,
+    SendClosedError,
     Stream,
     TransportError,
 )
@@ -39,6 +40,7 @@ __all__ = [
     "QuicBackend",
     "QuicServerHandle",
     "QuicTlsConfig",
+    "SendClosedError",
     "SocketStream",
     "Stream",
     "TcpServerHandle",

@@ -40,6 +40,13 @@ class ClosedResourceError(TransportError):
     """The stream or connection was closed locally and then used."""
 
 
+class SendClosedError(ClosedResourceError):
+    """A write after this side ended its sending half (``send_eof``).
+
+    Unlike a peer that refuses bytes, nobody needs telling: it was our choice.
+    """
+
+
 class BrokenResourceError(TransportError):
     """The peer or the network broke the stream or connection."""
 

@@ -16,6 +16,7 @@ from outrelay.transport.base import (
     BrokenResourceError,
     BusyResourceError,
     ClosedResourceError,
+    SendClosedError,
     Stream,
 )
 
@@ -60,8 +61,10 @@ class SocketStream(Stream):
             self._reading = False
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        if self._closed or self._eof_sent:
-            raise ClosedResourceError("socket closed for sending")
+        if self._closed:
+            raise ClosedResourceError("socket closed")
+        if self._eof_sent:
+            raise SendClosedError("socket closed for sending")
         if self._writing:
             raise BusyResourceError("another task is writing this socket")
         self._writing = True

@@ -14,6 +14,7 @@ from outrelay.transport.base import (
     BrokenResourceError,
     BusyResourceError,
     ClosedResourceError,
+    SendClosedError,
     Stream,
 )
 
@@ -77,8 +78,10 @@ class MemoryStream(Stream):
         try:
             view = memoryview(data).cast("B")
             while view:
-                if self._closed or self._eof_sent:
-                    raise ClosedResourceError("stream closed for sending")
+                if self._closed:
+                    raise ClosedResourceError("stream closed")
+                if self._eof_sent:
+                    raise SendClosedError("stream closed for sending")
                 if self._out.broken is not None:
                     raise BrokenResourceError(self._out.broken)
                 room = self._out.limit - len(self._out.buffer)

@@ -53,6 +53,7 @@ from outrelay.transport.base import (
     ClosedResourceError,
     Connection,
     PeerInfo,
+    SendClosedError,
     Stream,
 )
 from outrelay.transport.udp import BatchDatagramTransport, defer_transmit
@@ -245,8 +246,10 @@ class QuicStream(Stream):
     # -- writing ------------------------------------------------------------------
 
     def _check_writable(self) -> None:
-        if self._closed or self._eof_sent:
-            raise ClosedResourceError("stream already closed for sending")
+        if self._closed:
+            raise ClosedResourceError("stream closed")
+        if self._eof_sent:
+            raise SendClosedError("stream already closed for sending")
         if self._stop_sending_code is not None:
             raise BrokenResourceError(f"peer stopped reading (code {self._stop_sending_code})")
         self._conn._raise_if_terminated()

@@ -60,6 +60,7 @@ from outrelay.transport.base import (
     ClosedResourceError,
     Connection,
     PeerInfo,
+    SendClosedError,
     Stream,
 )
 from outrelay.transport.quic import ALPN, QuicTlsConfig, _fold_address
@@ -200,8 +201,10 @@ class TcpStream(Stream):
         return self._conn._core.unacknowledged_bytes(self.stream_id)
 
     def _check_writable(self) -> None:
-        if self._closed or self._eof_sent:
-            raise ClosedResourceError("stream already closed for sending")
+        if self._closed:
+            raise ClosedResourceError("stream closed")
+        if self._eof_sent:
+            raise SendClosedError("stream already closed for sending")
         if self._reset_reason is not None:
             raise BrokenResourceError(f"stream {self._reset_reason}")
         self._conn._raise_if_terminated()
