@@ -370,6 +370,46 @@ class _QuicConnBase(Connection):
     _peer: PeerInfo
     _on_closed: list[Callable[[], None]]
 
+    _events: Any = events
+    """The QUIC library's event classes (aioquic's and qh3's share names and fields)."""
+
+    def _is_new_peer_stream(self, stream_id: int) -> bool:
+        """Data arrived on a peer stream we do not know: is it a new one to accept?"""
+        raise NotImplementedError
+
+    def _forget(self, stream: QuicStream) -> None:
+        """``stream`` is done: stop tracking it."""
+        raise NotImplementedError
+
+    def _new_stream(self, stream_id: int) -> QuicStream:
+        return QuicStream(self, stream_id)
+
+    def _on_event(self, event: Any) -> None:
+        ev = self._events
+        if isinstance(event, ev.StreamDataReceived):
+            stream = self._streams.get(event.stream_id)
+            if stream is None:
+                if event.stream_id & 2 or not self._is_peer_stream(event.stream_id):
+                    return  # unidirectional (never used by ORP) or already forgotten
+                if not self._is_new_peer_stream(event.stream_id):
+                    return  # a late frame for a stream we already closed
+                stream = self._new_stream(event.stream_id)
+                self._streams[event.stream_id] = stream
+                self._accept_queue.put_nowait(stream)
+            stream._on_data(event.data, event.end_stream)
+        elif isinstance(event, ev.StreamReset):
+            stream = self._streams.get(event.stream_id)
+            if stream is not None:
+                stream._on_reset(event.error_code)
+        elif isinstance(event, ev.StopSendingReceived):
+            stream = self._streams.get(event.stream_id)
+            if stream is not None:
+                stream._on_stop_sending(event.error_code)
+        elif isinstance(event, ev.ConnectionTerminated):
+            reason = event.reason_phrase or ""
+            detail = f"code {event.error_code}" + (f": {reason}" if reason else "")
+            self._on_terminated(detail)
+
     @property
     def peer(self) -> PeerInfo:
         return self._peer
@@ -509,32 +549,10 @@ class QuicConn(_QuicConnBase):
         self._want_send.discard(stream)
         self._streams.pop(stream.stream_id, None)
 
-    def _on_event(self, event: events.QuicEvent) -> None:
-        if isinstance(event, events.StreamDataReceived):
-            stream = self._streams.get(event.stream_id)
-            if stream is None:
-                if event.stream_id & 2 or not self._is_peer_stream(event.stream_id):
-                    return  # unidirectional (never used by ORP) or already forgotten
-                if event.stream_id in self._quic._streams and self._terminated:
-                    return
-                if event.stream_id in self._announced:
-                    return  # accepted silently before, and forgotten since
-                stream = QuicStream(self, event.stream_id)
-                self._streams[event.stream_id] = stream
-                self._accept_queue.put_nowait(stream)
-            stream._on_data(event.data, event.end_stream)
-        elif isinstance(event, events.StreamReset):
-            stream = self._streams.get(event.stream_id)
-            if stream is not None:
-                stream._on_reset(event.error_code)
-        elif isinstance(event, events.StopSendingReceived):
-            stream = self._streams.get(event.stream_id)
-            if stream is not None:
-                stream._on_stop_sending(event.error_code)
-        elif isinstance(event, events.ConnectionTerminated):
-            reason = event.reason_phrase or ""
-            detail = f"code {event.error_code}" + (f": {reason}" if reason else "")
-            self._on_terminated(detail)
+    def _is_new_peer_stream(self, stream_id: int) -> bool:
+        if stream_id in self._quic._streams and self._terminated:
+            return False
+        return stream_id not in self._announced  # accepted silently before, and forgotten since
 
     def _accept_silent_streams(self) -> None:
         """Queue peer streams that exist but carried no byte yet (an empty STREAM frame)."""

@@ -207,7 +207,7 @@ class Qh3Conn(_QuicConnBase):
             self._protocol._process_events()
             self._transmit_soon()
 
-    def _forget(self, stream: Qh3Stream) -> None:
+    def _forget(self, stream: QuicStream) -> None:
         self._want_send.discard(stream)
         self._streams.pop(stream.stream_id, None)
         if self._is_peer_stream(stream.stream_id) and stream.stream_id not in self._done:
@@ -217,30 +217,13 @@ class Qh3Conn(_QuicConnBase):
                 self._done.discard(self._done_order.popleft())
         self._drained(stream.stream_id)
 
-    def _on_event(self, event: events.QuicEvent) -> None:
-        if isinstance(event, events.StreamDataReceived):
-            stream = self._streams.get(event.stream_id)
-            if stream is None:
-                if event.stream_id & 2 or not self._is_peer_stream(event.stream_id):
-                    return  # unidirectional (never used by ORP) or already forgotten
-                if self._terminated or event.stream_id in self._done:
-                    return  # a late frame for a stream we already closed
-                stream = Qh3Stream(self, event.stream_id)
-                self._streams[event.stream_id] = stream
-                self._accept_queue.put_nowait(stream)
-            stream._on_data(event.data, event.end_stream)
-        elif isinstance(event, events.StreamReset):
-            stream = self._streams.get(event.stream_id)
-            if stream is not None:
-                stream._on_reset(event.error_code)
-        elif isinstance(event, events.StopSendingReceived):
-            stream = self._streams.get(event.stream_id)
-            if stream is not None:
-                stream._on_stop_sending(event.error_code)
-        elif isinstance(event, events.ConnectionTerminated):
-            reason = event.reason_phrase or ""
-            detail = f"code {event.error_code}" + (f": {reason}" if reason else "")
-            self._on_terminated(detail)
+    _events = events
+
+    def _is_new_peer_stream(self, stream_id: int) -> bool:
+        return not self._terminated and stream_id not in self._done
+
+    def _new_stream(self, stream_id: int) -> QuicStream:
+        return Qh3Stream(self, stream_id)
 
 
 def _to_x509(cert: Any) -> x509.Certificate | None:
