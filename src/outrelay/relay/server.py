@@ -710,39 +710,25 @@ class Relay:
             await p_stream.aclose()
             await self._reject(c_stream, RejectCode.STREAM_ID_COLLISION, "stream id collision")
             return
+        if p2p_mode == P2PMode.FORBIDDEN:
+            self.p2p_forbidden.add(sid)  # before STREAM_READY: no offer may slip through
+        enforcer: asyncio.Task[None] | None = None
+        if p2p_mode == P2PMode.REQUIRED:
+            # Spec 02 §7.5: armed once INCOMING_STREAM is out, before the provider answers.
+            enforcer = asyncio.get_running_loop().create_task(self._enforce_required(sid, c_stream))
         try:
             await self._answer_and_splice(
                 consumer, c_stream, c_leftover, provider, p_stream, sid, p2p_mode, relay_mode
             )
         finally:
             self.pairs.forget(sid, c_uri, p_uri)
-
-    async def _answer_and_splice(
-        self,
-        consumer: AgentSession,
-        c_stream: Stream,
-        c_leftover: bytes,
-        provider: AgentSession,
-        p_stream: Stream,
-        sid: int,
-        p2p_mode: P2PMode,
-        relay_mode: RelayMode,
-    ) -> None:
-        enforcer: asyncio.Task[None] | None = None
-        if p2p_mode == P2PMode.REQUIRED:
-            # Spec 02 §7.5: armed once INCOMING_STREAM is out, before the provider answers.
-            enforcer = asyncio.get_running_loop().create_task(self._enforce_required(sid, c_stream))
-        try:
-            await self._answer_then_splice(
-                consumer, c_stream, c_leftover, provider, p_stream, sid, p2p_mode, relay_mode
-            )
-        finally:
+            self.p2p_forbidden.discard(sid)
             if enforcer is not None:
                 enforcer.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await enforcer
 
-    async def _answer_then_splice(
+    async def _answer_and_splice(
         self,
         consumer: AgentSession,
         c_stream: Stream,
@@ -778,8 +764,6 @@ class Relay:
             await self._forward_session(consumer, c_stream, provider, p_stream, sid, self.plane)
             return
         # Splice mode (spec 02 §6.3); a forward rule without --listen-forward splices too.
-        if p2p_mode == P2PMode.FORBIDDEN:
-            self.p2p_forbidden.add(sid)  # before STREAM_READY: no offer may slip through
         current_provider = self.agents.get(provider.uri)
         for agent in (consumer, current_provider):
             if agent is None:
@@ -789,22 +773,9 @@ class Relay:
                 ready.outrelay_p2p_mode = int(p2p_mode) + 1
             with contextlib.suppress(TransportError):
                 await agent.ctrl.send(FrameType.STREAM_READY, ready)
-        try:
-            await self._splice_pair(c_stream, c_leftover, p_stream, p_reader, sid)
-        finally:
-            self.p2p_forbidden.discard(sid)
-
-    async def _splice_pair(
-        self,
-        c_stream: Stream,
-        c_leftover: bytes,
-        p_stream: Stream,
-        p_reader: FrameReader,
-        sid: int,
-    ) -> None:
-        """Spec 02 §6.5 splice (REQUIRED enforcement runs beside it, see the caller)."""
         # A source that breaks (not a clean EOF) resets the other side, so
         # its agent resumes instead of taking a FIN for a finished stream.
+        # (REQUIRED enforcement runs beside the splice, armed by the caller.)
         result = await splice(
             c_stream,
             p_stream,
