@@ -38,7 +38,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,6 +56,7 @@ from outrelay.agent.p2p.interfaces import interface_addresses
 from outrelay.agent.p2p.swap import (
     SWAP_TIMEOUT,
     accept_checkpoints,
+    apply_checkpoints,
     close_quietly,
     rtt_ms,
     send_checkpoints,
@@ -76,11 +77,9 @@ from outrelay.orp import Candidate as CandidateMessage
 from outrelay.orp import (
     CandidateAnswer,
     CandidateOffer,
-    Frame,
     FrameType,
     MigrateToP2P,
     OrpError,
-    StreamCheckpoint,
     StreamResume,
 )
 from outrelay.pki import ClientVerifier, load_certificates
@@ -327,7 +326,7 @@ class P2PService:
             if frame is None:
                 raise OrpError("direct stream ended before STREAM_RESUME")
             if frame.type == FrameType.STREAM_CHECKPOINT:
-                await self._read_checkpoints(conn, reader, frame)
+                await apply_checkpoints(reader, self._peer_stream(conn), frame)
                 return
             resume = expect_message(frame, FrameType.STREAM_RESUME, StreamResume)
         except (TimeoutError, TransportError, OrpError) as exc:
@@ -335,13 +334,15 @@ class P2PService:
             stream.abort()
             return
         sid = resume.stream_id
-        target = self.session.resumable(sid)
-        peer = self.session.peer_of(sid)
-        dialler = getattr(conn, "identity", "") or ""
-        if target is None or not peer or dialler != peer:
+        target = self._peer_stream(conn)(sid)
+        if target is None:
             log.warning(
                 "p2p: direct stream refused: not the stream's peer",
-                extra=kv(id=sid, dialler=dialler, known=bool(target)),
+                extra=kv(
+                    id=sid,
+                    dialler=getattr(conn, "identity", ""),
+                    known=self.session.resumable(sid) is not None,
+                ),
             )
             stream.abort()
             return
@@ -505,25 +506,15 @@ class P2PService:
             if conn is not None:
                 conn.close(0, "")
 
-    async def _read_checkpoints(
-        self, conn: Connection, reader: FrameReader, first: Frame | None = None
-    ) -> None:
-        """Apply a peer's STREAM_CHECKPOINTs from a direct stream (for its own streams only)."""
+    def _peer_stream(self, conn: Connection) -> Callable[[int], ResumableStream | None]:
+        """Stream id -> our stream, if the agent on ``conn`` is that stream's peer."""
         dialler = getattr(conn, "identity", "") or ""
-        frame = first
-        while True:
-            if frame is None:
-                try:
-                    frame = await reader.read_frame()
-                except TransportError:
-                    return  # the direct path ended; demotion is the stream's business
-                if frame is None:
-                    return
-            checkpoint = expect_message(frame, FrameType.STREAM_CHECKPOINT, StreamCheckpoint)
-            frame = None
-            target = self.session.resumable(checkpoint.stream_id)
-            if target is not None and self.session.peer_of(checkpoint.stream_id) == dialler:
-                target.apply_checkpoint(checkpoint.my_position, checkpoint.peer_ack_position)
+
+        def lookup(sid: int) -> ResumableStream | None:
+            peer = self.session.peer_of(sid)
+            return self.session.resumable(sid) if peer and peer == dialler else None
+
+        return lookup
 
     async def _exchange(self, sid: int) -> list[Candidate]:
         waiter: asyncio.Future[list[Candidate]] = asyncio.get_running_loop().create_future()

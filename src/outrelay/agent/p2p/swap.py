@@ -20,11 +20,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 
 from outrelay.agent.resumable import ResumableStream, ResumeFailed, exchange_resume, resume_frame
 from outrelay.agent.session import CHECKPOINT_PERIOD
 from outrelay.observe import kv
-from outrelay.orp import FrameType, OrpError, StreamCheckpoint, encode_message
+from outrelay.orp import Frame, FrameType, OrpError, StreamCheckpoint, encode_message
 from outrelay.resume import ResumeError
 from outrelay.transport import Connection, Stream, TransportError
 from outrelay.wire import FrameReader, expect_message
@@ -33,6 +34,7 @@ __all__ = [
     "ACK_WAIT",
     "SWAP_TIMEOUT",
     "accept_checkpoints",
+    "apply_checkpoints",
     "close_quietly",
     "rtt_ms",
     "send_checkpoints",
@@ -139,16 +141,45 @@ async def send_checkpoints(conn: Connection, stream: ResumableStream) -> None:
         log.debug("p2p: direct checkpoints ended", extra=kv(err=str(exc) or repr(exc)))
 
 
+async def apply_checkpoints(
+    reader: FrameReader,
+    lookup: Callable[[int], ResumableStream | None],
+    first: Frame | None = None,
+) -> None:
+    """Apply the STREAM_CHECKPOINTs of one direct stream until it ends.
+
+    ``lookup`` names the stream a checkpoint may move (None: ignore it), so
+    a peer only ever acknowledges its own streams. ``first`` is a frame
+    already read from ``reader``.
+
+    Raises:
+        OrpError: a frame that is not a well-formed STREAM_CHECKPOINT.
+    """
+    frame = first
+    while True:
+        if frame is None:
+            try:
+                frame = await reader.read_frame()
+            except TransportError:
+                return  # the direct path ended; demotion is the stream's business
+            if frame is None:
+                return
+        checkpoint = expect_message(frame, FrameType.STREAM_CHECKPOINT, StreamCheckpoint)
+        frame = None
+        target = lookup(checkpoint.stream_id)
+        if target is not None:
+            target.apply_checkpoint(checkpoint.my_position, checkpoint.peer_ack_position)
+
+
 async def accept_checkpoints(conn: Connection, stream: ResumableStream) -> None:
     """Initiator: the responder's checkpoint stream on the connection we dialled."""
+
+    def lookup(sid: int) -> ResumableStream | None:
+        return stream if sid == stream.stream_id else None
+
     try:
         while True:
-            incoming = await conn.accept_stream()
-            reader = FrameReader(incoming)
-            while (frame := await reader.read_frame()) is not None:
-                checkpoint = expect_message(frame, FrameType.STREAM_CHECKPOINT, StreamCheckpoint)
-                if checkpoint.stream_id == stream.stream_id:
-                    stream.apply_checkpoint(checkpoint.my_position, checkpoint.peer_ack_position)
+            await apply_checkpoints(FrameReader(await conn.accept_stream()), lookup)
     except (TransportError, OrpError) as exc:
         log.debug("p2p: direct checkpoints ended", extra=kv(err=str(exc) or repr(exc)))
 
