@@ -20,6 +20,7 @@ from outrelay.transport import BrokenResourceError, Stream, serve_quic
 from outrelay.transport.quic import QuicConn
 from outrelay.transport.shared_udp import (
     PUNCH,
+    OtherFamily,
     SharedUdpEndpoint,
     is_quic_datagram,
     open_shared_udp,
@@ -151,6 +152,15 @@ async def test_inbound_dial_needs_a_certificate_from_our_ca(
     await asyncio.sleep(0.2)
     assert a.inbound.empty()
     assert a.refused
+
+
+async def test_an_ipv6_address_from_an_ipv4_socket_is_told_apart(
+    sides: tuple[Side, Side],
+) -> None:
+    """The session falls back to a socket of its own on OtherFamily (an IPv6 relay)."""
+    a, _ = sides
+    with pytest.raises(OtherFamily):
+        await a.endpoint.connect("::1", 7443)
 
 
 async def test_a_closed_endpoint_refuses_new_dials(pki: Pki, sides: tuple[Side, Side]) -> None:

@@ -40,7 +40,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from outrelay.observe import kv
+from outrelay.observe import kv, ms
 from outrelay.pki import ClientVerifier, load_certificates
 from outrelay.splice import splice
 from outrelay.transport import (
@@ -402,11 +402,6 @@ async def _bridge(
         )
 
 
-def _rtt_ms(conn: Connection) -> str:
-    rtt = getattr(conn, "rtt", None)
-    return f"{rtt * 1000:.1f}" if isinstance(rtt, float) else "?"
-
-
 async def run_forward_consumer(
     grant: AllocGranted,
     relay_stream: Stream,
@@ -444,7 +439,7 @@ async def run_forward_consumer(
                 endpoint=f"{plane.relay[0]}:{plane.relay[1]}",
                 alloc=grant.my_allocation,
                 peer_alloc=grant.peer_allocation,
-                rtt_ms=_rtt_ms(conn),
+                rtt_ms=ms(conn.rtt, "?"),
             ),
         )
         await _bridge(local, conn, fwd, relay_stream, plane, fields)
@@ -501,7 +496,7 @@ async def run_forward_provider(
                 endpoint=f"{plane.relay[0]}:{plane.relay[1]}",
                 alloc=grant.my_allocation,
                 peer_alloc=grant.peer_allocation,
-                rtt_ms=_rtt_ms(conn),
+                rtt_ms=ms(conn.rtt, "?"),
             ),
         )
         await _bridge(backend, conn, fwd, relay_stream, plane, fields)

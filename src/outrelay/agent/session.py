@@ -32,7 +32,7 @@ from typing import Any
 
 from outrelay.agent.p2p import RequestIds
 from outrelay.agent.resumable import RESUME_WINDOW, ResumableStream, ResumeFailed, exchange_resume
-from outrelay.observe import kv
+from outrelay.observe import kv, ms
 from outrelay.orp import (
     MESSAGE_TYPES,
     CandidateAnswer,
@@ -62,7 +62,7 @@ from outrelay.transport import (
     connect_tcp,
     select_quic_backend,
 )
-from outrelay.transport.shared_udp import SharedUdpEndpoint
+from outrelay.transport.shared_udp import OtherFamily, SharedUdpEndpoint
 from outrelay.wire import ControlChannel, FrameReader, frame_name
 
 __all__ = [
@@ -506,9 +506,7 @@ class RelaySession:
         if endpoint is not None:
             try:
                 return await endpoint.connect(host, port, handshake_timeout=handshake_timeout), True
-            except BrokenResourceError as exc:
-                if "not reachable from" not in str(exc):
-                    raise
+            except OtherFamily as exc:
                 log.debug("session: relay not on the shared socket", extra=kv(err=str(exc)))
         conn = await self._connect_quic(
             host, port, self.config.tls, handshake_timeout=handshake_timeout
@@ -843,7 +841,7 @@ class RelaySession:
                 extra=kv(
                     id=sid,
                     path=link.address,
-                    rtt_ms=_rtt_ms(link.conn),
+                    rtt_ms=ms(link.conn.rtt),
                     reason=stream.broken_reason,
                 ),
             )
@@ -903,11 +901,6 @@ class RelaySession:
         self._mode_waiters.clear()
         with contextlib.suppress(Exception):
             await asyncio.sleep(0)
-
-
-def _rtt_ms(conn: Connection) -> str:
-    rtt = getattr(conn, "rtt", None)
-    return f"{rtt * 1000:.1f}" if rtt is not None else ""
 
 
 def stream_window(stream: ResumableStream) -> float:

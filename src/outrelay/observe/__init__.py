@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from outrelay.observe.logging import LOG_LEVELS, KeyValueFormatter, kv, setup_logging
+from outrelay.observe.logging import LOG_LEVELS, KeyValueFormatter, kv, ms, setup_logging
 
-__all__ = ["LOG_LEVELS", "KeyValueFormatter", "kv", "setup_logging"]
+__all__ = ["LOG_LEVELS", "KeyValueFormatter", "kv", "ms", "setup_logging"]

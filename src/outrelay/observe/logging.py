@@ -38,6 +38,11 @@ def kv(**attrs: Any) -> dict[str, Any]:
     return {"attrs": attrs}
 
 
+def ms(seconds: float | None, unknown: str = "") -> str:
+    """A duration for a log attribute: milliseconds with one decimal, or ``unknown``."""
+    return f"{seconds * 1000:.1f}" if seconds is not None else unknown
+
+
 def _quote(value: Any) -> str:
     text = str(value)
     if text == "" or any(c in text for c in ' "=\n\t'):

@@ -161,3 +161,8 @@ class Connection(abc.ABC):
     @abc.abstractmethod
     def close_reason(self) -> str:
         """Why the connection ended, for logs ("" while it is open)."""
+
+    @property
+    def rtt(self) -> float | None:
+        """Smoothed round-trip time in seconds, where the transport measures one."""
+        return None

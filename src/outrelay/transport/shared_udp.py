@@ -52,7 +52,7 @@ from outrelay.transport.udp import BatchDatagramTransport
 if TYPE_CHECKING:
     from cryptography import x509
 
-__all__ = ["PUNCH", "SharedUdpEndpoint", "is_quic_datagram", "open_shared_udp"]
+__all__ = ["PUNCH", "OtherFamily", "SharedUdpEndpoint", "is_quic_datagram", "open_shared_udp"]
 
 log = logging.getLogger("outrelay.transport.shared_udp")
 
@@ -63,6 +63,10 @@ _MIN_QUIC = 21
 """A short-header packet: 1 flag byte + 8-byte connection id + ≥ 1 packet
 number byte + ≥ 16-byte AEAD tag, rounded down a little; anything shorter
 cannot be QUIC for us."""
+
+
+class OtherFamily(BrokenResourceError):
+    """The address is of a family this socket cannot send to (IPv6 from an IPv4 socket)."""
 
 
 def is_quic_datagram(data: bytes) -> bool:
@@ -142,17 +146,21 @@ class SharedUdpEndpoint:
         """Dial ``host:port`` as a QUIC client from the shared socket.
 
         Raises:
-            BrokenResourceError: the address is of a family this socket cannot
-                reach, resolution or the handshake failed, or it timed out.
+            OtherFamily: the address is of a family this socket cannot reach.
+            BrokenResourceError: resolution or the handshake failed, or it timed out.
         """
         if self._closed:
             raise BrokenResourceError("the shared UDP socket is closed")
-        family = socket.AF_INET if self.family == socket.AF_INET else 0
-        resolved_family, addr = await resolve_udp(host, port, family)
-        if self.family == socket.AF_INET and resolved_family != socket.AF_INET:
-            raise BrokenResourceError(f"{host}:{port} is not reachable from an IPv4 socket")
-        if resolved_family == socket.AF_INET:
-            addr = self._sockaddr(addr[0], addr[1])
+        if self.family == socket.AF_INET:
+            try:
+                _, addr = await resolve_udp(host, port, socket.AF_INET)
+            except BrokenResourceError:
+                await resolve_udp(host, port)  # the name's own error, if it has no address
+                raise OtherFamily(f"{host}:{port} is not reachable from an IPv4 socket") from None
+        else:
+            resolved_family, addr = await resolve_udp(host, port)
+            if resolved_family == socket.AF_INET:
+                addr = self._sockaddr(addr[0], addr[1])
         config = _configuration(tls or self._tls, is_client=True)
         protocol = _Protocol(QuicConnection(configuration=config))
         protocol.connection_made(self._transport)

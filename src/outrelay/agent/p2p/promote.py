@@ -58,7 +58,6 @@ from outrelay.agent.p2p.swap import (
     accept_checkpoints,
     apply_checkpoints,
     close_quietly,
-    rtt_ms,
     send_checkpoints,
     swap_reference,
     swap_symmetric,
@@ -72,7 +71,7 @@ from outrelay.agent.session import (
     NotConnected,
     RelaySession,
 )
-from outrelay.observe import kv
+from outrelay.observe import kv, ms
 from outrelay.orp import Candidate as CandidateMessage
 from outrelay.orp import (
     CandidateAnswer,
@@ -392,7 +391,7 @@ class P2PService:
                 id=sid,
                 role="responder",
                 path=_path(conn),
-                rtt_ms=rtt_ms(conn),
+                rtt_ms=ms(conn.rtt),
                 retransmitted=len(gap),
                 swap="symmetric" if symmetric else "reference",
             ),

@@ -36,7 +36,6 @@ __all__ = [
     "accept_checkpoints",
     "apply_checkpoints",
     "close_quietly",
-    "rtt_ms",
     "send_checkpoints",
     "swap_reference",
     "swap_symmetric",
@@ -187,8 +186,3 @@ async def accept_checkpoints(conn: Connection, stream: ResumableStream) -> None:
 async def close_quietly(stream: Stream) -> None:
     with contextlib.suppress(TransportError):
         await stream.aclose()
-
-
-def rtt_ms(conn: Connection) -> str:
-    rtt = getattr(conn, "rtt", None)
-    return f"{rtt * 1000:.1f}" if rtt is not None else ""
