@@ -260,17 +260,12 @@ class P2PService:
             self._peer_caps[sid] = markers.capabilities
             while len(self._peer_caps) > PEER_CAPS_MAX:
                 del self._peer_caps[next(iter(self._peer_caps))]
-            ours: list[Candidate] = []
-            if self._mode(sid) == MODE_FORBIDDEN:
-                log.info(
-                    "p2p: not answering with candidates",
-                    extra=kv(id=sid, reason="p2p_mode forbidden"),
-                )
-            else:
-                ours = self._offered()
-                if self.session.is_active(sid):  # never punch for a stream we do not serve
-                    self._punch(sid, remote)
-            answer = CandidateAnswer(stream_id=sid, candidates=[_to_message(c) for c in ours])
+            # (Under FORBIDDEN no offer reaches us: our relay answers it itself.)
+            if self.session.is_active(sid):  # never punch for a stream we do not serve
+                self._punch(sid, remote)
+            answer = CandidateAnswer(
+                stream_id=sid, candidates=[_to_message(c) for c in self._offered()]
+            )
             try:
                 await self.session.send_control(FrameType.CANDIDATE_ANSWER, answer)
             except Exception as exc:  # NotConnected, TransportError
@@ -365,24 +360,20 @@ class P2PService:
         try:
             gap = retransmit_range(resume.peer_ack_position, target.ring)
             target.apply_checkpoint(resume.my_position, resume.peer_ack_position)
-            if not symmetric:
-                # Spec 03 §7.7: the reference responder writes no STREAM_RESUME back.
-                lost = resume.my_position - target.positions.received
-                if lost > 0:
-                    log.warning(
-                        "p2p: reference initiator: bytes in flight on the relay are lost",
-                        extra=kv(id=sid, bytes=lost),
-                    )
-                raise _NoEcho
-            async with asyncio.timeout(SWAP_TIMEOUT):
-                await stream.send_all(resume_frame(target))
-        except _NoEcho:
-            pass
+            if symmetric:  # spec 03 §7.7: the reference responder writes no STREAM_RESUME back
+                async with asyncio.timeout(SWAP_TIMEOUT):
+                    await stream.send_all(resume_frame(target))
         except (TimeoutError, TransportError, ResumeError) as exc:
             log.warning("p2p: migration failed; back to the relay", extra=kv(id=sid, err=str(exc)))
             stream.abort()
             target.fail_migration(old, str(exc) or repr(exc))
             return
+        lost = resume.my_position - target.positions.received
+        if not symmetric and lost > 0:
+            log.warning(
+                "p2p: reference initiator: bytes in flight on the relay are lost",
+                extra=kv(id=sid, bytes=lost),
+            )
         target.install(stream, reader.take_leftover())
         target.path = "direct"
         log.info(
@@ -592,10 +583,6 @@ class P2PService:
                     task.cancel()
                 elif not task.cancelled() and task.exception() is None:
                     task.result().close(0, "")
-
-
-class _NoEcho(Exception):
-    """Internal: the responder's reference path skips the echo."""
 
 
 def _show(candidates: list[Candidate]) -> str:
