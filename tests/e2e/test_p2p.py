@@ -16,7 +16,8 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -38,14 +39,45 @@ def _p2p_args() -> list[str]:
     return ["--p2p-listen", f"127.0.0.1:{port}", "--p2p-advertise", f"127.0.0.1:{port}"]
 
 
+@dataclass
+class P2PPair:
+    relay: Relay
+    provider: Agent
+    consumer: Agent
+    provider_port: int
+    """The provider's shared UDP port (its relay connection and direct listener)."""
+    consumer_port: int
+
+
+def _p2p_pair(
+    cluster: Cluster,
+    backends: Backends,
+    *,
+    policy: Path | None = None,
+    provider_extra: Sequence[str] = (),
+    consumer_extra: Sequence[str] = (),
+) -> P2PPair:
+    """A relay, and a provider (echo backend) and consumer, both with ``--p2p-listen``."""
+    relay = cluster.start_relay(policy=policy)
+    echo = backends.echo()
+    provider_args, consumer_args = _p2p_args(), _p2p_args()
+    provider = cluster.start_agent(
+        cluster.pki.agent(0),
+        relay,
+        expose={"echo": echo.addr},
+        args=[*provider_args, *provider_extra],
+    )
+    consumer = cluster.start_agent(
+        cluster.pki.agent(1), relay, consume=["echo"], args=[*consumer_args, *consumer_extra]
+    )
+    ports = [int(args[1].rpartition(":")[2]) for args in (provider_args, consumer_args)]
+    return P2PPair(relay, provider, consumer, ports[0], ports[1])
+
+
 @pytest.mark.timeout(180)
 def test_promoted_stream_survives_a_frozen_relay(cluster: Cluster, backends: Backends) -> None:
-    relay = cluster.start_relay()
-    echo = backends.echo()
-    provider = cluster.start_agent(
-        cluster.pki.agent(0), relay, expose={"echo": echo.addr}, args=_p2p_args()
-    )
-    consumer = cluster.start_agent(cluster.pki.agent(1), relay, consume=["echo"], args=_p2p_args())
+    pair = _p2p_pair(cluster, backends)
+    relay, provider, consumer = pair.relay, pair.provider, pair.consumer
     transfer = Transfer(consumer.port("echo"), 24 * MiB, pace=0.02)
     try:
         rec = consumer.wait_for("p2p: migrated to direct", timeout=15)
@@ -79,22 +111,6 @@ def test_without_flag_nothing_is_promoted(cluster: Cluster, backends: Backends) 
     assert not relay.find("stream migrated to p2p")
 
 
-def _promoted_pair(cluster: Cluster, backends: Backends) -> tuple[Relay, Agent, Agent, int, int]:
-    """Relay, provider, consumer, and the provider's and consumer's shared UDP ports."""
-    relay = cluster.start_relay()
-    echo = backends.echo()
-    provider_args = _p2p_args()
-    consumer_args = _p2p_args()
-    provider = cluster.start_agent(
-        cluster.pki.agent(0), relay, expose={"echo": echo.addr}, args=provider_args
-    )
-    consumer = cluster.start_agent(
-        cluster.pki.agent(1), relay, consume=["echo"], args=consumer_args
-    )
-    ports = [int(args[1].rpartition(":")[2]) for args in (provider_args, consumer_args)]
-    return relay, provider, consumer, ports[0], ports[1]
-
-
 @contextlib.contextmanager
 def _drop_udp_between(port_a: int, port_b: int) -> Iterator[None]:
     """Cut the direct path: drop UDP between the two agents' shared sockets on lo.
@@ -120,7 +136,9 @@ def _drop_udp_between(port_a: int, port_b: int) -> Iterator[None]:
 
 @pytest.mark.timeout(180)
 def test_cut_direct_path_demotes_to_the_relay(cluster: Cluster, backends: Backends) -> None:
-    _, provider, consumer, p2p_port, consumer_port = _promoted_pair(cluster, backends)
+    pair = _p2p_pair(cluster, backends)
+    provider, consumer = pair.provider, pair.consumer
+    p2p_port, consumer_port = pair.provider_port, pair.consumer_port
     transfer = Transfer(consumer.port("echo"), 16 * MiB, pace=0.05)
     consumer.wait_for("p2p: migrated to direct", timeout=15)
     with _drop_udp_between(p2p_port, consumer_port):
@@ -136,7 +154,8 @@ def test_cut_direct_path_demotes_to_the_relay(cluster: Cluster, backends: Backen
 def test_third_agent_cannot_take_over_a_promoted_stream(
     cluster: Cluster, backends: Backends
 ) -> None:
-    _, provider, consumer, p2p_port, _ = _promoted_pair(cluster, backends)
+    pair = _p2p_pair(cluster, backends)
+    provider, consumer, p2p_port = pair.provider, pair.consumer, pair.provider_port
     transfer = Transfer(consumer.port("echo"), 8 * MiB, pace=0.05)
     sid = consumer.wait_for("p2p: migrated to direct", timeout=15)["id"]
     # A third agent of the same tenant, with a perfectly valid certificate from the same CA.
@@ -189,12 +208,8 @@ def _policy(tmp_path: Path, p2p_mode: str) -> Path:
 def test_p2p_mode_forbidden_keeps_every_byte_on_the_relay(
     cluster: Cluster, backends: Backends, tmp_path: Path
 ) -> None:
-    relay = cluster.start_relay(policy=_policy(tmp_path, "forbidden"))
-    echo = backends.echo()
-    provider = cluster.start_agent(
-        cluster.pki.agent(0), relay, expose={"echo": echo.addr}, args=_p2p_args()
-    )
-    consumer = cluster.start_agent(cluster.pki.agent(1), relay, consume=["echo"], args=_p2p_args())
+    pair = _p2p_pair(cluster, backends, policy=_policy(tmp_path, "forbidden"))
+    relay, provider, consumer = pair.relay, pair.provider, pair.consumer
     transfer = Transfer(consumer.port("echo"), 8 * MiB, pace=0.1)
     rec = consumer.wait_for("p2p: not promoting", timeout=15)
     assert "forbidden" in rec["reason"]
@@ -209,10 +224,8 @@ def test_p2p_mode_forbidden_keeps_every_byte_on_the_relay(
 def test_p2p_mode_required_promotes_before_the_relay_gives_up(
     cluster: Cluster, backends: Backends, tmp_path: Path
 ) -> None:
-    relay = cluster.start_relay(policy=_policy(tmp_path, "required"))
-    echo = backends.echo()
-    cluster.start_agent(cluster.pki.agent(0), relay, expose={"echo": echo.addr}, args=_p2p_args())
-    consumer = cluster.start_agent(cluster.pki.agent(1), relay, consume=["echo"], args=_p2p_args())
+    pair = _p2p_pair(cluster, backends, policy=_policy(tmp_path, "required"))
+    relay, consumer = pair.relay, pair.consumer
     # Longer than the relay's 10 s REQUIRED window (spec 02 §7.5).
     transfer = Transfer(consumer.port("echo"), 12 * MiB, pace=0.25)
     rec = consumer.wait_for("p2p: migrated to direct", timeout=10)
@@ -227,12 +240,13 @@ def test_forbidden_is_enforced_by_our_relay_for_an_agent_that_ignores_it(
     cluster: Cluster, backends: Backends, tmp_path: Path
 ) -> None:
     """A consumer that does not know p2p modes (the reference's wire) still stays on the relay."""
-    relay = cluster.start_relay(policy=_policy(tmp_path, "forbidden"))
-    echo = backends.echo()
-    cluster.start_agent(cluster.pki.agent(0), relay, expose={"echo": echo.addr}, args=_p2p_args())
-    consumer = cluster.start_agent(
-        cluster.pki.agent(1), relay, consume=["echo"], args=[*_p2p_args(), "--p2p-reference-wire"]
+    pair = _p2p_pair(
+        cluster,
+        backends,
+        policy=_policy(tmp_path, "forbidden"),
+        consumer_extra=["--p2p-reference-wire"],
     )
+    relay, consumer = pair.relay, pair.consumer
     transfer = Transfer(consumer.port("echo"), 8 * MiB, pace=0.1)
     relay.wait_for("p2p offer refused (p2p_mode forbidden)", timeout=15)
     rec = consumer.wait_for("p2p: stayed on relay", timeout=10)
@@ -248,21 +262,14 @@ def test_reference_wire_peer_gets_the_asymmetric_swap(
     cluster: Cluster, backends: Backends, reference_side: str
 ) -> None:
     """Against a peer without the capability the swap is the reference's, and still exact."""
-    relay = cluster.start_relay()
-    echo = backends.echo()
-    extra = {reference_side: ["--p2p-reference-wire"]}
-    provider = cluster.start_agent(
-        cluster.pki.agent(0),
-        relay,
-        expose={"echo": echo.addr},
-        args=[*_p2p_args(), *extra.get("provider", [])],
+    flag = ["--p2p-reference-wire"]
+    pair = _p2p_pair(
+        cluster,
+        backends,
+        provider_extra=flag if reference_side == "provider" else (),
+        consumer_extra=flag if reference_side == "consumer" else (),
     )
-    consumer = cluster.start_agent(
-        cluster.pki.agent(1),
-        relay,
-        consume=["echo"],
-        args=[*_p2p_args(), *extra.get("consumer", [])],
-    )
+    relay, provider, consumer = pair.relay, pair.provider, pair.consumer
     transfer = Transfer(consumer.port("echo"), 16 * MiB, pace=0.05)
     try:
         rec = consumer.wait_for("p2p: migrated to direct", timeout=15)
