@@ -93,6 +93,7 @@ EXTENSION_FIELD_MIN = 100
 """Our own fields start here, far from the reference's numbers; peers skip them."""
 OUR_EXTENSIONS = [
     ("StreamReady", "outrelay_p2p_mode", 100, FieldDescriptor.TYPE_UINT32, False),
+    ("Hello", "outrelay_instance", 100, FieldDescriptor.TYPE_STRING, False),
 ]
 
 

@@ -9,7 +9,9 @@ No I/O, no clock, no tasks. This package provides:
   :func:`encode_message` / :func:`decode_message`;
 * the per-stream state machine (:class:`StreamStateMachine`);
 * the error hierarchy rooted at :class:`OrpError`, and the STREAM_REJECT codes
-  (:class:`RejectCode`).
+  (:class:`RejectCode`);
+* our negotiated extensions: HELLO capabilities and the stream end codes
+  (:class:`StreamEndCode`).
 
 Only the names in ``__all__`` are public; the modules and ``_proto`` are implementation.
 """
@@ -34,6 +36,16 @@ from .errors import (
     RejectCode,
     RemoteProtocolError,
     UnexpectedEOF,
+)
+from .extensions import (
+    CAP_INSTANCE,
+    CAP_P2P_MODE,
+    CAP_P2P_RESUME_V2,
+    FINAL_CODES,
+    RELAY_CAPABILITIES,
+    StreamEndCode,
+    end_code_name,
+    is_final,
 )
 from .frame_types import FrameType
 from .messages import (
@@ -64,10 +76,15 @@ from .messages import (
 from .state import STREAM_TRANSITIONS, StreamInput, StreamState, StreamStateMachine
 
 __all__ = [
+    "CAP_INSTANCE",
+    "CAP_P2P_MODE",
+    "CAP_P2P_RESUME_V2",
+    "FINAL_CODES",
     "HEADER_SIZE",
     "MAX_PAYLOAD",
     "MESSAGE_TYPES",
     "PROTOCOL_VERSION",
+    "RELAY_CAPABILITIES",
     "STREAM_TRANSITIONS",
     "AllocGranted",
     "Candidate",
@@ -96,6 +113,7 @@ __all__ = [
     "RemoteProtocolError",
     "StreamAccept",
     "StreamCheckpoint",
+    "StreamEndCode",
     "StreamInput",
     "StreamReady",
     "StreamReject",
@@ -107,4 +125,6 @@ __all__ = [
     "decode_message",
     "encode_frame",
     "encode_message",
+    "end_code_name",
+    "is_final",
 ]

@@ -48,7 +48,18 @@ class SendClosedError(ClosedResourceError):
 
 
 class BrokenResourceError(TransportError):
-    """The peer or the network broke the stream or connection."""
+    """The peer or the network broke the stream or connection.
+
+    Attributes:
+        code: the application error code the peer reset the stream (or stopped
+            reading it) with, where the transport carries one; ``None`` when the
+            connection died or the peer gave no code. ``orp.is_final(code)`` tells an
+            application's close from a broken link.
+    """
+
+    def __init__(self, *args: object, code: int | None = None) -> None:
+        super().__init__(*args)
+        self.code = code
 
 
 class BusyResourceError(TransportError):
@@ -161,6 +172,13 @@ class Connection(abc.ABC):
     @abc.abstractmethod
     def close_reason(self) -> str:
         """Why the connection ended, for logs ("" while it is open)."""
+
+    @property
+    def peer_close_code(self) -> int | None:
+        """The application error code the peer closed the connection with, where the
+        transport carries one (QUIC CONNECTION_CLOSE); None while open, after a
+        local close, a timeout, or on transports without codes."""
+        return None
 
     @property
     def rtt(self) -> float | None:

@@ -29,6 +29,8 @@ class _Pipe:
         self.limit = limit
         self.eof = False
         self.broken: str | None = None
+        self.code: int | None = None
+        """The reset's error code (``abort``); None for a simulated connection loss."""
         self.changed = asyncio.Event()
 
     def wake(self) -> None:
@@ -63,7 +65,7 @@ class MemoryStream(Stream):
                     self._in.wake()
                     return data
                 if self._in.broken is not None:
-                    raise BrokenResourceError(self._in.broken)
+                    raise BrokenResourceError(self._in.broken, code=self._in.code)
                 if self._in.eof:
                     return b""
                 self._in.changed.clear()
@@ -83,7 +85,7 @@ class MemoryStream(Stream):
                 if self._eof_sent:
                     raise SendClosedError("stream closed for sending")
                 if self._out.broken is not None:
-                    raise BrokenResourceError(self._out.broken)
+                    raise BrokenResourceError(self._out.broken, code=self._out.code)
                 room = self._out.limit - len(self._out.buffer)
                 if room <= 0:
                     self._out.changed.clear()
@@ -110,6 +112,7 @@ class MemoryStream(Stream):
         for pipe in (self._in, self._out):
             if pipe.broken is None:
                 pipe.broken = reason
+                pipe.code = error_code
             pipe.buffer.clear()
             pipe.wake()
 

@@ -209,7 +209,9 @@ class QuicStream(Stream):
                 if self._closed:
                     raise ClosedResourceError("stream closed")
                 if self._reset_code is not None:
-                    raise BrokenResourceError(f"stream reset by peer (code {self._reset_code})")
+                    raise BrokenResourceError(
+                        f"stream reset by peer (code {self._reset_code})", code=self._reset_code
+                    )
                 if self._eof_received:
                     return b""
                 self._conn._raise_if_terminated()
@@ -251,7 +253,10 @@ class QuicStream(Stream):
         if self._eof_sent:
             raise SendClosedError("stream already closed for sending")
         if self._stop_sending_code is not None:
-            raise BrokenResourceError(f"peer stopped reading (code {self._stop_sending_code})")
+            raise BrokenResourceError(
+                f"peer stopped reading (code {self._stop_sending_code})",
+                code=self._stop_sending_code,
+            )
         self._conn._raise_if_terminated()
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
@@ -366,6 +371,7 @@ class _QuicConnBase(Connection):
     _terminated: bool
     _local_close: bool
     _close_reason: str
+    _peer_close_code: int | None = None
     _closed_event: asyncio.Event
     _peer: PeerInfo
     _on_closed: list[Callable[[], None]]
@@ -406,6 +412,10 @@ class _QuicConnBase(Connection):
             if stream is not None:
                 stream._on_stop_sending(event.error_code)
         elif isinstance(event, ev.ConnectionTerminated):
+            if not self._terminated and event.frame_type is None:
+                # An application CONNECTION_CLOSE from the peer (transport
+                # errors and idle timeouts carry a frame type or none of ours).
+                self._peer_close_code = event.error_code
             reason = event.reason_phrase or ""
             detail = f"code {event.error_code}" + (f": {reason}" if reason else "")
             self._on_terminated(detail)
@@ -421,6 +431,10 @@ class _QuicConnBase(Connection):
     @property
     def close_reason(self) -> str:
         return self._close_reason
+
+    @property
+    def peer_close_code(self) -> int | None:
+        return self._peer_close_code
 
     async def accept_stream(self) -> Stream:
         stream = await self._accept_queue.get()

@@ -137,6 +137,7 @@ class TcpStream(Stream):
         self._buffered = 0
         self._eof_received = False
         self._reset_reason: str | None = None
+        self._reset_code: int | None = None
         self._data_ready = asyncio.Event()
         self._send_ready = asyncio.Event()
         self._reading = False
@@ -159,8 +160,9 @@ class TcpStream(Stream):
         self._eof_received = True
         self._data_ready.set()
 
-    def _on_reset(self, reason: str) -> None:
+    def _on_reset(self, reason: str, code: int = 0) -> None:
         self._reset_reason = reason
+        self._reset_code = code
         self._wake()
 
     def _wake(self) -> None:
@@ -180,7 +182,7 @@ class TcpStream(Stream):
                 if self._closed:
                     raise ClosedResourceError("stream closed")
                 if self._reset_reason is not None:
-                    raise BrokenResourceError(f"stream {self._reset_reason}")
+                    raise BrokenResourceError(f"stream {self._reset_reason}", code=self._reset_code)
                 if self._eof_received:
                     return b""
                 self._conn._raise_if_terminated()
@@ -206,7 +208,7 @@ class TcpStream(Stream):
         if self._eof_sent:
             raise SendClosedError("stream already closed for sending")
         if self._reset_reason is not None:
-            raise BrokenResourceError(f"stream {self._reset_reason}")
+            raise BrokenResourceError(f"stream {self._reset_reason}", code=self._reset_code)
         self._conn._raise_if_terminated()
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
@@ -254,12 +256,12 @@ class TcpStream(Stream):
         self._conn._maybe_forget(self)
 
     def abort(self, error_code: int = 0) -> None:
-        """Reset both directions (yamux RST; it carries no error code)."""
+        """Reset both directions (yamux RST, ``error_code`` in its length field)."""
         if self._closed:
             return
         self._closed = True
         if not self._conn._terminated:
-            self._conn._core.reset_stream(self.stream_id)
+            self._conn._core.reset_stream(self.stream_id, error_code)
             self._conn._flush()
         self._release()
         self._conn._streams.pop(self.stream_id, None)
@@ -478,7 +480,7 @@ class TcpConn(Connection):
                     self._maybe_forget(stream)
             elif isinstance(event, StreamReset):
                 if (stream := streams.pop(event.stream_id, None)) is not None:
-                    stream._on_reset(event.reason)
+                    stream._on_reset(event.reason, event.code)
             elif isinstance(event, PingAcknowledged):
                 waiter = self._pings.get(event.opaque)
                 if waiter is not None and not waiter.done():

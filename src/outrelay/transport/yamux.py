@@ -290,6 +290,9 @@ class StreamReset:
 
     stream_id: int
     reason: str = "reset by peer"
+    code: int = 0
+    """The peer's error code: the length of its WINDOW_UPDATE|RST frame (ours, see
+    ``outrelay.orp.extensions``; hashicorp always sends 0)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -638,13 +641,17 @@ class YamuxSession:
         if stream.state in _GONE:
             self._forget(stream)
 
-    def reset_stream(self, stream_id: int) -> None:
-        """Queue RST and forget the stream. A no-op for ids already gone."""
+    def reset_stream(self, stream_id: int, code: int = 0) -> None:
+        """Queue RST and forget the stream. A no-op for ids already gone.
+
+        ``code`` (0 to 2**32-1) rides in the WINDOW_UPDATE|RST frame's length field;
+        hashicorp adds it to a send window that the RST made useless.
+        """
         stream = self._streams.get(stream_id)
         if stream is None or self.terminated:
             return
         self._local_transition(stream, _I.SEND_RST)
-        self._out.append(_frame(FrameType.WINDOW_UPDATE, Flag.RST, stream_id, 0))
+        self._out.append(_frame(FrameType.WINDOW_UPDATE, Flag.RST, stream_id, code))
         self._forget(stream)
 
     def acknowledge_received(self, stream_id: int, n: int) -> None:
@@ -795,6 +802,9 @@ class YamuxSession:
             self._events.append(StreamAcknowledged(stream_id))
         if header.type == FrameType.WINDOW_UPDATE:
             if stream is not None:
+                if flags & Flag.RST:
+                    self._end_flags(stream, flags, code=header.length)
+                    return
                 if header.length:
                     stream.send_window += header.length
                     stream.credited += header.length
@@ -840,8 +850,8 @@ class YamuxSession:
         if stream is not None and stream.state not in _GONE:
             self._end_flags(stream, self._payload_flags)
 
-    def _end_flags(self, stream: _Stream, flags: int) -> None:
-        """FIN and RST take effect after the frame's payload."""
+    def _end_flags(self, stream: _Stream, flags: int, code: int = 0) -> None:
+        """FIN and RST take effect after the frame's payload (``code``: the RST's)."""
         if flags & Flag.FIN:
             try:
                 stream.state = _next_state(stream.state, _I.RECV_FIN)
@@ -857,7 +867,7 @@ class YamuxSession:
         if flags & Flag.RST and stream.state not in _GONE:
             stream.state = _next_state(stream.state, _I.RECV_RST)
             if stream.delivered:
-                self._events.append(StreamReset(stream.id))
+                self._events.append(StreamReset(stream.id, code=code))
             self._forget(stream)
 
     def _accept_syn(self, stream_id: int) -> _Stream | None:

@@ -7,14 +7,16 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Hello(_message.Message):
-    __slots__ = ("protocol_version", "agent_uri", "capabilities")
+    __slots__ = ("protocol_version", "agent_uri", "capabilities", "outrelay_instance")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     AGENT_URI_FIELD_NUMBER: _ClassVar[int]
     CAPABILITIES_FIELD_NUMBER: _ClassVar[int]
+    OUTRELAY_INSTANCE_FIELD_NUMBER: _ClassVar[int]
     protocol_version: str
     agent_uri: str
     capabilities: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, protocol_version: _Optional[str] = ..., agent_uri: _Optional[str] = ..., capabilities: _Optional[_Iterable[str]] = ...) -> None: ...
+    outrelay_instance: str
+    def __init__(self, protocol_version: _Optional[str] = ..., agent_uri: _Optional[str] = ..., capabilities: _Optional[_Iterable[str]] = ..., outrelay_instance: _Optional[str] = ...) -> None: ...
 
 class HelloAck(_message.Message):
     __slots__ = ("session_id", "server_time_unix_ms", "accepted_features")

@@ -1,0 +1,82 @@
+"""Our extensions to ORP, negotiated so that reference peers never see a difference.
+
+Spec 02 §2.3: the reference relay ignores ``Hello.capabilities`` and unknown protobuf
+fields, and turns every stream reset into a FIN (spec 02 §6.5). So each extension here is
+either a capability string that our relay echoes in ``HelloAck.accepted_features`` (an agent
+acts on it only when echoed), an extension field numbered from 100 (skipped by reference
+decoders), or an application error code on a stream reset that a reference peer treats like
+any other reset.
+
+Stream end codes ([REC] beyond spec 03 §4.2)
+--------------------------------------------
+The reference cannot tell "the application at the other end closed its connection" from
+"the relay link broke": both are a reset (code 0) or a FIN, and its agent parks the bridge
+for the 30 s resume window either way. We carry the difference in the application error
+code of QUIC RESET_STREAM / STOP_SENDING, and in the length field of a yamux
+WINDOW_UPDATE|RST frame (hashicorp yamux adds that length to a send window that the RST just
+made useless, so it is harmless there). A reset with a code in :data:`FINAL_CODES` ends the
+stream on both sides at once; any other code (0 included) means the link failed and the
+stream is resumed.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+from typing import Final
+
+__all__ = [
+    "CAP_INSTANCE",
+    "CAP_P2P_MODE",
+    "CAP_P2P_RESUME_V2",
+    "FINAL_CODES",
+    "RELAY_CAPABILITIES",
+    "StreamEndCode",
+    "end_code_name",
+    "is_final",
+]
+
+
+class StreamEndCode(IntEnum):
+    """Application error codes on a stream reset (QUIC) or RST (yamux), ours."""
+
+    LINK = 0
+    """The reference's only code: something between the agents failed; resume."""
+    APPLICATION_CLOSED = 0x4F01
+    """The application (or backend) at that end closed or reset its connection while
+    bytes were still flowing: the stream is over, do not resume."""
+    AGENT_GONE = 0x4F02
+    """The agent at that end exited or restarted: none of its streams can be resumed."""
+
+
+FINAL_CODES: Final = frozenset({StreamEndCode.APPLICATION_CLOSED, StreamEndCode.AGENT_GONE})
+"""Codes that end a stream for good; every other code is a link failure."""
+
+
+def is_final(code: int | None) -> bool:
+    """Does a reset with ``code`` end the stream (rather than call for a resume)?"""
+    return code in FINAL_CODES
+
+
+def end_code_name(code: int | None) -> str:
+    """A log word for ``code``: ``application_closed``, ``agent_gone``, ``link`` or the number."""
+    if code is None:
+        return "link"
+    try:
+        return StreamEndCode(code).name.lower()
+    except ValueError:
+        return str(code)
+
+
+CAP_P2P_MODE: Final = "p2p-mode"
+"""HELLO capability: our relay then tells the pair's p2p mode in STREAM_READY
+(``StreamReady.outrelay_p2p_mode`` = policy P2PMode number + 1)."""
+CAP_P2P_RESUME_V2: Final = "p2p-resume-v2"
+"""HELLO capability (spec 03 §7.7 [REC]): this agent migrates symmetrically. A reference
+relay neither reads nor forwards capabilities, so peers also learn it in-band, from a marker
+entry in CANDIDATE_OFFER/ANSWER (see ``agent.p2p``)."""
+CAP_INSTANCE: Final = "instance"
+"""HELLO capability: ``Hello.outrelay_instance`` names this agent process. When an agent's
+URI comes back with another instance, our relay ends the streams of the old one at once
+(code ``AGENT_GONE``) instead of parking them for the resume window; echoed in HELLO_ACK."""
+RELAY_CAPABILITIES: Final = frozenset({CAP_P2P_MODE, CAP_INSTANCE})
+"""The HELLO capabilities our relay acts on and echoes in ``accepted_features``."""
