@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
+from outrelay.orp import is_final
 from outrelay.transport.base import SendClosedError, Stream, TransportError
 
-__all__ = ["DirectionResult", "SpliceResult", "splice"]
+__all__ = ["DirectionResult", "ResetCode", "SpliceResult", "splice"]
 
 SPLICE_BUFFER = 64 * 1024  # spec 02 §12: 64 KiB per direction
 
@@ -45,12 +47,26 @@ class SpliceResult:
     b_to_a: DirectionResult
 
 
+ResetCode = Callable[[TransportError], int]
+"""Given how one stream broke, the error code to reset the other one with."""
+
+
+def _reset_code(option: bool | ResetCode, error: TransportError) -> int | None:
+    """The code for resetting the other stream, or None to leave it (FIN)."""
+    if option is False:
+        return None
+    if option is True:
+        return 0
+    return option(error)
+
+
 async def _pump(
     src: Stream,
     dst: Stream,
     prefix: bytes,
     result: DirectionResult,
-    abort_on_error: bool,
+    abort_dst_on_src_error: bool | ResetCode,
+    abort_src_on_dst_error: bool | ResetCode,
     buffer_size: int,
     abort_source_on_write_error: bool = False,
 ) -> None:
@@ -73,10 +89,17 @@ async def _pump(
         if abort_source_on_write_error and not isinstance(exc, SendClosedError):
             # The destination refused (not: we ended its sending half ourselves,
             # like the relay's REQUIRED timeout): tell the writer at once.
-            src.abort()
-    if result.read_error is not None and abort_on_error:
-        dst.abort()
-        return
+            src_code = _reset_code(abort_src_on_dst_error, exc) or 0
+            src.abort(src_code)
+            if is_final(src_code):
+                dst.abort(src_code)  # an application's close ends both directions at once
+    if result.read_error is not None:
+        code = _reset_code(abort_dst_on_src_error, result.read_error)
+        if code is not None:
+            dst.abort(code)
+            if is_final(code):
+                src.abort(code)  # an application's close ends both directions at once
+            return
     with contextlib.suppress(TransportError):
         await dst.send_eof()
 
@@ -87,8 +110,8 @@ async def splice(
     *,
     a_to_b_prefix: bytes = b"",
     b_to_a_prefix: bytes = b"",
-    abort_a_on_b_error: bool = False,
-    abort_b_on_a_error: bool = False,
+    abort_a_on_b_error: bool | ResetCode = False,
+    abort_b_on_a_error: bool | ResetCode = False,
     abort_source_on_write_error: bool = False,
     buffer_size: int = SPLICE_BUFFER,
 ) -> SpliceResult:
@@ -99,11 +122,16 @@ async def splice(
             frame) that ``b`` must receive first.
         b_to_a_prefix: likewise for the other direction.
         abort_a_on_b_error: if reading ``b`` fails (not EOF), reset ``a``
-            instead of sending it a FIN.
+            instead of sending it a FIN: with code 0 for ``True``, or with the
+            code a callable derives from ``b``'s error (the relay passes an
+            application's close on, see ``orp.StreamEndCode``). A final code
+            (``orp.is_final``) ends the whole splice: ``b`` is reset too.
         abort_b_on_a_error: the mirror image.
         abort_source_on_write_error: if a destination refuses bytes (reset,
             STOP_SENDING, connection lost), reset that direction's source too,
-            so its writer learns at once (the relay: its agent then resumes).
+            so its writer learns at once (the relay: its agent then resumes);
+            the code is the one the other option derives from the
+            destination's error.
 
     Returns:
         Byte counts and errors per direction. Never raises transport errors;
@@ -119,6 +147,7 @@ async def splice(
                     a_to_b_prefix,
                     result.a_to_b,
                     abort_b_on_a_error,
+                    abort_a_on_b_error,
                     buffer_size,
                     abort_source_on_write_error,
                 )
@@ -130,6 +159,7 @@ async def splice(
                     b_to_a_prefix,
                     result.b_to_a,
                     abort_a_on_b_error,
+                    abort_b_on_a_error,
                     buffer_size,
                     abort_source_on_write_error,
                 )

@@ -156,6 +156,12 @@ class Agent:
                 extra=kv(streams=len(pending), grace=f"{self.config.shutdown_grace:g}s"),
             )
             _, still = await asyncio.wait(pending, timeout=self.config.shutdown_grace)
+            if still:
+                # Reset what is left with AGENT_GONE: the peers end their side at
+                # once instead of waiting out a resume window for us.
+                ended = self.session.end_streams()
+                log.info("shutdown: grace over; ending streams", extra=kv(streams=ended))
+                _, still = await asyncio.wait(still, timeout=2.0)
             for task in still:
                 task.cancel()
             if still:
@@ -164,11 +170,12 @@ class Agent:
             self._p2p_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._p2p_task
+        # Goodbye first (close code AGENT_GONE), then stop the loop that would reconnect.
+        await self.session.close()
         if self._session_task is not None:
             self._session_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._session_task
-        await self.session.close()
         if self.p2p is not None:
             self.p2p.close()  # the shared socket outlives the relay connection on it
         self._stopped.set()

@@ -22,12 +22,12 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from outrelay.agent.bridge import AccessLog, bridge
 from outrelay.agent.forward import run_forward_consumer
 from outrelay.agent.resumable import ResumableStream
 from outrelay.agent.session import NotConnected, RelaySession, StreamMode
 from outrelay.observe import kv
 from outrelay.orp import FrameDecoder, FrameType, OrpError, StreamReject, decode_message
-from outrelay.splice import splice
 from outrelay.transport import SocketStream, Stream, TransportError
 
 __all__ = ["CONSUMER_MODE_WAIT", "Rejected", "handle_consumer_connection"]
@@ -138,12 +138,16 @@ async def handle_consumer_connection(
 ) -> None:
     """Carry one accepted application connection to ``service``."""
     peer = f"{local.peername[0]}:{local.peername[1]}" if local.peername else "?"
+    access = AccessLog("consumer", service, session.link_address or "", "app")
     try:
         stream, sid, mode = await session.open_stream(service)
     except (NotConnected, TransportError) as exc:
         log.warning("session dial", extra=kv(svc=service, err=str(exc)))
+        access.failed(str(exc))
         local.abort()
         return
+    access.stream_id = sid
+    access.peer = session.link_address or ""
     session.track(sid)
     log.debug("session: stream opened", extra=kv(svc=service, stream_id=sid, app=peer))
     try:
@@ -153,6 +157,7 @@ async def handle_consumer_connection(
             log.warning(
                 "stream lost before the relay answered", extra=kv(svc=service, err=str(exc))
             )
+            access.failed(f"lost before the relay answered: {exc}")
             stream.abort()
             local.abort()
             return
@@ -163,6 +168,7 @@ async def handle_consumer_connection(
                 "stream rejected",
                 extra=kv(svc=service, stream_id=sid, code=verdict.code, reason=verdict.reason),
             )
+            access.rejected(verdict.code, verdict.reason)
             local.abort()
             await stream.aclose()
             return
@@ -192,11 +198,11 @@ async def handle_consumer_connection(
                 async with asyncio.TaskGroup() as tg:
                     promotion = tg.create_task(promoter(relay_stream))
                     try:
-                        result = await splice(local, relay_stream, abort_a_on_b_error=True)
+                        result = await bridge(local, relay_stream)
                     finally:
                         promotion.cancel()
             else:
-                result = await splice(local, relay_stream, abort_a_on_b_error=True)
+                result = await bridge(local, relay_stream)
         finally:
             session.unwrap(relay_stream)
         log.debug(
@@ -208,5 +214,6 @@ async def handle_consumer_connection(
                 received=result.b_to_a.bytes,
             ),
         )
+        access.bridged(result, relay_stream)
     finally:
         session.untrack(sid)

@@ -14,6 +14,7 @@ import contextlib
 import logging
 from typing import Any
 
+from outrelay.agent.bridge import AccessLog, bridge
 from outrelay.agent.forward import run_forward_provider
 from outrelay.agent.session import RelaySession, StreamMode
 from outrelay.observe import kv
@@ -25,7 +26,6 @@ from outrelay.orp import (
     StreamReject,
     encode_message,
 )
-from outrelay.splice import splice
 from outrelay.transport import SocketStream, Stream, TransportError, open_tcp
 from outrelay.wire import FrameReader, expect_message, frame_name
 
@@ -102,9 +102,11 @@ async def handle_incoming_stream(
     sid = incoming.stream_id
     service = incoming.target_service
     fields = {"svc": service, "stream_id": sid, "consumer": incoming.source_agent_uri}
+    access = AccessLog("provider", service, incoming.source_agent_uri, "backend", sid)
     target = services.get(service)
     if target is None:
         log.warning("stream for unknown service; rejecting 404", extra=kv(**fields))
+        access.rejected(RejectCode.NOT_FOUND, "no handler")
         await _reject(stream, int(RejectCode.NOT_FOUND), "no handler")
         return
     try:
@@ -115,6 +117,7 @@ async def handle_incoming_stream(
         log.warning(
             "backend unreachable; rejecting 502", extra=kv(**fields, target=target, err=reason)
         )
+        access.rejected(RejectCode.BAD_GATEWAY, reason)
         await _reject(stream, int(RejectCode.BAD_GATEWAY), reason)
         return
 
@@ -124,6 +127,7 @@ async def handle_incoming_stream(
             await stream.send_all(encode_message(FrameType.STREAM_ACCEPT))
         except TransportError as exc:
             log.info("relay stream lost before accept", extra=kv(**fields, err=str(exc)))
+            access.failed(f"relay stream lost before accept: {exc}")
             backend.abort()
             stream.abort()
             return
@@ -152,13 +156,14 @@ async def handle_incoming_stream(
         log.debug("bridging", extra=kv(**fields, target=target))
         relay_stream = session.wrap(sid, stream, prefix, peer_uri=incoming.source_agent_uri)
         try:
-            result = await splice(backend, relay_stream, abort_a_on_b_error=True)
+            result = await bridge(backend, relay_stream)
         finally:
             session.unwrap(relay_stream)
         log.debug(
             "bridge teardown",
             extra=kv(**fields, to_backend=result.b_to_a.bytes, from_backend=result.a_to_b.bytes),
         )
+        access.bridged(result, relay_stream)
     finally:
         if sid:
             session.untrack(sid)

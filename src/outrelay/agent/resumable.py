@@ -34,7 +34,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from outrelay.orp import FrameType, StreamResume, encode_message
+from outrelay.orp import FrameType, StreamResume, encode_message, end_code_name, is_final
 from outrelay.resume import RING_MAX, RingBuffer, StreamPositions, retransmit_range
 from outrelay.transport import (
     BrokenResourceError,
@@ -65,6 +65,10 @@ memory instead of ~82 KB (bench: 1,000 open streams, ``ring4k``); they grow by
 doubling as unacknowledged bytes pile up."""
 ACK_WAIT = 5.0
 """How long a writer waits for the peer to acknowledge before evicting."""
+
+
+ABORTED = "aborted"
+"""``lost_reason`` of a stream that we aborted ourselves."""
 
 
 class ResumeFailed(Exception):
@@ -118,7 +122,15 @@ async def exchange_resume(conn: Connection, stream: ResumableStream) -> tuple[St
 
 
 class StreamLost(BrokenResourceError):
-    """The stream could not be resumed; its bytes are gone for good."""
+    """The stream is over for good: it could not be resumed, or the peer ended it.
+
+    ``code`` is the final end code (``orp.StreamEndCode``) when the peer's
+    application or agent ended the stream, ``None`` when a resume failed.
+    """
+
+
+def _code_of(exc: BaseException) -> int | None:
+    return exc.code if isinstance(exc, BrokenResourceError) else None
 
 
 class ResumableStream(Stream):
@@ -152,6 +164,7 @@ class ResumableStream(Stream):
         self._broken_at: float | None = None
         self._broken_reason = ""
         self._lost: str | None = None
+        self._lost_code: int | None = None
         self._closed = False
         self._eof_received = False
         self._eof_requested = False
@@ -191,9 +204,19 @@ class ResumableStream(Stream):
     def unsent_bytes(self) -> int:
         return self._inner.unsent_bytes if self._inner is not None else 0
 
+    @property
+    def end_code(self) -> int | None:
+        """The final code the *peer* ended the stream with (``orp.StreamEndCode``), if any."""
+        return self._lost_code
+
+    @property
+    def lost_reason(self) -> str | None:
+        """Why the stream is over (:data:`ABORTED` if we aborted it), None while usable."""
+        return self._lost
+
     def _raise_if_lost(self) -> None:
         if self._lost is not None:
-            raise StreamLost(self._lost)
+            raise StreamLost(self._lost, code=self._lost_code)
         if self._closed:
             raise ClosedResourceError("stream closed")
 
@@ -277,22 +300,36 @@ class ResumableStream(Stream):
             if self._eof_requested:
                 await inner.send_eof()
         except TransportError as exc:
-            if inner is self._inner:
-                self.mark_broken(f"retransmit: {exc}")
+            self._inner_failed(inner, exc, "retransmit")
         finally:
             if inner is self._inner or self._inner is None:
                 self._flushing = False
                 self._changed.set()
 
-    def abandon(self, reason: str) -> None:
-        """Give up: parked and future calls raise :class:`StreamLost`."""
+    def abandon(self, reason: str, code: int | None = None) -> None:
+        """Give up: parked and future calls raise :class:`StreamLost`.
+
+        ``code`` is a final end code when the peer ended the stream; the inner
+        stream, if any, is reset with it.
+        """
         if self._lost is not None:
             return
         self._lost = reason
+        self._lost_code = code if is_final(code) else None
         inner, self._inner = self._inner, None
         if inner is not None:
-            inner.abort()
+            inner.abort(code or 0)
         self._changed.set()
+
+    def _inner_failed(self, inner: Stream, exc: TransportError, what: str) -> None:
+        """``inner`` raised ``exc``: end the stream if the peer ended it, else resume."""
+        if inner is not self._inner:
+            return
+        code = _code_of(exc)
+        if is_final(code):
+            self.abandon(f"ended by the peer ({end_code_name(code)})", code)
+        else:
+            self.mark_broken(f"{what}: {exc}")
 
     def apply_checkpoint(self, my_position: int, peer_ack_position: int) -> None:
         """A STREAM_CHECKPOINT from the peer (spec 03 §4.3)."""
@@ -345,8 +382,7 @@ class ResumableStream(Stream):
                 try:
                     data = await inner.receive_some(max_bytes)
                 except TransportError as exc:
-                    if inner is self._inner:
-                        self.mark_broken(f"read: {exc}")
+                    self._inner_failed(inner, exc, "read")
                     continue
                 if inner is not self._inner:
                     continue  # swapped while we waited: those bytes are retransmitted
@@ -388,9 +424,8 @@ class ResumableStream(Stream):
                 try:
                     await inner.send_all(chunk)
                 except TransportError as exc:
-                    # The bytes are in the ring; the resume retransmits them.
-                    if inner is self._inner:
-                        self.mark_broken(f"write: {exc}")
+                    # The bytes are in the ring; a resume retransmits them.
+                    self._inner_failed(inner, exc, "write")
         finally:
             self._writing = False
 
@@ -424,7 +459,7 @@ class ResumableStream(Stream):
         if inner is not None:
             inner.abort(error_code)
         if self._lost is None:
-            self._lost = "aborted"
+            self._lost = ABORTED
         self._changed.set()
 
     async def aclose(self) -> None:

@@ -24,6 +24,7 @@ import contextlib
 import ipaddress
 import logging
 import random
+import secrets
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
@@ -34,6 +35,9 @@ from outrelay.agent.p2p import RequestIds
 from outrelay.agent.resumable import RESUME_WINDOW, ResumableStream, ResumeFailed, exchange_resume
 from outrelay.observe import kv, ms
 from outrelay.orp import (
+    CAP_INSTANCE,
+    CAP_P2P_MODE,
+    CAP_P2P_RESUME_V2,
     MESSAGE_TYPES,
     CandidateAnswer,
     CandidateOffer,
@@ -47,6 +51,7 @@ from outrelay.orp import (
     Register,
     RegisterAck,
     StreamCheckpoint,
+    StreamEndCode,
     StreamReady,
     decode_message,
     encode_message,
@@ -87,14 +92,11 @@ HANDSHAKE_TIMEOUT = 5.0  # spec 01: QUIC handshake
 TCP_HANDSHAKE_TIMEOUT = 10.0
 SRFLX_TIMEOUT = 3.0  # spec 03 §7.2 / §10
 OPEN_TIMEOUT = 10.0
-CAP_P2P_MODE = "p2p-mode"
-"""HELLO capability: our relay then tells the pair's p2p mode in STREAM_READY."""
-CAP_P2P_RESUME_V2 = "p2p-resume-v2"
-"""HELLO capability (spec 03 §7.7 [REC]): this agent migrates symmetrically. A
-reference relay neither reads nor forwards capabilities, so peers also learn it
-in-band, from a marker entry in CANDIDATE_OFFER/ANSWER (see ``agent.p2p``)."""
 HELLO_CAPABILITIES = (CAP_P2P_MODE, CAP_P2P_RESUME_V2)
-"""Ours: opening a relay stream waits for the relay's stream limit, bounded."""
+"""What ``--p2p-listen`` adds to HELLO (see ``orp.extensions``); ``instance`` is always sent."""
+GOODBYE_FLUSH = 0.2
+"""At shutdown, how long the stream resets (``AGENT_GONE``) get to leave before the
+connection closes: aioquic sends nothing but CONNECTION_CLOSE once closing."""
 
 
 class NotConnected(Exception):
@@ -197,6 +199,7 @@ class RelaySession:
         self.connected = asyncio.Event()
         self.resume_window = config.resume_window
         self._ever_connected = False
+        self._closing = False
         self._accepting = True
         self._on_tcp = False
         self._connections = 0
@@ -204,6 +207,10 @@ class RelaySession:
         """``--p2p-listen``: QUIC to the relay leaves from this socket (spec 03 §2.3)."""
         self._p2p_modes: dict[int, int] = {}
         """Stream id -> p2p mode told by our relay in STREAM_READY (P2PMode number + 1)."""
+        self.instance = secrets.token_hex(8)
+        """This process's id in HELLO (``orp.CAP_INSTANCE``): a restarted agent has
+        another, so our relay ends the old one's streams at once instead of
+        parking them for the resume window."""
 
     @property
     def link_generation(self) -> int:
@@ -268,6 +275,8 @@ class RelaySession:
                 for stream in list(self._streams.values()):
                     if stream.path == "relay" and not stream.is_broken:
                         stream.mark_broken(f"relay connection lost ({link.conn.close_reason})")
+            if self._closing:
+                return  # close() said goodbye: no reconnect
             if not established:
                 if not self._ever_connected and self._on_fatal is not None:
                     await self._on_fatal(
@@ -457,7 +466,8 @@ class RelaySession:
                 Hello(
                     protocol_version="orp/1",
                     agent_uri=self.config.uri,
-                    capabilities=list(self.config.capabilities),
+                    capabilities=[*self.config.capabilities, CAP_INSTANCE],
+                    outrelay_instance=self.instance,
                 ),
             )
             reader = FrameReader(ctrl)
@@ -826,7 +836,8 @@ class RelaySession:
         except TransportError as exc:
             if link.conn.is_closed:
                 return  # the new connection died too; the next one retries
-            self._resume_failed(stream, f"resume stream failed: {exc}")
+            code = exc.code if isinstance(exc, BrokenResourceError) else None
+            self._resume_failed(stream, f"resume stream failed: {exc}", code)
             return
         except (TimeoutError, ResumeFailed, OrpError, ResumeError) as exc:
             reason = str(exc) or "no STREAM_RESUME echo within the resume window"
@@ -856,12 +867,12 @@ class RelaySession:
             ),
         )
 
-    def _resume_failed(self, stream: ResumableStream, reason: str) -> None:
+    def _resume_failed(self, stream: ResumableStream, reason: str, code: int | None = None) -> None:
         self._to_resume.discard(stream)
         log.warning(
             "session: resume stream failed; dropping", extra=kv(id=stream.stream_id, err=reason)
         )
-        stream.abandon(reason)
+        stream.abandon(reason, code)
 
     async def _checkpoint_emitter(self) -> None:
         """STREAM_CHECKPOINT every 100 ms for streams whose read position moved."""
@@ -891,10 +902,29 @@ class RelaySession:
                     break  # the link is going away; stop this tick
                 reported[sid] = received
 
+    def end_streams(self, code: int = StreamEndCode.AGENT_GONE) -> int:
+        """Reset every relay stream with a final ``code``: the peers end theirs at once.
+
+        Returns:
+            How many streams were ended.
+        """
+        streams = list(self._streams.values())
+        for stream in streams:
+            stream.abort(code)
+        return len(streams)
+
     async def close(self) -> None:
+        """End every stream (``AGENT_GONE``), then close the relay connection with that code.
+
+        The close code tells our relay that this agent is gone for good, so it
+        also ends the streams of ours that were waiting to be resumed.
+        """
+        self._closing = True
         link = self._link
-        if link is not None:
-            link.conn.close(0, "")
+        if link is not None and not link.conn.is_closed:
+            if self.end_streams():
+                await asyncio.sleep(GOODBYE_FLUSH)
+            link.conn.close(StreamEndCode.AGENT_GONE, "agent shutting down")
         for waiter in self._mode_waiters.values():
             if not waiter.done():
                 waiter.cancel()

@@ -66,14 +66,10 @@ from outrelay.agent.resumable import (
     ResumableStream,
     resume_frame,
 )
-from outrelay.agent.session import (
-    CAP_P2P_RESUME_V2,
-    NotConnected,
-    RelaySession,
-)
+from outrelay.agent.session import NotConnected, RelaySession
 from outrelay.observe import kv, ms
-from outrelay.orp import Candidate as CandidateMessage
 from outrelay.orp import (
+    CAP_P2P_RESUME_V2,
     CandidateAnswer,
     CandidateOffer,
     FrameType,
@@ -81,6 +77,7 @@ from outrelay.orp import (
     OrpError,
     StreamResume,
 )
+from outrelay.orp import Candidate as CandidateMessage
 from outrelay.pki import ClientVerifier, load_certificates
 from outrelay.pki.verify import first_uri_san
 from outrelay.resume import ResumeError, retransmit_range

@@ -1,0 +1,125 @@
+"""The bridge between a local socket and a relay stream, and its access log line.
+
+Spec 03 §5, with our close semantics ([REC] beyond spec 03 §4.2, see
+``orp.extensions``):
+
+* a FIN in either direction is a half-close: the other direction goes on;
+* the local side breaking -- the application (consumer) or backend (provider)
+  resets its connection, or refuses our writes because it closed while bytes
+  were still flowing -- is *not* a link failure: the relay stream is reset
+  with ``APPLICATION_CLOSED``, our relay passes that on, and the agent at the
+  other end resets its own socket at once instead of parking the stream for
+  the resume window;
+* the relay stream ending for good (the peer's final code, or a resume that
+  failed) resets the local socket (TCP RST), so the application knows.
+
+A link failure never reaches the bridge: :class:`ResumableStream` resumes it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from outrelay.agent.resumable import ABORTED, ResumableStream
+from outrelay.observe import kv
+from outrelay.orp import StreamEndCode, end_code_name
+from outrelay.splice import SpliceResult, splice
+from outrelay.transport import BrokenResourceError, Stream, TransportError
+
+__all__ = ["AccessLog", "bridge"]
+
+log = logging.getLogger("outrelay.agent.access")
+
+
+def _application_closed(_: TransportError) -> int:
+    return StreamEndCode.APPLICATION_CLOSED
+
+
+async def bridge(local: Stream, relay: Stream) -> SpliceResult:
+    """Copy both ways between ``local`` and ``relay`` until both directions end.
+
+    Returns:
+        The splice's byte counts and errors (``a`` is ``local``, ``b`` is ``relay``).
+    """
+    return await splice(
+        local,
+        relay,
+        abort_a_on_b_error=True,
+        abort_b_on_a_error=_application_closed,
+        abort_source_on_write_error=True,
+    )
+
+
+@dataclass
+class AccessLog:
+    """One info line per stream, on both agents: who, how much, how long, how it ended.
+
+    ``role`` is ``consumer`` or ``provider``; ``local`` names our side's
+    socket in outcomes (``app`` or ``backend``).
+    """
+
+    role: str
+    service: str
+    peer: str
+    """The other agent's URI (provider side), or the relay's address (consumer side)."""
+    local: str
+    stream_id: int = 0
+    started: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.started:
+            self.started = time.monotonic()
+
+    def _emit(self, outcome: str, sent: int, received: int, **more: object) -> None:
+        log.info(
+            "stream",
+            extra=kv(
+                role=self.role,
+                svc=self.service,
+                peer=self.peer,
+                id=self.stream_id,
+                sent=sent,
+                received=received,
+                duration_ms=int((time.monotonic() - self.started) * 1000),
+                outcome=outcome,
+                **more,
+            ),
+        )
+
+    def rejected(self, code: int, reason: str) -> None:
+        """The open was refused (by the relay, the provider agent or ourselves)."""
+        self._emit("rejected", 0, 0, code=code, reason=reason)
+
+    def failed(self, reason: str) -> None:
+        """The stream never got as far as the bridge (no relay, lost during the open)."""
+        self._emit("failed", 0, 0, reason=reason)
+
+    def bridged(self, result: SpliceResult, relay: Stream) -> None:
+        """The bridge is over: name who ended it."""
+        resumes = relay.resumes if isinstance(relay, ResumableStream) else 0
+        self._emit(
+            outcome_of(result, relay, self.local),
+            result.a_to_b.bytes,
+            result.b_to_a.bytes,
+            resumes=resumes,
+        )
+
+
+def outcome_of(result: SpliceResult, relay: Stream, local: str) -> str:
+    """``closed``, ``reset_by_<local>``, ``reset_by_peer_<code>``, ``lost`` or ``aborted``."""
+    up, down = result.a_to_b, result.b_to_a  # local -> relay, relay -> local
+    if up.read_error is not None or down.write_error is not None:
+        return f"reset_by_{local}"
+    error = down.read_error or up.write_error
+    if error is None:
+        return "closed"
+    end_code = relay.end_code if isinstance(relay, ResumableStream) else None
+    if end_code is None and isinstance(error, BrokenResourceError):
+        end_code = error.code
+    if end_code in (StreamEndCode.APPLICATION_CLOSED, StreamEndCode.AGENT_GONE):
+        return f"reset_by_peer_{end_code_name(end_code)}"
+    if isinstance(relay, ResumableStream) and relay.lost_reason not in (None, ABORTED):
+        return "lost"
+    return "aborted"
