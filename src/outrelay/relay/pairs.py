@@ -11,6 +11,10 @@ streams.
 ``{stream_id, consumer_uri, provider_uri, migrated_at}`` for 60 s; the REQUIRED timer (§7.5)
 and MIGRATE_TO_RELAY (§7.4) look it up.
 
+**Ended pairs and agent instances** (ours). When a splice breaks, both ends are noted as
+(URI, process instance) for the resume window; when an agent's URI comes back as another
+process, or its process says goodbye, halves waiting for it are ended at once.
+
 Sans-IO: no I/O, no clock (``now_ms`` is an argument, any monotonic millisecond clock), no
 tasks; the caller serialises access.
 """
@@ -22,8 +26,14 @@ from dataclasses import dataclass
 from typing import Final, NamedTuple
 
 __all__ = [
+    "AGENT_INSTANCES_CAPACITY",
+    "ENDED_PAIR_CAPACITY",
+    "ENDED_PAIR_TTL_MS",
     "MIGRATED_CAPACITY",
     "MIGRATION_TTL_MS",
+    "AgentInstances",
+    "EndedPairs",
+    "Member",
     "MigratedCache",
     "MigratedStream",
     "PairTable",
@@ -193,3 +203,116 @@ class MigratedCache:
     def __len__(self) -> int:
         """Entries held, including expired ones not purged yet."""
         return len(self._entries)
+
+
+class Member(NamedTuple):
+    """One end of a stream: an agent URI and its process (HELLO ``outrelay_instance``)."""
+
+    uri: str
+    instance: str
+    """"" for an agent that does not say (the reference agent)."""
+
+
+ENDED_PAIR_TTL_MS: Final = 35_000
+"""How long the ends of a broken splice are remembered: the resume window (30 s, spec 02
+§7.4) plus the agents' slack, so a half parked up to its last moment still finds them."""
+ENDED_PAIR_CAPACITY: Final = 65_536
+"""Cap, like :data:`MIGRATED_CAPACITY`: beyond it the oldest record goes, and a half whose
+peer restarted then waits out its window as in the reference."""
+
+
+class EndedPairs:
+    """Who was at each end of a splice that broke (ours, beyond spec 02 §7.4).
+
+    A resume half names only its own agent. When its peer restarts as a new process
+    (:class:`AgentInstances`), the half can never be matched; this record lets the relay
+    tell at once instead of parking it for the whole window. Sans-IO, ``now_ms`` an
+    argument; records expire after ``ttl_ms`` and at most ``capacity`` are held.
+    """
+
+    __slots__ = ("_capacity", "_entries", "_ttl")
+
+    def __init__(
+        self, *, ttl_ms: int = ENDED_PAIR_TTL_MS, capacity: int = ENDED_PAIR_CAPACITY
+    ) -> None:
+        self._ttl = ttl_ms
+        self._capacity = capacity
+        self._entries: OrderedDict[int, tuple[Member, Member, int]] = OrderedDict()
+
+    def note(self, stream_id: int, a: Member, b: Member, now_ms: int) -> None:
+        """The splice of ``stream_id`` between ``a`` and ``b`` broke at ``now_ms``."""
+        if stream_id == 0:
+            return
+        entries = self._entries
+        entries.pop(stream_id, None)
+        entries[stream_id] = (a, b, now_ms)
+        while entries:
+            _, _, at = next(iter(entries.values()))
+            if now_ms - at < self._ttl and len(entries) <= self._capacity:
+                break
+            entries.popitem(last=False)
+
+    def peer_of(self, stream_id: int, uri: str, now_ms: int) -> Member | None:
+        """The other end of ``stream_id`` as seen from the agent ``uri``, if recorded."""
+        entry = self._entries.get(stream_id)
+        if entry is None:
+            return None
+        a, b, at = entry
+        if now_ms - at >= self._ttl:
+            del self._entries[stream_id]
+            return None
+        if uri == a.uri:
+            return b
+        if uri == b.uri:
+            return a
+        return None
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+AGENT_INSTANCES_CAPACITY: Final = 65_536
+"""How many agent URIs' latest instance is remembered (least recently seen go first)."""
+
+
+class AgentInstances:
+    """The latest process of each agent URI, and whether it said goodbye.
+
+    An instance is *gone* when a newer one of the same URI said HELLO, or when it closed
+    its connection with ``AGENT_GONE`` (a clean shutdown). A gone instance's streams can
+    never be resumed. An empty instance (a reference agent) is never known to be gone.
+    """
+
+    __slots__ = ("_capacity", "_latest")
+
+    def __init__(self, capacity: int = AGENT_INSTANCES_CAPACITY) -> None:
+        self._capacity = capacity
+        self._latest: OrderedDict[str, tuple[str, bool]] = OrderedDict()
+
+    def hello(self, uri: str, instance: str) -> str:
+        """``uri`` connected as ``instance``.
+
+        Returns:
+            The previous instance of ``uri`` if it differs (it is gone now), else "".
+        """
+        previous = self._latest.pop(uri, None)
+        self._latest[uri] = (instance, False)
+        if len(self._latest) > self._capacity:
+            self._latest.popitem(last=False)
+        if previous is None or not previous[0] or not instance or previous[0] == instance:
+            return ""
+        return previous[0]
+
+    def departed(self, member: Member) -> None:
+        """``member`` shut down cleanly: its streams are over."""
+        if member.instance and self._latest.get(member.uri, ("", False))[0] == member.instance:
+            self._latest[member.uri] = (member.instance, True)
+
+    def is_gone(self, member: Member) -> bool:
+        if not member.instance:
+            return False
+        latest = self._latest.get(member.uri)
+        if latest is None:
+            return False
+        instance, left = latest
+        return instance != member.instance or left

@@ -69,6 +69,10 @@ class ResumeMatcher(Generic[T]):
         """The half waiting for ``stream_id``, if any."""
         return self._pending.get(stream_id)
 
+    def halves(self) -> list[Half[T]]:
+        """Every pending half (a copy: withdrawing while iterating is fine)."""
+        return list(self._pending.values())
+
     def withdraw(self, half: Half[T]) -> bool:
         """Remove ``half`` if it is still pending (its stream died, or it expired)."""
         if self._pending.get(half.stream_id) is half:

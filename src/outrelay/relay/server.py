@@ -25,6 +25,9 @@ from cryptography import x509
 from outrelay.identity import AgentIdentity, InvalidIdentity, RelayIdentity, parse_identity
 from outrelay.observe import kv
 from outrelay.orp import (
+    CAP_INSTANCE,
+    CAP_P2P_MODE,
+    RELAY_CAPABILITIES,
     AllocGranted,
     CandidateAnswer,
     Frame,
@@ -40,23 +43,26 @@ from outrelay.orp import (
     Register,
     RegisterAck,
     RejectCode,
+    StreamEndCode,
     StreamReady,
     StreamReject,
     StreamResume,
     decode_message,
     encode_frame,
     encode_message,
+    is_final,
 )
 from outrelay.orp import Hello as HelloMessage
 from outrelay.pki import ClientVerifier, load_certificates
 from outrelay.relay.audit import AuditEvent, AuditLog
-from outrelay.relay.pairs import MigratedCache, PairTable
+from outrelay.relay.pairs import AgentInstances, EndedPairs, Member, MigratedCache, PairTable
 from outrelay.relay.plane import ForwardPlane
 from outrelay.relay.policy import P2PMode, PolicyResult, PolicyService, RelayMode, combine_p2p
 from outrelay.relay.registry import RegistrationRejected, ServiceRegistry
 from outrelay.relay.resume_matcher import Half, HalfKind, ResumeMatcher
-from outrelay.splice import splice
+from outrelay.splice import SpliceResult, splice
 from outrelay.transport import (
+    BrokenResourceError,
     Connection,
     QuicServerHandle,
     QuicTlsConfig,
@@ -140,6 +146,9 @@ class _HalfHandle:
     leftover: bytes
     done: asyncio.Future[bool]
     """True: matched (the other handler splices); False: replaced by a newer half."""
+    end_code: int = 0
+    """The code the half's stream is reset with when ``done`` is False: ``AGENT_GONE``
+    when its peer's process is gone for good, else 0."""
 
 
 @dataclass(eq=False)
@@ -154,13 +163,20 @@ class AgentSession:
     """Reads the control stream; it may already hold bytes after HELLO."""
     connected_at: float = field(default_factory=time.monotonic)
     capabilities: frozenset[str] = frozenset()
-    """HELLO capabilities we act on (:data:`CAPABILITIES`); a reference agent sends none."""
+    """HELLO capabilities we act on (``orp.RELAY_CAPABILITIES``); a reference agent sends none."""
+    instance: str = ""
+    """The agent's process id from HELLO (``orp.CAP_INSTANCE``), "" if it sent none."""
+    superseded: bool = False
+    """A new process of the same agent said HELLO: this one's streams end for good."""
 
+    @property
+    def member(self) -> Member:
+        return Member(self.uri, self.instance)
 
-CAP_P2P_MODE = "p2p-mode"
-"""Ours: the agent wants the pair's p2p mode in STREAM_READY (``outrelay_p2p_mode``)."""
-CAPABILITIES = frozenset({CAP_P2P_MODE})
-"""HELLO capabilities this relay understands; echoed in HELLO_ACK ``accepted_features``."""
+    @property
+    def gone(self) -> bool:
+        """The agent's process is gone for good (replaced, or said goodbye)."""
+        return self.superseded or self.conn.peer_close_code == StreamEndCode.AGENT_GONE
 
 
 class Relay:
@@ -176,6 +192,8 @@ class Relay:
         self.p2p_forbidden: set[int] = set()
         """Stream ids of live splices whose policy forbids P2P: their offers are not forwarded."""
         self.matcher: ResumeMatcher[_HalfHandle] = ResumeMatcher()
+        self.ended = EndedPairs()
+        self.instances = AgentInstances()
         self.audit = AuditLog(config.audit_file, logger=log)
         self._verifier = ClientVerifier(load_certificates(config.ca_file))
         self._server: QuicServerHandle | None = None
@@ -343,7 +361,7 @@ class Relay:
             conn.close(0, "")
             return None
         channel = ControlChannel(ctrl)
-        accepted = CAPABILITIES.intersection(hello.capabilities)
+        accepted = RELAY_CAPABILITIES.intersection(hello.capabilities)
         session = AgentSession(
             uri=uri,
             tenant=identity.tenant,
@@ -351,6 +369,7 @@ class Relay:
             ctrl=channel,
             reader=reader,
             capabilities=accepted,
+            instance=hello.outrelay_instance if CAP_INSTANCE in accepted else "",
         )
         try:
             # Empty, like the reference's, unless the agent asked for something we do.
@@ -363,6 +382,14 @@ class Relay:
         previous = self.agents.get(uri)
         self.agents[uri] = session
         log.info("agent connected", extra=kv(uri=uri, remote=remote))
+        replaced = self.instances.hello(uri, session.instance)
+        if replaced:
+            # Ours: a new process of this agent. The old one's streams can never
+            # resume: end them (and halves waiting for them) now, not in 30 s.
+            log.info("agent restarted; ending its old streams", extra=kv(uri=uri, old=replaced))
+            if previous is not None and previous.instance == replaced:
+                previous.superseded = True
+            self._end_orphans(Member(uri, replaced))
         if previous is not None and not previous.conn.is_closed:
             # Ours (the reference keeps it): the agent reconnected, so its old
             # connection is dead or dying. Closing it resets the splices it
@@ -373,6 +400,10 @@ class Relay:
 
     def _teardown(self, session: AgentSession) -> None:
         """Spec 02 §2.4 with the [REC] of §15 item 2."""
+        if session.conn.peer_close_code == StreamEndCode.AGENT_GONE:
+            # The agent shut down cleanly: nothing of it will come back to resume.
+            self.instances.departed(session.member)
+            self._end_orphans(session.member)
         if self.agents.get(session.uri) is session:
             del self.agents[session.uri]
             removed = self.registry.deregister_agent(session.tenant, session.uri)
@@ -384,6 +415,62 @@ class Relay:
             )
         else:
             log.info("stale agent connection closed", extra=kv(uri=session.uri))
+
+    def _end_orphans(self, gone: Member) -> None:
+        """End every parked resume half whose peer is ``gone`` (reset ``AGENT_GONE``)."""
+        now = _now_ms()
+        for half in self.matcher.halves():
+            if self.ended.peer_of(half.stream_id, half.agent_uri, now) != gone:
+                continue
+            if self.matcher.withdraw(half):
+                log.info(
+                    "resume half ended: its peer agent is gone",
+                    extra=kv(stream_id=half.stream_id, uri=half.agent_uri, peer=gone.uri),
+                )
+                half.handle.end_code = StreamEndCode.AGENT_GONE
+                half.handle.done.set_result(False)
+
+    def _end_code(self, broken: AgentSession, error: TransportError) -> int:
+        """The code for resetting the other half of a splice when ``broken``'s half broke.
+
+        An application's close (a final code) passes through, so the other agent
+        ends its stream too; a gone agent ends it with ``AGENT_GONE``; anything
+        else is a link failure (code 0), and the other agent resumes.
+        """
+        if broken.gone:
+            return StreamEndCode.AGENT_GONE
+        code = error.code if isinstance(error, BrokenResourceError) else None
+        return code if code is not None and is_final(code) else StreamEndCode.LINK
+
+    async def _splice_pair(
+        self,
+        sid: int,
+        a: AgentSession,
+        a_stream: Stream,
+        b: AgentSession,
+        b_stream: Stream,
+        a_prefix: bytes,
+        b_prefix: bytes,
+    ) -> SpliceResult:
+        """Splice two agents' streams (spec 02 §6.5 with our close semantics).
+
+        A source that breaks resets the other side -- with the code from
+        :meth:`_end_code` -- so its agent resumes, or ends the stream when the
+        application or the agent at the broken end is gone. A splice that broke
+        is remembered with both ends (:class:`EndedPairs`).
+        """
+        result = await splice(
+            a_stream,
+            b_stream,
+            a_to_b_prefix=a_prefix,
+            b_to_a_prefix=b_prefix,
+            abort_a_on_b_error=lambda exc: self._end_code(b, exc),
+            abort_b_on_a_error=lambda exc: self._end_code(a, exc),
+            abort_source_on_write_error=True,
+        )
+        if not (result.a_to_b.clean and result.b_to_a.clean):
+            self.ended.note(sid, a.member, b.member, _now_ms())
+        return result
 
     # -- control stream (spec 02 §3) ------------------------------------------------------
 
@@ -533,6 +620,15 @@ class Relay:
             await stream.aclose()
             return
         sid = msg.stream_id
+        peer_end = self.ended.peer_of(sid, session.uri, _now_ms())
+        if peer_end is not None and self.instances.is_gone(peer_end):
+            # Ours: the peer's process is gone; no half of it will ever come.
+            log.info(
+                "resume half ended: its peer agent is gone",
+                extra=kv(stream_id=sid, uri=session.uri, peer=peer_end.uri),
+            )
+            stream.abort(StreamEndCode.AGENT_GONE)
+            return
         if kind is HalfKind.MIGRATE:
             log.info(
                 "migrate-to-relay arrived",
@@ -577,7 +673,7 @@ class Relay:
                     stream.abort()
                 raise
             if handle.done.result() is False:
-                stream.abort()
+                stream.abort(handle.end_code)
             return  # matched: the other half's handler owns both streams now
         peer.handle.done.set_result(True)
         if kind is HalfKind.MIGRATE or peer.kind is HalfKind.MIGRATE:
@@ -598,14 +694,14 @@ class Relay:
         # stops forwarding them after a resume, spec 02 §5).
         recorded = sid != 0 and self.pairs.record(sid, peer.agent_uri, half.agent_uri)
         try:
-            await splice(
+            await self._splice_pair(
+                sid,
+                theirs.session,
                 theirs.stream,
+                mine.session,
                 mine.stream,
-                a_to_b_prefix=theirs.leftover,
-                b_to_a_prefix=mine.leftover,
-                abort_a_on_b_error=True,
-                abort_b_on_a_error=True,
-                abort_source_on_write_error=True,
+                theirs.leftover,
+                mine.leftover,
             )
         finally:
             if recorded:
@@ -636,7 +732,7 @@ class Relay:
         )
         return result
 
-    async def _reject(self, stream: Stream, code: RejectCode, reason: str) -> None:
+    async def _reject(self, stream: Stream, code: int, reason: str) -> None:
         """STREAM_REJECT then FIN (spec 02 §13).
 
         What the consumer still sends is read and dropped for a few seconds
@@ -750,14 +846,18 @@ class Relay:
             await asyncio.gather(c_stream.aclose(), p_stream.aclose())
             return
         if answer.type == FrameType.STREAM_REJECT:
+            # [REC] spec 02 §13: the reference tells the consumer "503 provider
+            # rejected"; we pass the provider's code and reason on unchanged.
+            code, reason = int(RejectCode.UNAVAILABLE), "provider rejected"
             with contextlib.suppress(OrpError):
                 rejected = expect_message(answer, FrameType.STREAM_REJECT, StreamReject)
                 log.info(
                     "provider rejected",
                     extra=kv(stream_id=sid, code=rejected.code, reason=rejected.reason),
                 )
+                code, reason = rejected.code or code, rejected.reason or reason
             await p_stream.aclose()
-            await self._reject(c_stream, RejectCode.UNAVAILABLE, "provider rejected")
+            await self._reject(c_stream, code, reason)
             return
 
         if relay_mode == RelayMode.FORWARD and self.plane is not None:
@@ -776,14 +876,8 @@ class Relay:
         # A source that breaks (not a clean EOF) resets the other side, so
         # its agent resumes instead of taking a FIN for a finished stream.
         # (REQUIRED enforcement runs beside the splice, armed by the caller.)
-        result = await splice(
-            c_stream,
-            p_stream,
-            a_to_b_prefix=c_leftover,
-            b_to_a_prefix=p_reader.take_leftover(),
-            abort_a_on_b_error=True,
-            abort_b_on_a_error=True,
-            abort_source_on_write_error=True,
+        result = await self._splice_pair(
+            sid, consumer, c_stream, provider, p_stream, c_leftover, p_reader.take_leftover()
         )
         log.debug(
             "splice ended",
