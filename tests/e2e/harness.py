@@ -641,6 +641,12 @@ class TcpBackend:
     def addr(self) -> str:
         return f"127.0.0.1:{self.port}"
 
+    @property
+    def open_connections(self) -> int:
+        """Connections whose handler is still running (the backend's own count)."""
+        with self._lock:
+            return len(self._conns)
+
     def _accept_loop(self) -> None:
         while not self._stop.is_set():
             try:
@@ -726,6 +732,17 @@ class TcpBackend:
             conn.shutdown(socket.SHUT_WR)
 
         return handler
+
+
+def stream_forever(chunk: int = 64 * 1024) -> Handler:
+    """Send ``chunk``-sized blocks until the peer goes away (a download that never ends)."""
+    block = os.urandom(chunk)
+
+    def handler(conn: socket.socket) -> None:
+        while True:
+            conn.sendall(block)
+
+    return handler
 
 
 class Blaster:

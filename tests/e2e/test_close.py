@@ -1,0 +1,261 @@
+"""Close semantics (issue 13): an application's close is not a link failure.
+
+Real relay and agent processes on 127.0.0.1; the applications are plain
+sockets in the test, the backends threaded servers that count their own
+open connections.
+
+* An application that aborts a download makes the provider agent close its
+  backend connection within a second (it used to hold it for the 30 s resume
+  window), over QUIC and over the TLS + yamux fallback.
+* 200 aborts in a row never leave more than a handful of backend connections
+  open, and neither agent's memory grows without bound.
+* A backend that resets its connection resets the application's (RST).
+* A provider agent killed and restarted as a new process: the consumer's
+  application sees its reset within seconds of the restart, not 33 s.
+* A provider agent stopped with SIGTERM ends its streams: the consumer's
+  application sees the reset right after the shutdown grace.
+* A relay restart is still a link failure: the stream resumes (test_resume.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import struct
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from .harness import (
+    Agent,
+    Backends,
+    Cluster,
+    Pki,
+    RssSampler,
+    TcpBackend,
+    free_tcp_port,
+    stream_forever,
+)
+
+pytestmark = [pytest.mark.e2e]
+
+KiB = 1 << 10
+MiB = 1 << 20
+CLOSE_BOUND = 1.0
+"""Issue 13: the other side's connection ends within 1 s of an application's close."""
+
+
+@dataclass
+class Pair:
+    provider: Agent
+    consumer: Agent
+    backend: TcpBackend
+
+    @property
+    def port(self) -> int:
+        return self.consumer.port("svc")
+
+
+def _start_pair(cluster: Cluster, pki: Pki, backend: TcpBackend, transport: str) -> Pair:
+    relay_args: list[str] = []
+    agent_args: list[str] = []
+    if transport == "tcp":
+        tcp_port = free_tcp_port()
+        relay_args = ["--listen-tcp", f"127.0.0.1:{tcp_port}"]
+        agent_args = ["--transport", "tcp", "--relay-tcp", f"127.0.0.1:{tcp_port}"]
+    relay = cluster.start_relay(args=relay_args)
+    provider = cluster.start_agent(
+        pki.agent(0), relay, expose={"svc": backend.addr}, args=agent_args
+    )
+    consumer = cluster.start_agent(pki.agent(1), relay, consume=["svc"], args=agent_args)
+    return Pair(provider, consumer, backend)
+
+
+def _reset(sock: socket.socket) -> None:
+    """Close with a TCP RST, as an application that aborts does."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+def _wait_open(backend: TcpBackend, count: int, timeout: float) -> float:
+    """Seconds until the backend has ``count`` open connections (raises on timeout)."""
+    start = time.monotonic()
+    while backend.open_connections != count:
+        if time.monotonic() - start > timeout:
+            raise AssertionError(
+                f"backend still has {backend.open_connections} open connections "
+                f"after {timeout:g}s (want {count})"
+            )
+        time.sleep(0.01)
+    return time.monotonic() - start
+
+
+def _download_some(port: int, size: int = 256 * KiB) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    got = 0
+    while got < size:
+        data = sock.recv(64 * KiB)
+        assert data, "the download ended early"
+        got += len(data)
+    return sock
+
+
+@pytest.fixture
+def streamer(backends: Backends) -> Iterator[TcpBackend]:
+    yield backends.tcp(stream_forever(), name="streamer")
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("transport", ["quic", "tcp"])
+@pytest.mark.parametrize("how", ["reset", "close"])
+def test_application_abort_closes_the_backend_within_a_second(
+    cluster: Cluster, pki: Pki, streamer: TcpBackend, transport: str, how: str
+) -> None:
+    pair = _start_pair(cluster, pki, streamer, transport)
+    sock = _download_some(pair.port)
+    assert streamer.open_connections == 1
+    if how == "reset":
+        _reset(sock)
+    else:
+        sock.close()  # unread bytes in the socket: the kernel sends RST itself
+    took = _wait_open(streamer, 0, timeout=10)
+    print(f"\n[{transport}/{how}] backend closed {took * 1000:.0f} ms after the application")
+    assert took < CLOSE_BOUND, f"the backend stayed open {took:.2f}s after the abort"
+    # Nobody parked a resume half: the consumer ended the stream as the app's,
+    # the provider as reset by its peer's application.
+    rec = pair.consumer.wait_for("stream", outcome="reset_by_app", timeout=5)
+    assert rec["resumes"] == 0, rec
+    pair.provider.wait_for("stream", outcome="reset_by_peer_application_closed", timeout=5)
+    assert not pair.provider.find("session: stream resumed")
+    assert not pair.provider.find("resume half parked")
+    assert not cluster.procs[0].find("resume half parked"), "the relay parked a half"
+
+
+@pytest.mark.timeout(240)
+def test_200_aborts_in_a_row_leave_no_backend_connections_behind(
+    cluster: Cluster, pki: Pki, streamer: TcpBackend
+) -> None:
+    pair = _start_pair(cluster, pki, streamer, "quic")
+    peak_open = 0
+    with RssSampler([pair.provider, pair.consumer], interval=0.25) as rss:
+        for _ in range(200):
+            sock = _download_some(pair.port, 64 * KiB)
+            _reset(sock)
+            peak_open = max(peak_open, streamer.open_connections)
+        _wait_open(streamer, 0, timeout=5)
+    growth = {name: rss.growth_kib(name) / 1024 for name in rss.peak}
+    print(
+        f"\n200 aborts: peak backend connections {peak_open}; "
+        + ", ".join(
+            f"{name} RSS {rss.baseline[name] / 1024:.0f} -> peak {rss.peak[name] / 1024:.0f} MiB"
+            for name in rss.peak
+        )
+    )
+    assert peak_open <= 5, f"{peak_open} backend connections open at once"
+    for name, mib in growth.items():
+        assert mib < 64, f"{name} grew {mib:.0f} MiB over 200 aborts"
+
+
+def _reset_after(greeting: bytes):  # type: ignore[no-untyped-def]
+    def handler(conn: socket.socket) -> None:
+        conn.sendall(greeting)
+        time.sleep(0.3)
+        _reset(conn)
+
+    return handler
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("transport", ["quic", "tcp"])
+def test_backend_reset_resets_the_application(
+    cluster: Cluster, pki: Pki, backends: Backends, transport: str
+) -> None:
+    backend = backends.tcp(_reset_after(b"partial answer"), name="resetter")
+    pair = _start_pair(cluster, pki, backend, transport)
+    sock = socket.create_connection(("127.0.0.1", pair.port), timeout=10)
+    sock.sendall(b"request")
+    assert sock.recv(100) == b"partial answer"
+    start = time.monotonic()
+    with pytest.raises(ConnectionResetError):
+        while sock.recv(100):
+            pass
+    took = time.monotonic() - start - 0.3
+    sock.close()
+    print(f"\n[{transport}] application reset {took * 1000:.0f} ms after the backend's")
+    assert took < CLOSE_BOUND
+    pair.provider.wait_for("stream", outcome="reset_by_backend", timeout=5)
+    pair.consumer.wait_for("stream", outcome="reset_by_peer_application_closed", timeout=5)
+
+
+@pytest.mark.timeout(60)
+def test_backend_half_close_lets_the_application_finish(
+    cluster: Cluster, pki: Pki, backends: Backends
+) -> None:
+    """FIN is not a close: the backend answers after the application's FIN."""
+    backend = backends.reply_after_eof()
+    pair = _start_pair(cluster, pki, backend, "quic")
+    sock = socket.create_connection(("127.0.0.1", pair.port), timeout=10)
+    sock.sendall(b"x" * 100_000)
+    sock.shutdown(socket.SHUT_WR)
+    answer = b""
+    while data := sock.recv(1000):
+        answer += data
+    sock.close()
+    assert answer.startswith(b"100000 ")
+    pair.consumer.wait_for("stream", outcome="closed", timeout=5)
+
+
+def _expect_reset(sock: socket.socket, timeout: float) -> float:
+    """Read until the connection is reset; returns when (monotonic)."""
+    sock.settimeout(timeout)
+    with contextlib.suppress(ConnectionResetError):
+        while sock.recv(64 * KiB):
+            pass
+        raise AssertionError("the application saw a FIN, not a reset")
+    return time.monotonic()
+
+
+@pytest.mark.timeout(90)
+def test_provider_restart_resets_the_consumers_application_at_once(
+    cluster: Cluster, pki: Pki, streamer: TcpBackend
+) -> None:
+    pair = _start_pair(cluster, pki, streamer, "quic")
+    relay = cluster.procs[0]
+    sock = _download_some(pair.port)
+    pair.provider.kill()  # SIGKILL: no goodbye
+    restarted_at = time.monotonic()
+    provider = cluster.start_agent(
+        pki.agent(0), relay.addr, expose={"svc": streamer.addr}, name="provider-restarted"
+    )
+    reset_at = _expect_reset(sock, timeout=30)
+    sock.close()
+    took = reset_at - restarted_at
+    print(f"\nprovider restarted: consumer's application reset {took:.2f}s later")
+    assert took < 5.0, f"the application waited {took:.1f}s"
+    relay.wait_for("agent restarted; ending its old streams", timeout=5)
+    pair.consumer.wait_for("stream", outcome="reset_by_peer_agent_gone", timeout=5)
+    # The restarted provider serves new streams.
+    sock = _download_some(pair.port)
+    _reset(sock)
+    assert provider.running
+
+
+@pytest.mark.timeout(90)
+def test_provider_sigterm_ends_its_streams(
+    cluster: Cluster, pki: Pki, streamer: TcpBackend
+) -> None:
+    pair = _start_pair(cluster, pki, streamer, "quic")
+    sock = _download_some(pair.port)
+    stopped_at = time.monotonic()
+    pair.provider.send_signal(15)
+    reset_at = _expect_reset(sock, timeout=30)
+    sock.close()
+    assert pair.provider.wait_exit(10) == 0
+    took = reset_at - stopped_at
+    print(f"\nprovider SIGTERM: consumer's application reset {took:.2f}s later (grace 2 s)")
+    assert took < 2.0 + 3.0, f"the application waited {took:.1f}s"
+    pair.provider.wait_for("shutdown: grace over; ending streams", timeout=1)
+    pair.consumer.wait_for("stream", outcome="reset_by_peer_agent_gone", timeout=5)
+    assert streamer.open_connections == 0
