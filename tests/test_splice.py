@@ -17,8 +17,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from outrelay.orp import StreamEndCode, is_final
 from outrelay.splice import SpliceResult, splice
-from outrelay.transport.base import BrokenResourceError, ClosedResourceError
+from outrelay.transport.base import BrokenResourceError, ClosedResourceError, TransportError
 from outrelay.transport.memory import MemoryStream, memory_stream_pair
 
 pytestmark = pytest.mark.timeout(20)
@@ -184,6 +185,50 @@ async def test_abort_flag_for_the_other_direction() -> None:
             await app_a.receive_some()
         result = await job
     assert isinstance(result.b_to_a.read_error, BrokenResourceError)
+
+
+async def test_a_final_code_passes_through_and_ends_both_directions() -> None:
+    """Our close semantics (orp.extensions): an application's close is passed on with
+    its code, and the splice ends at once in both directions."""
+    app_a, side_a, side_b, app_b = _pairs()
+
+    def passthrough(exc: TransportError) -> int:
+        code = exc.code if isinstance(exc, BrokenResourceError) else None
+        return code if is_final(code) else 0
+
+    async with asyncio.timeout(STEP):
+        job = asyncio.create_task(
+            splice(
+                side_a,
+                side_b,
+                abort_a_on_b_error=passthrough,
+                abort_b_on_a_error=passthrough,
+                abort_source_on_write_error=True,
+            )
+        )
+        await app_b.send_all(b"download")
+        assert await app_a.receive_some() == b"download"
+        app_a.abort(StreamEndCode.APPLICATION_CLOSED)
+        with pytest.raises(BrokenResourceError) as reset:
+            await app_b.receive_some()
+        assert reset.value.code == StreamEndCode.APPLICATION_CLOSED
+        with pytest.raises(BrokenResourceError) as stopped:
+            await app_b.send_all(b"more")
+        assert stopped.value.code == StreamEndCode.APPLICATION_CLOSED
+        await job
+
+
+async def test_a_link_code_resets_with_zero() -> None:
+    app_a, side_a, side_b, app_b = _pairs()
+    async with asyncio.timeout(STEP):
+        job = asyncio.create_task(
+            splice(side_a, side_b, abort_b_on_a_error=lambda exc: 0, abort_a_on_b_error=True)
+        )
+        app_a.abort(7)
+        with pytest.raises(BrokenResourceError) as reset:
+            await app_b.receive_some()
+        assert reset.value.code == 0
+        await job
 
 
 async def test_clean_eof_never_aborts_even_with_the_flags() -> None:

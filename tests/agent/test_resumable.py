@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from outrelay.agent.resumable import ResumableStream, StreamLost
+from outrelay.orp import StreamEndCode
 from outrelay.resume import BeforeRingError, RingBuffer, retransmit_range
 from outrelay.splice import splice
 from outrelay.transport.base import (
@@ -345,6 +346,36 @@ async def test_read_error_marks_broken_and_install_resumes_the_reader() -> None:
         assert await _drain(s) == b"after"
     assert s.positions.received == len(b"beforepreafter")
     assert s.resumes == 1
+
+
+@pytest.mark.parametrize("side", ["read", "write"])
+async def test_a_final_end_code_ends_the_stream_instead_of_resuming(side: str) -> None:
+    """The peer's application closed (orp.StreamEndCode): no resume, StreamLost with the code."""
+    inner, peer = memory_stream_pair()
+    s, cb = _stream(inner)
+    async with asyncio.timeout(STEP):
+        peer.abort(StreamEndCode.APPLICATION_CLOSED)
+        with pytest.raises(StreamLost) as lost:
+            if side == "read":
+                await s.receive_some()
+            else:
+                await s.send_all(b"x" * 10)
+                await s.send_all(b"y")  # the second write meets the ended stream
+    assert lost.value.code == StreamEndCode.APPLICATION_CLOSED
+    assert s.end_code == StreamEndCode.APPLICATION_CLOSED
+    assert cb.calls == [] and not s.is_broken
+
+
+async def test_link_codes_still_resume() -> None:
+    inner, peer = memory_stream_pair()
+    s, cb = _stream(inner)
+    async with asyncio.timeout(STEP):
+        reader = asyncio.create_task(s.receive_some())
+        await _settle()
+        peer.abort(StreamEndCode.LINK)
+        await _settle()
+        assert cb.calls == [s] and not reader.done()
+        reader.cancel()
 
 
 async def test_constructor_prefix_is_read_first_and_counted() -> None:

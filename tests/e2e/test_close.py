@@ -259,3 +259,28 @@ def test_provider_sigterm_ends_its_streams(
     pair.provider.wait_for("shutdown: grace over; ending streams", timeout=1)
     pair.consumer.wait_for("stream", outcome="reset_by_peer_agent_gone", timeout=5)
     assert streamer.open_connections == 0
+
+
+@pytest.mark.timeout(120)
+def test_provider_restart_ends_a_parked_resume_half(
+    cluster: Cluster, pki: Pki, streamer: TcpBackend
+) -> None:
+    """The relay saw the provider die first: the consumer's half is parked, waiting
+    to resume. The provider's new process ends it at once, not after 30 s."""
+    pair = _start_pair(cluster, pki, streamer, "quic")
+    relay = cluster.procs[0]
+    sock = _download_some(pair.port)
+    since = relay.count()
+    pair.provider.kill()
+    relay.wait_for("agent disconnected", uri=pair.provider.uri, since=since, timeout=20)
+    relay.wait_for("resume half parked", since=since, timeout=10)
+    restarted_at = time.monotonic()
+    cluster.start_agent(
+        pki.agent(0), relay.addr, expose={"svc": streamer.addr}, name="provider-restarted"
+    )
+    reset_at = _expect_reset(sock, timeout=40)
+    sock.close()
+    took = reset_at - restarted_at
+    print(f"\nparked half: consumer's application reset {took:.2f}s after the restart")
+    assert took < 5.0, f"the application waited {took:.1f}s"
+    relay.wait_for("resume half ended: its peer agent is gone", since=since, timeout=5)

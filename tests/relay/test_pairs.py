@@ -7,8 +7,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from outrelay.relay.pairs import (
+    ENDED_PAIR_TTL_MS,
     MIGRATED_CAPACITY,
     MIGRATION_TTL_MS,
+    AgentInstances,
+    EndedPairs,
+    Member,
     MigratedCache,
     MigratedStream,
     PairTable,
@@ -187,3 +191,38 @@ def test_migrated_rejects_bad_limits() -> None:
         MigratedCache(capacity=0)
     with pytest.raises(ValueError):
         MigratedCache(ttl_ms=0)
+
+
+# --- ended pairs and agent instances (ours) ---------------------------------------------------
+
+
+def test_ended_pairs_name_the_other_end_until_they_expire() -> None:
+    ended = EndedPairs(capacity=2)
+    c, p = Member(C1, "c-1"), Member(P1, "p-1")
+    ended.note(7, c, p, now_ms=0)
+    ended.note(0, c, p, now_ms=0)  # id 0 is never recorded
+    assert ended.peer_of(7, C1, 10) == p
+    assert ended.peer_of(7, P1, 10) == c
+    assert ended.peer_of(7, C2, 10) is None  # a third agent learns nothing
+    assert ended.peer_of(7, C1, ENDED_PAIR_TTL_MS) is None  # expired and dropped
+    assert len(ended) == 0
+    for sid in (1, 2, 3):
+        ended.note(sid, c, p, now_ms=sid)
+    assert len(ended) == 2 and ended.peer_of(1, C1, 5) is None  # the oldest went
+
+
+def test_agent_instances_tell_a_gone_process() -> None:
+    inst = AgentInstances()
+    assert inst.hello(P1, "one") == ""
+    assert not inst.is_gone(Member(P1, "one"))
+    assert inst.hello(P1, "one") == ""  # a reconnect of the same process
+    assert inst.hello(P1, "two") == "one"  # a restart: the old one is gone
+    assert inst.is_gone(Member(P1, "one")) and not inst.is_gone(Member(P1, "two"))
+    inst.departed(Member(P1, "one"))  # not the latest: changes nothing
+    assert not inst.is_gone(Member(P1, "two"))
+    inst.departed(Member(P1, "two"))
+    assert inst.is_gone(Member(P1, "two"))
+    # Reference agents send no instance: never known to be gone.
+    assert inst.hello(C1, "") == "" and inst.hello(C1, "x") == ""
+    assert not inst.is_gone(Member(C1, ""))
+    assert not inst.is_gone(Member(C2, "never-seen"))

@@ -331,6 +331,18 @@ def test_reset_reaches_the_peer_and_late_frames_are_skipped() -> None:
         pair.server.send_data(sid, b"x")
 
 
+def test_reset_carries_our_end_code_in_the_length_field() -> None:
+    """Ours (orp.extensions): the RST's WINDOW_UPDATE length is the end code; it is
+    never added to the send window (hashicorp sends 0 and adds it harmlessly)."""
+    pair = Pair()
+    sid = pair.open()
+    pair.client.reset_stream(sid, 0x4F01)
+    wire = pair.client.data_to_send()
+    assert wire[-12:] == frame(FrameType.WINDOW_UPDATE, Flag.RST, sid, 0x4F01)
+    pair.server.receive_data(wire)
+    assert drain(pair.server) == [StreamReset(sid, code=0x4F01)]
+
+
 def test_data_after_fin_resets_only_that_stream() -> None:
     server = YamuxSession(client=False)
     server.receive_data(frame(FrameType.WINDOW_UPDATE, Flag.SYN, 1, 0))
