@@ -1,11 +1,103 @@
-"""Small helpers shared by the command-line entry points."""
+"""Small helpers shared by the command-line entry points.
+
+Every bad flag value exits 2 with the reason on one line, in the log format
+the command line asked for (``--log-format json``: a JSON object, no usage
+text), on ``outrelay-agent`` and ``outrelay-relay`` alike.
+"""
 
 from __future__ import annotations
 
 import argparse
+import logging
+import math
+import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
-__all__ = ["go_style_argv", "parse_host_port"]
+from outrelay.observe import LOG_FORMATS, LOG_LEVELS, setup_logging
+
+__all__ = [
+    "FlagError",
+    "FlagParser",
+    "add_log_flags",
+    "duration",
+    "flag_error",
+    "go_style_argv",
+    "parse_host_port",
+]
+
+
+class FlagError(Exception):
+    """A missing or malformed flag: the command exits 2 with this message."""
+
+
+class FlagParser(argparse.ArgumentParser):
+    """An :class:`argparse.ArgumentParser` that raises :class:`FlagError`.
+
+    argparse would print usage and the message as plain text and exit 2; the
+    caller reports it with :func:`flag_error` instead, so that with
+    ``--log-format json`` the line is JSON too.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        raise FlagError(message)
+
+
+def add_log_flags(parser: argparse.ArgumentParser) -> None:
+    """``--log-format`` and ``--log-level``; any other value is a flag error (exit 2)."""
+    parser.add_argument(
+        "--log-format",
+        default="text",
+        choices=LOG_FORMATS,
+        help="text or json; json makes every stderr line a JSON object (default %(default)s)",
+    )
+    parser.add_argument(
+        "--log-level",
+        default="info",
+        choices=tuple(LOG_LEVELS),
+        help="debug, info, warn or error; library lines (aioquic, qh3, asyncio) show from "
+        "warn, or from debug with debug (default %(default)s)",
+    )
+
+
+def duration(text: str) -> float:
+    """argparse ``type`` for a number of seconds: finite and not negative."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a finite, non-negative number")
+    return value
+
+
+def flag_error(
+    parser: argparse.ArgumentParser, argv: Sequence[str], message: str, logger: logging.Logger
+) -> int:
+    """Report a flag error on one line and return the exit code, 2.
+
+    Logging is (re)configured here, since argparse may have failed before it
+    was: the format is read from ``argv`` as well as it can be, text being the
+    fallback. In text format the usage line follows, as argparse would print it.
+    """
+    fmt = _requested_format(argv)
+    setup_logging(fmt, "info")
+    logger.error(message)
+    if fmt == "text":
+        parser.print_usage(sys.stderr)
+    return 2
+
+
+def _requested_format(argv: Sequence[str]) -> str:
+    """The ``--log-format`` value in ``argv`` if it is a valid one, else ``text``."""
+    value = ""
+    for i, word in enumerate(argv):
+        if word == "--":
+            break
+        name, sep, rest = word.partition("=")
+        if name in ("--log-format", "-log-format"):
+            value = rest if sep else (argv[i + 1] if i + 1 < len(argv) else "")
+    return value if value in LOG_FORMATS else "text"
 
 
 def go_style_argv(argv: Sequence[str], parser: argparse.ArgumentParser) -> list[str]:
@@ -31,8 +123,14 @@ def go_style_argv(argv: Sequence[str], parser: argparse.ArgumentParser) -> list[
     return out
 
 
-def parse_host_port(value: str, *, what: str = "address") -> tuple[str, int]:
+def parse_host_port(
+    value: str, *, what: str = "address", port_zero: bool = True
+) -> tuple[str, int]:
     """Split ``host:port`` (``[v6]:port`` too).
+
+    Args:
+        port_zero: port 0 is allowed (an address to listen on: any free port);
+            false for an address to dial.
 
     Raises:
         ValueError: with a message naming ``what`` and the bad value.
@@ -41,6 +139,8 @@ def parse_host_port(value: str, *, what: str = "address") -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ValueError(f"{what} {value!r} is not host:port")
+    if int(port) == 0 and not port_zero:
+        raise ValueError(f"{what} {value!r}: port 0 cannot be dialled")
     host = host.strip("[]")
     if not host:
         raise ValueError(f"{what} {value!r} has no host")

@@ -24,7 +24,7 @@ from typing import TextIO
 
 from outrelay.agent.agent import Agent, AgentConfig
 from outrelay.agent.session import SessionConfig
-from outrelay.observe import setup_logging
+from outrelay.observe import LOG_LEVELS, setup_logging
 from outrelay.pki import create_ca, issue_agent, issue_relay, write_identity
 from outrelay.relay.server import Relay, RelayConfig
 from outrelay.transport import QuicTlsConfig
@@ -58,6 +58,7 @@ def add_demo_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     p.add_argument(
         "--log-level",
         default="warn",
+        choices=tuple(LOG_LEVELS),
         help="log level of the embedded relay and agents (default %(default)s)",
     )
     p.set_defaults(func=_run_from_args)

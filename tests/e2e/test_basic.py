@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime as dt
 import hashlib
 import os
 import re
@@ -31,7 +30,6 @@ from pathlib import Path
 import pytest
 
 import outrelay
-from outrelay.pki import create_ca, issue_agent, load_ca, write_identity
 
 from .conftest import QUIC_BACKEND_PARAMS
 from .harness import (
@@ -41,13 +39,11 @@ from .harness import (
     Backends,
     Cluster,
     HttpBackend,
-    Identity,
     Pki,
     Relay,
     TcpBackend,
     child_env,
     connect,
-    contains,
     free_tcp_port,
     free_udp_port,
     http_get,
@@ -575,76 +571,6 @@ def test_relay_drops_connection_that_never_sends_hello(cluster: Cluster, pki: Pk
     relay.wait_for("HELLO timeout; closing", uri=a.uri, timeout=2)
     assert closed_after < HELLO_TIMEOUT + 3, closed_after
     assert not relay.find("agent connected")
-
-
-# --------------------------------------------------------------------------- refusals
-
-
-def _foreign_ca_identity(pki: Pki, out: Path) -> tuple[Identity, str]:
-    issued, uri = issue_agent(create_ca("Some Other CA"), tenant="acme")
-    crt, key = write_identity(out, "foreign", issued)
-    return Identity("foreign", uri, crt, key), uri
-
-
-def _expired_identity(pki: Pki, out: Path) -> tuple[Identity, str]:
-    now = dt.datetime.now(dt.UTC)
-    issued, uri = issue_agent(
-        load_ca(pki.dir),
-        tenant="acme",
-        not_before=now - dt.timedelta(days=10),
-        not_after=now - dt.timedelta(days=1),
-    )
-    crt, key = write_identity(out, "expired", issued)
-    return Identity("expired", uri, crt, key), uri
-
-
-def _mismatched_uri(pki: Pki, out: Path) -> tuple[Identity, str]:
-    return pki.agent(0), pki.agent(1).uri  # agent-a's certificate, agent-b's URI in HELLO
-
-
-@pytest.mark.timeout(60)
-@pytest.mark.parametrize(
-    ("make_identity", "relay_msg", "relay_attrs"),
-    [
-        (
-            _foreign_ca_identity,
-            "reject conn: client certificate refused",
-            {"reason": contains("CA")},
-        ),
-        (
-            _expired_identity,
-            "reject conn: client certificate refused",
-            {"reason": contains("expired")},
-        ),
-        (_mismatched_uri, "HELLO uri mismatch", {}),
-    ],
-    ids=["other-ca", "expired", "uri-mismatch"],
-)
-def test_refused_agent_is_disconnected_and_exits_1(
-    cluster: Cluster,
-    pki: Pki,
-    tmp_path: Path,
-    make_identity: Callable[[Pki, Path], tuple[Identity, str]],
-    relay_msg: str,
-    relay_attrs: dict,
-) -> None:
-    identity, uri = make_identity(pki, tmp_path / "certs")
-    relay = cluster.start_relay()
-    t0 = time.monotonic()
-    agent = cluster.start_agent(
-        identity, relay, uri=uri, expose={"web": "127.0.0.1:9"}, name="refused", wait=False
-    )
-    rec = relay.wait_for(relay_msg, timeout=30, **relay_attrs)
-    if relay_msg == "HELLO uri mismatch":
-        assert rec["cert_uri"] == identity.uri and rec["hello_uri"] == uri, rec
-    code = agent.wait_exit(30)
-    elapsed = time.monotonic() - t0
-    assert code == 1, f"agent exit code {code}\n{agent.tail()}"
-    agent.wait_for("dial relay: refused", timeout=1)
-    assert not agent.find("service registered")
-    assert not relay.find("registered"), "a refused agent registered a service"
-    assert relay.running, "the relay died while refusing an agent"
-    print(f"refused agent exited after {elapsed:.1f}s")
 
 
 # --------------------------------------------------------------------------- start-up

@@ -361,10 +361,13 @@ def test_cli_not_linux_exits_1(
     assert "intercept: tproxy mode requires linux" in capsys.readouterr().err
 
 
-def test_cli_bad_tproxy_listen_exits_1(pki: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    argv = [*base_argv(pki), "--intercept", "tproxy", "--consume", "a", "--tproxy-listen", "x"]
-    assert agent_cli.main(argv) == 1
-    assert "start interceptor" in capsys.readouterr().err
+@pytest.mark.parametrize("flag", ["--tproxy-listen", "--dns-listen"])
+def test_cli_malformed_tproxy_addresses_exit_2(
+    pki: Path, capsys: pytest.CaptureFixture[str], flag: str
+) -> None:
+    argv = [*base_argv(pki), "--intercept", "tproxy", "--consume", "a", flag, "x"]
+    assert agent_cli.main(argv) == 2
+    assert f"{flag} 'x' is not host:port" in capsys.readouterr().err
 
 
 def test_cli_bad_dns_upstream_exits_2(pki: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -373,9 +376,9 @@ def test_cli_bad_dns_upstream_exits_2(pki: Path, capsys: pytest.CaptureFixture[s
     assert "--dns-upstream" in capsys.readouterr().err
 
 
-def test_cli_unknown_mode_still_exits_1(pki: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert agent_cli.main([*base_argv(pki), "--intercept", "TPROXY", "--consume", "a"]) == 1
-    assert "unknown intercept mode: TPROXY" in capsys.readouterr().err
+def test_cli_unknown_mode_exits_2(pki: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert agent_cli.main([*base_argv(pki), "--intercept", "TPROXY", "--consume", "a"]) == 2
+    assert "argument --intercept: invalid choice: 'TPROXY'" in capsys.readouterr().err
 
 
 def test_cli_tproxy_listen_in_use_exits_1(pki: Path, capsys: pytest.CaptureFixture[str]) -> None:

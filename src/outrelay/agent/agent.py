@@ -248,8 +248,11 @@ class Agent:
             self.refused = RelayRefused(reason)
             self._stopped.set()
 
-    async def _on_refused(self, refused: RelayRefused) -> None:
-        log.error("dial relay: refused", extra=kv(err=str(refused)))
-        if self.config.exit_on_refusal:
-            self.refused = refused
-            self._stopped.set()
+    async def _on_refused(self, refused: RelayRefused) -> bool:
+        """The relay refused us before we were ever accepted: exit 1, or keep trying."""
+        if not self.config.exit_on_refusal:
+            return False
+        log.error("dial relay: refused", extra=kv(relay=refused.address, err=str(refused)))
+        self.refused = refused
+        self._stopped.set()
+        return True

@@ -1,10 +1,17 @@
 """``outrelay-agent``: the sidecar's command line (flags as spec 03 §1.2).
 
-Every flag is validated before any network I/O, with the reference's exit
-codes (spec 03 §1.6, §11 item 11): 2 for usage errors (missing or malformed
-flags, bad URI, ``--expose-service`` without a target), 1 for TLS material,
-listeners and a relay that refuses us, 0 for ``--version``, ``--help`` and a
-clean SIGINT/SIGTERM shutdown.
+Every flag is validated before any network I/O (spec 03 §11 item 11): 2 for
+every missing or malformed flag value (addresses, ports, durations, enum
+values, the URI, ``--log-format``/``--log-level``, ``--expose-service``
+without a target), with the reason on one line; 1 for TLS material that does
+not pass the certificate self-check (:func:`outrelay.pki.check_own_identity`:
+the exact reason, no traceback), listeners, and a relay that refuses us; 0 for
+``--version``, ``--help`` and a clean SIGINT/SIGTERM shutdown. Ours, stricter
+than the reference, which falls back to text/info for unknown log flags and
+exits 1 for some malformed ``--intercept``/``--consume`` values.
+
+SIGHUP is a reload request: nothing is reloadable yet, so it is logged and
+otherwise ignored (the process never dies from it).
 """
 
 from __future__ import annotations
@@ -31,10 +38,18 @@ from outrelay.agent.intercept import (
 )
 from outrelay.agent.p2p.promote import P2PConfig
 from outrelay.agent.session import HELLO_CAPABILITIES, SessionConfig
-from outrelay.cliutil import go_style_argv, parse_host_port
+from outrelay.cliutil import (
+    FlagError,
+    FlagParser,
+    add_log_flags,
+    duration,
+    flag_error,
+    go_style_argv,
+    parse_host_port,
+)
 from outrelay.identity import InvalidIdentity, parse_identity
 from outrelay.observe import kv, setup_logging
-from outrelay.pki import PkiError, load_certificates, load_identity
+from outrelay.pki import IdentityCheckFailed, PkiError, check_own_identity
 from outrelay.transport import QUIC_BACKENDS, QuicTlsConfig, select_quic_backend
 
 __all__ = ["build_parser", "main"]
@@ -59,12 +74,13 @@ examples:
       --dns-listen 127.0.0.1:53 --consume web
 
 Single-dash spellings (-relay, -consume=...) are accepted as in the reference.
-exit codes: 0 clean stop, 1 TLS/listener/relay refusal, 2 bad flags.
+exit codes: 0 clean stop, 1 TLS self-check/listener/relay refusal, 2 bad flags.
+SIGHUP is logged (a reload request; nothing is reloadable yet) and never stops the agent.
 """
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = FlagParser(
         prog="outrelay-agent",
         description=(
             "OutRelay agent: dials out to a relay over mTLS QUIC so local apps reach "
@@ -126,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--intercept",
         default="explicit",
+        choices=("explicit", "tproxy"),
         help="interception mode: explicit (one listener per --consume) or tproxy (Linux: "
         "VIPs + DNS + an iptables REDIRECT) (default %(default)s)",
     )
@@ -189,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--resume-window",
-        type=float,
+        type=duration,
         default=30.0,
         metavar="SECONDS",
         help="how long a stream whose relay failed may take to resume before the "
@@ -198,21 +215,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--shutdown-grace",
-        type=float,
+        type=duration,
         default=10.0,
         metavar="SECONDS",
         help="on SIGINT/SIGTERM, how long in-flight streams may finish (default %(default)s)",
     )
-    p.add_argument("--log-format", default="text", help="text or json (default %(default)s)")
-    p.add_argument(
-        "--log-level", default="info", help="debug, info, warn or error (default %(default)s)"
-    )
+    add_log_flags(p)
     p.add_argument("--version", action="store_true", help="print the version and exit")
     return p
-
-
-class UsageError(Exception):
-    """A flag problem: exit 2."""
 
 
 class SetupError(Exception):
@@ -222,25 +232,27 @@ class SetupError(Exception):
 def _build_config(args: argparse.Namespace) -> AgentConfig:
     missing = [name for name in ("cert", "key", "ca", "uri") if not getattr(args, name)]
     if missing:
-        raise UsageError(f"missing required flags: {', '.join('--' + m for m in missing)}")
+        raise FlagError(f"missing required flags: {', '.join('--' + m for m in missing)}")
     try:
         identity = parse_identity(args.uri)
     except InvalidIdentity as exc:
-        raise UsageError(f"invalid agent URI: {exc}") from exc
+        raise FlagError(f"invalid agent URI: {exc}") from exc
     if identity.role != "agent":
-        raise UsageError(f"invalid agent URI: {args.uri!r} is a relay identity")
+        raise FlagError(f"invalid agent URI: {args.uri!r} is a relay identity")
+    if not args.server_name.strip():
+        raise FlagError("--server-name must not be empty")
 
     relays = _endpoints(args.relay, "--relay")
     relays_tcp = _endpoints(args.relay_tcp, "--relay-tcp")
     if args.transport == "tcp" and not relays_tcp:
-        raise UsageError("--transport tcp needs --relay-tcp")
+        raise FlagError("--transport tcp needs --relay-tcp")
     if args.transport != "tcp" and not relays:
-        raise UsageError("--relay needs at least one host:port")
+        raise FlagError("--relay needs at least one host:port")
 
     try:
         backend = select_quic_backend(args.quic_backend)
     except ValueError as exc:
-        raise UsageError(str(exc)) from exc
+        raise FlagError(str(exc)) from exc
     if args.transport != "tcp":
         log.info(
             "QUIC backend",
@@ -255,42 +267,39 @@ def _build_config(args: argparse.Namespace) -> AgentConfig:
     services: dict[str, str] = {}
     if args.expose_service:
         if not args.expose_target:
-            raise UsageError("--expose-service requires --expose-target")
+            raise FlagError("--expose-service requires --expose-target")
         services[args.expose_service] = args.expose_target
     for item in args.expose:
         name, sep, target = item.partition("=")
         if not sep or not name:
-            raise UsageError(f"--expose must be <svc>=<host:port>, got {item!r}")
+            raise FlagError(f"--expose must be <svc>=<host:port>, got {item!r}")
         services[name] = target
     for name, target in services.items():
         try:
-            parse_host_port(target, what=f"backend for service {name!r}")
+            parse_host_port(target, what=f"backend for service {name!r}", port_zero=False)
         except ValueError as exc:
-            raise UsageError(str(exc)) from exc
+            raise FlagError(str(exc)) from exc
 
     consumes: list[tuple[str, str]] = []
     tproxy: TproxyConfig | None = None
     if args.consume and args.intercept == "tproxy":
         tproxy = _tproxy_config(args)
     elif args.consume:
-        if args.intercept != "explicit":
-            raise SetupError(f"start interceptor: unknown intercept mode: {args.intercept}")
         for item in args.consume:
             service, sep, bind = item.partition("@")
-            if not sep:
-                raise SetupError(
-                    f"start interceptor: explicit --consume must be <svc>@<bind-addr>: {item!r}"
-                )
+            if not sep or not service:
+                raise FlagError(f"explicit --consume must be <svc>@<bind-addr>: {item!r}")
             if bind:
                 try:
                     parse_host_port(bind, what=f"--consume bind address for {service!r}")
                 except ValueError as exc:
-                    raise UsageError(str(exc)) from exc
+                    raise FlagError(str(exc)) from exc
             consumes.append((service, bind))
 
     try:
-        load_identity(args.cert, args.key)
-        load_certificates(args.ca)
+        check_own_identity(args.cert, args.key, args.ca, args.uri)
+    except IdentityCheckFailed as exc:
+        raise SetupError(f"certificate self-check failed: {exc}") from exc
     except (OSError, PkiError, ValueError) as exc:
         raise SetupError(f"load tls: {exc}") from exc
 
@@ -300,15 +309,15 @@ def _build_config(args: argparse.Namespace) -> AgentConfig:
         try:
             p2p_listen = parse_host_port(args.p2p_listen, what="--p2p-listen")
             advertise = (
-                parse_host_port(args.p2p_advertise, what="--p2p-advertise")
+                parse_host_port(args.p2p_advertise, what="--p2p-advertise", port_zero=False)
                 if args.p2p_advertise
                 else None
             )
         except ValueError as exc:
-            raise UsageError(str(exc)) from exc
+            raise FlagError(str(exc)) from exc
         p2p = P2PConfig(p2p_listen, advertise, reference_wire=args.p2p_reference_wire)
     elif args.p2p_advertise or args.p2p_reference_wire:
-        raise UsageError("--p2p-advertise and --p2p-reference-wire need --p2p-listen")
+        raise FlagError("--p2p-advertise and --p2p-reference-wire need --p2p-listen")
     return AgentConfig(
         p2p=p2p,
         session=SessionConfig(
@@ -334,27 +343,26 @@ def _endpoints(value: str, flag: str) -> list[tuple[str, int]]:
     for item in value.split(","):
         if item.strip():
             try:
-                out.append(parse_host_port(item, what=f"{flag} endpoint"))
+                out.append(parse_host_port(item, what=f"{flag} endpoint", port_zero=False))
             except ValueError as exc:
-                raise UsageError(str(exc)) from exc
+                raise FlagError(str(exc)) from exc
     return out
 
 
 def _tproxy_config(args: argparse.Namespace) -> TproxyConfig:
-    """Tproxy flags (spec 03 §1.3): not Linux or a bad ``--tproxy-listen`` is exit 1;
-    a bad ``--dns-listen`` only disables DNS later; a bad ``--dns-upstream`` is exit 2."""
+    """Tproxy flags (spec 03 §1.3): not Linux is exit 1; a malformed ``--tproxy-listen``,
+    ``--dns-listen`` or ``--dns-upstream`` is exit 2 (ours: the reference exits 1 for the
+    first and only disables DNS for the second)."""
     try:
         check_platform()
     except InterceptError as exc:
         raise SetupError(f"start interceptor: {exc}") from exc
     try:
         listen = parse_host_port(args.tproxy_listen, what="--tproxy-listen")
-    except ValueError as exc:
-        raise SetupError(f"start interceptor: {exc}") from exc
-    try:
+        parse_host_port(args.dns_listen, what="--dns-listen")
         parse_dns_upstream(args.dns_upstream)
     except ValueError as exc:
-        raise UsageError(str(exc)) from exc
+        raise FlagError(str(exc)) from exc
     return TproxyConfig(
         services=tuple(args.consume),
         listen=listen,
@@ -366,13 +374,15 @@ def _tproxy_config(args: argparse.Namespace) -> TproxyConfig:
 
 async def run_agent(config: AgentConfig) -> int:
     """Run until SIGINT/SIGTERM (exit 0) or a refusal before first contact (exit 1)."""
+    loop = asyncio.get_running_loop()
+    with contextlib.suppress(NotImplementedError, RuntimeError, AttributeError):
+        loop.add_signal_handler(signal.SIGHUP, _reload_requested)
     agent = Agent(config)
     try:
         await agent.start()
     except ListenerError as exc:
         log.error("start interceptor", extra=kv(err=str(exc)))
         return 1
-    loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):
@@ -404,19 +414,29 @@ async def run_agent(config: AgentConfig) -> int:
     return 1 if agent.refused is not None else 0
 
 
+def _reload_requested() -> None:
+    """SIGHUP: the conventional reload request. Certificate reload comes later."""
+    log.info("SIGHUP: reload requested; nothing is reloadable yet, carrying on")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(go_style_argv(sys.argv[1:] if argv is None else argv, parser))
+    words = go_style_argv(sys.argv[1:] if argv is None else argv, parser)
+    try:
+        args = parser.parse_args(words)
+    except FlagError as exc:
+        return flag_error(parser, words, str(exc), log)
     if args.version:
         print(__version__)
         return 0
     setup_logging(args.log_format, args.log_level)
+    if hasattr(signal, "SIGHUP"):
+        # Until run_agent() handles it, a SIGHUP must not kill us either.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
         config = _build_config(args)
-    except UsageError as exc:
-        log.error(str(exc))
-        parser.print_usage(sys.stderr)
-        return 2
+    except FlagError as exc:
+        return flag_error(parser, words, str(exc), log)
     except SetupError as exc:
         log.error(str(exc))
         return 1

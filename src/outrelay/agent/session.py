@@ -14,7 +14,10 @@ Spec 03 §3 with its [REC]s:
   (§4.5, §11 item 12).
 
 With TLS 1.3 the client sees its handshake complete before the relay has
-judged its certificate, so only HELLO_ACK means "accepted".
+judged its certificate, so only HELLO_ACK means "accepted": a connection
+closed before it is a refusal (:class:`RelayRefused`), whose reason is the
+relay's CONNECTION_CLOSE reason phrase (ours gives one, a reference relay an
+empty one).
 """
 
 from __future__ import annotations
@@ -60,6 +63,7 @@ from outrelay.orp import AllocGranted as AllocGrantedMessage
 from outrelay.resume import ResumeError, new_stream_id
 from outrelay.transport import (
     BrokenResourceError,
+    CertificateError,
     Connection,
     QuicTlsConfig,
     Stream,
@@ -106,9 +110,28 @@ class NotConnected(Exception):
 class RelayRefused(Exception):
     """The relay accepted the QUIC handshake but closed before HELLO_ACK.
 
-    Usually the relay did not accept our certificate, or the HELLO uri does
-    not match the certificate's URI SAN; the relay's log says which.
+    ``str()`` is ``relay refused us: <why>``, ``why`` being the relay's close
+    reason (e.g. ``bad client certificate: certificate expired (notAfter ...)``)
+    or, when it gave none, what it usually means.
     """
+
+    def __init__(self, reason: str, address: str = "") -> None:
+        super().__init__(f"relay refused us: {reason}")
+        self.reason = reason
+        self.address = address
+
+
+def _refusal(address: str, close_reason: str) -> RelayRefused:
+    """The refusal for a relay connection closed before HELLO_ACK with ``close_reason``."""
+    if close_reason.startswith("code 0") and not close_reason.startswith("code 0:"):
+        return RelayRefused(
+            "it closed the connection before HELLO_ACK without saying why (a reference "
+            "relay never does): it did not accept our certificate or our HELLO uri; its "
+            "log says which",
+            address,
+        )
+    reason = close_reason.removeprefix("code 0: ")
+    return RelayRefused(reason, address)
 
 
 class StreamMode:
@@ -171,13 +194,15 @@ class RelaySession:
         config: SessionConfig,
         *,
         on_incoming: Callable[[Stream], None],
-        on_refused: Callable[[RelayRefused], Awaitable[None]] | None = None,
+        on_refused: Callable[[RelayRefused], Awaitable[bool]] | None = None,
         on_fatal: Callable[[str], Awaitable[None]] | None = None,
     ) -> None:
         self.config = config
         self._connect_quic = select_quic_backend(config.quic_backend).connect
         self._on_incoming = on_incoming
         self._on_refused = on_refused
+        """Called when the relay refuses us before we were ever accepted; True: stop
+        dialling (the owner is exiting), so nothing says "retrying"."""
         self._on_fatal = on_fatal
         """Called when start-up cannot succeed (registration refused before first contact)."""
         self._link: _Link | None = None
@@ -252,10 +277,12 @@ class RelaySession:
             try:
                 link = await self._connect_any()
             except _AllFailed as exc:
-                if exc.refused is not None and not self._ever_connected and self._on_refused:
-                    await self._on_refused(exc.refused)
+                refused = exc.refused if not self._ever_connected else None
+                if refused is not None and self._on_refused and await self._on_refused(refused):
+                    return  # the owner stops; run() ends when it cancels us
                 delay = backoff * random.uniform(0.8, 1.2)
-                level = logging.WARNING if attempt <= 3 or attempt % 10 == 0 else logging.DEBUG
+                loud = attempt <= 3 or attempt % 10 == 0 or exc.certificate
+                level = logging.WARNING if loud else logging.DEBUG
                 log.log(
                     level,
                     "session: no relay reachable; retrying",
@@ -367,7 +394,9 @@ class RelaySession:
             except _AllFailed as exc:
                 if quic_error is not None:
                     raise _AllFailed(
-                        f"QUIC: {quic_error}; TCP: {exc}", exc.refused or quic_error.refused
+                        f"QUIC: {quic_error}; TCP: {exc}",
+                        exc.refused or quic_error.refused,
+                        exc.certificate or quic_error.certificate,
                     ) from exc
                 raise
             if not self._on_tcp and cfg.transport == "auto":
@@ -403,6 +432,7 @@ class RelaySession:
         names = [f"{host}:{port}" for host, port in addresses]
         errors: list[str] = []
         refused: RelayRefused | None = None
+        certificate = False
         winner: _Link | None = None
         reported: set[int] = set()
         try:
@@ -418,6 +448,7 @@ class RelaySession:
                         reported.add(i)
                         if isinstance(exc, RelayRefused):
                             refused = exc
+                        certificate = certificate or isinstance(exc, CertificateError)
                         errors.append(f"{names[i]}: {exc}")
                         if len(addresses) > 1:
                             log.warning(
@@ -441,7 +472,7 @@ class RelaySession:
                     if link is not winner:
                         link.conn.close(0, "")
         if winner is None:
-            raise _AllFailed("; ".join(errors) or "no relay answered", refused)
+            raise _AllFailed("; ".join(errors) or "no relay answered", refused, certificate)
         if len(addresses) > 1:
             log.info("session: nearest-relay selected", extra=kv(addr=winner.address))
         return winner
@@ -474,7 +505,7 @@ class RelaySession:
             async with asyncio.timeout(self.config.hello_timeout):
                 frame = await reader.read_frame()
             if frame is None:
-                raise RelayRefused(f"relay {address} closed the control stream before HELLO_ACK")
+                raise RelayRefused("it closed the control stream before HELLO_ACK", address)
             if frame.type != FrameType.HELLO_ACK:
                 raise BrokenResourceError(
                     f"relay {address} answered HELLO with {frame_name(frame.type)}"
@@ -487,10 +518,7 @@ class RelaySession:
         except TransportError as exc:
             conn.close(0, "")
             if conn.close_reason and "closed locally" not in conn.close_reason:
-                raise RelayRefused(
-                    f"relay {address} closed the connection before HELLO_ACK "
-                    f"({conn.close_reason}); it did not accept our certificate or HELLO uri"
-                ) from exc
+                raise _refusal(address, conn.close_reason) from exc
             raise
         except BaseException:
             conn.close(0, "")
@@ -938,6 +966,10 @@ def stream_window(stream: ResumableStream) -> float:
 
 
 class _AllFailed(Exception):
-    def __init__(self, message: str, refused: RelayRefused | None) -> None:
+    def __init__(
+        self, message: str, refused: RelayRefused | None, certificate: bool = False
+    ) -> None:
         super().__init__(message)
         self.refused = refused
+        self.certificate = certificate
+        """A relay's certificate did not verify: worth a warning on every retry."""

@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
-from outrelay.observe.logging import LOG_LEVELS, KeyValueFormatter, kv, ms, setup_logging
+from outrelay.observe.logging import (
+    LOG_FORMATS,
+    LOG_LEVELS,
+    KeyValueFormatter,
+    kv,
+    ms,
+    setup_logging,
+)
 
-__all__ = ["LOG_LEVELS", "KeyValueFormatter", "kv", "ms", "setup_logging"]
+__all__ = ["LOG_FORMATS", "LOG_LEVELS", "KeyValueFormatter", "kv", "ms", "setup_logging"]

@@ -29,6 +29,8 @@ from outrelay.pki.issue import Issued as Issued
 from outrelay.pki.issue import create_ca as create_ca
 from outrelay.pki.issue import issue_agent as issue_agent
 from outrelay.pki.issue import issue_relay as issue_relay
+from outrelay.pki.selfcheck import IdentityCheckFailed as IdentityCheckFailed
+from outrelay.pki.selfcheck import check_own_identity as check_own_identity
 from outrelay.pki.verify import CertificateRejected as CertificateRejected
 from outrelay.pki.verify import ClientVerifier as ClientVerifier
 from outrelay.pki.verify import first_uri_san as first_uri_san
@@ -36,9 +38,11 @@ from outrelay.pki.verify import first_uri_san as first_uri_san
 __all__ = [
     "CertificateRejected",
     "ClientVerifier",
+    "IdentityCheckFailed",
     "Issued",
     "PkiError",
     "PrivateKey",
+    "check_own_identity",
     "create_ca",
     "first_uri_san",
     "issue_agent",

@@ -1,8 +1,10 @@
 """``outrelay-relay``: the relay's command line (spec 02 §1, embedded control plane).
 
 Exit codes follow the reference: 2 when ``--cert``/``--key``/``--ca`` is
-missing or a flag is malformed, 1 when TLS material, the policy file or the
-listen address is unusable, 0 for ``--version``/``--help`` and SIGINT/SIGTERM.
+missing or a flag value is malformed (addresses, ports, ``--log-format``,
+``--log-level``: ours, the reference falls back to text/info), with the reason
+on one line; 1 when TLS material, the policy file or the listen address is
+unusable, 0 for ``--version``/``--help`` and SIGINT/SIGTERM.
 """
 
 from __future__ import annotations
@@ -16,7 +18,14 @@ import sys
 from collections.abc import Sequence
 
 from outrelay import __version__
-from outrelay.cliutil import go_style_argv, parse_host_port
+from outrelay.cliutil import (
+    FlagError,
+    FlagParser,
+    add_log_flags,
+    flag_error,
+    go_style_argv,
+    parse_host_port,
+)
 from outrelay.observe import kv, setup_logging
 from outrelay.pki import PkiError, load_certificates, load_identity
 from outrelay.relay.policy import PolicyFileError, PolicyService, load_policy_file
@@ -42,7 +51,7 @@ SIGHUP re-reads the policy file.
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = FlagParser(
         prog="outrelay-relay",
         description=(
             "OutRelay relay: agents dial in over mTLS QUIC (ALPN orp/1); the relay splices a "
@@ -71,10 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--region", default="local", help="region label (default %(default)s)")
     p.add_argument("--policy", default="", help="JSON policy file; enables enforcement")
     p.add_argument("--audit", default="", help="append one JSON line per policy decision here")
-    p.add_argument("--log-format", default="text", help="text or json (default %(default)s)")
-    p.add_argument(
-        "--log-level", default="info", help="debug, info, warn or error (default %(default)s)"
-    )
+    add_log_flags(p)
     p.add_argument("--version", action="store_true", help="print the version and exit")
     return p
 
@@ -133,7 +139,11 @@ async def run_relay(config: RelayConfig, policy_path: str = "") -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(go_style_argv(sys.argv[1:] if argv is None else argv, parser))
+    words = go_style_argv(sys.argv[1:] if argv is None else argv, parser)
+    try:
+        args = parser.parse_args(words)
+    except FlagError as exc:
+        return flag_error(parser, words, str(exc), log)
     if args.version:
         print(__version__)
         return 0
@@ -144,23 +154,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         host, port = parse_host_port(args.listen, what="--listen")
+        listen_tcp = (
+            parse_host_port(args.listen_tcp, what="--listen-tcp") if args.listen_tcp else None
+        )
+        listen_forward = (
+            parse_host_port(args.listen_forward, what="--listen-forward")
+            if args.listen_forward
+            else None
+        )
     except ValueError as exc:
-        log.error(str(exc))
-        return 2
-    listen_tcp: tuple[str, int] | None = None
-    if args.listen_tcp:
-        try:
-            listen_tcp = parse_host_port(args.listen_tcp, what="--listen-tcp")
-        except ValueError as exc:
-            log.error(str(exc))
-            return 2
-    listen_forward: tuple[str, int] | None = None
-    if args.listen_forward:
-        try:
-            listen_forward = parse_host_port(args.listen_forward, what="--listen-forward")
-        except ValueError as exc:
-            log.error(str(exc))
-            return 2
+        return flag_error(parser, words, str(exc), log)
     try:
         load_identity(args.cert, args.key)
         load_certificates(args.ca)

@@ -72,6 +72,7 @@ from outrelay.transport import (
     serve_quic,
     serve_tcp,
 )
+from outrelay.transport.quic import close_phrase
 from outrelay.wire import ControlChannel, FrameReader, expect_message, frame_name
 
 __all__ = ["Relay", "RelayConfig"]
@@ -303,12 +304,12 @@ class Relay:
             identity = parse_identity(uri)
         except InvalidIdentity as exc:
             log.warning("reject conn: bad identity URI", extra=kv(remote=remote, err=str(exc)))
-            conn.close(0, "")
+            conn.close(0, close_phrase(f"bad client certificate: identity URI: {exc}"))
             return
         if isinstance(identity, RelayIdentity):
             # Inter-relay forwarding (spec 02 §10) is not part of this relay yet.
             log.warning("peer relay connections are not supported", extra=kv(uri=uri))
-            conn.close(0, "")
+            conn.close(0, "peer relay connections are not supported")
             return
         session = await self._hello(conn, uri, identity, remote)
         if session is None:
@@ -339,7 +340,7 @@ class Relay:
                 frame = await reader.read_frame()
         except TimeoutError:
             log.warning("HELLO timeout; closing", extra=kv(uri=uri, remote=remote))
-            conn.close(0, "")
+            conn.close(0, f"no HELLO within {self.config.hello_timeout:g}s")
             return None
         except (TransportError, OrpError) as exc:
             log.info("connection lost before HELLO", extra=kv(uri=uri, err=str(exc)))
@@ -351,14 +352,20 @@ class Relay:
             hello = expect_message(frame, FrameType.HELLO, HelloMessage)
         except OrpError as exc:
             log.warning("first ctrl frame is not HELLO; closing", extra=kv(uri=uri, err=str(exc)))
-            conn.close(0, "")
+            conn.close(0, "the first control frame is not HELLO")
             return None
         if hello.agent_uri != uri:
             log.warning(
                 "HELLO uri mismatch",
                 extra=kv(cert_uri=uri, hello_uri=hello.agent_uri, remote=remote),
             )
-            conn.close(0, "")
+            conn.close(
+                0,
+                close_phrase(
+                    f"HELLO uri mismatch: HELLO says {hello.agent_uri}, "
+                    f"the certificate's URI SAN is {uri}"
+                ),
+            )
             return None
         channel = ControlChannel(ctrl)
         accepted = RELAY_CAPABILITIES.intersection(hello.capabilities)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from outrelay.transport.base import (
     BrokenResourceError,
     BusyResourceError,
+    CertificateError,
     ClosedResourceError,
     Connection,
     PeerInfo,
@@ -33,6 +34,7 @@ __all__ = [
     "QUIC_BACKENDS",
     "BrokenResourceError",
     "BusyResourceError",
+    "CertificateError",
     "ClosedResourceError",
     "Connection",
     "PacketEndpoint",

@@ -12,6 +12,9 @@ Errors (trio's trio of them, see STYLE.md §1 "Errors"):
 * :class:`BrokenResourceError` -- the peer or the network broke it (stream
   reset, STOP_SENDING, connection lost); the detail is in ``__cause__``;
 * :class:`BusyResourceError` -- two tasks used one direction at once.
+
+:class:`CertificateError` is the broken handshake whose cause is the peer's
+certificate: the agent logs it on every retry, since only a person can fix it.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from cryptography import x509
 __all__ = [
     "BrokenResourceError",
     "BusyResourceError",
+    "CertificateError",
     "ClosedResourceError",
     "Connection",
     "PeerInfo",
@@ -60,6 +64,11 @@ class BrokenResourceError(TransportError):
     def __init__(self, *args: object, code: int | None = None) -> None:
         super().__init__(*args)
         self.code = code
+
+
+class CertificateError(BrokenResourceError):
+    """The handshake failed because the server's certificate does not verify
+    (wrong CA, expired or not yet valid, wrong name); the message says which."""
 
 
 class BusyResourceError(TransportError):

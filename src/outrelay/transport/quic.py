@@ -10,7 +10,11 @@ What aioquic does not do for us, and this module adds (DESIGN.md):
   a CertificateRequest and never verifies a client chain (it even accepts an
   empty Certificate). The server side flips the switch and verifies the
   chain itself with :class:`outrelay.pki.ClientVerifier` once the handshake
-  completes; a refused client gets CONNECTION_CLOSE with application code 0.
+  completes; a refused client gets CONNECTION_CLOSE with application code 0
+  and the reason as its reason phrase (``bad client certificate: ...``). With
+  TLS 1.3 the client has finished its handshake by then, so this close, not
+  a handshake failure, is what tells it; a reference relay sends an empty
+  reason.
 * **Receive backpressure.** aioquic raises a stream's receive window when
   bytes *arrive* (doubling without bound). We return credit when the
   application *consumes* bytes: the window is always ``consumed +
@@ -50,6 +54,7 @@ from outrelay.transport._chunks import take_chunks
 from outrelay.transport.base import (
     BrokenResourceError,
     BusyResourceError,
+    CertificateError,
     ClosedResourceError,
     Connection,
     PeerInfo,
@@ -107,6 +112,23 @@ keeps a loopback path busy; 100 streams x 1 MiB bounds what a peer can make
 us buffer on one connection."""
 SEND_BUFFER = 1 << 20
 """Unacknowledged bytes per stream before ``send_all`` waits."""
+CLOSE_REASON_MAX = 200
+"""Bytes of a CONNECTION_CLOSE reason phrase we send; it must fit one packet."""
+CRYPTO_ERROR = 0x100
+"""QUIC transport error codes 0x100-0x1ff carry a TLS alert (RFC 9001 §4.8)."""
+TLS_ALERTS = {
+    40: "handshake_failure",
+    42: "bad_certificate",
+    43: "unsupported_certificate",
+    44: "certificate_revoked",
+    45: "certificate_expired",
+    46: "certificate_unknown",
+    48: "unknown_ca",
+    80: "internal_error",
+    116: "certificate_required",
+    120: "no_application_protocol",
+}
+CERTIFICATE_ALERTS = frozenset({42, 43, 44, 45, 46, 48})
 MAX_DATAGRAM_SIZE = 1350
 """aioquic does no path-MTU discovery; 1350 B fits every common IPv4/IPv6
 path and is ~20 % faster than the 1200 B minimum (DESIGN.md)."""
@@ -372,6 +394,8 @@ class _QuicConnBase(Connection):
     _local_close: bool
     _close_reason: str
     _peer_close_code: int | None = None
+    _close_code: int | None = None
+    """The error code of the CONNECTION_CLOSE that ended the connection, if any."""
     _closed_event: asyncio.Event
     _peer: PeerInfo
     _on_closed: list[Callable[[], None]]
@@ -412,13 +436,13 @@ class _QuicConnBase(Connection):
             if stream is not None:
                 stream._on_stop_sending(event.error_code)
         elif isinstance(event, ev.ConnectionTerminated):
-            if not self._terminated and event.frame_type is None:
-                # An application CONNECTION_CLOSE from the peer (transport
-                # errors and idle timeouts carry a frame type or none of ours).
-                self._peer_close_code = event.error_code
-            reason = event.reason_phrase or ""
-            detail = f"code {event.error_code}" + (f": {reason}" if reason else "")
-            self._on_terminated(detail)
+            if not self._terminated:
+                self._close_code = event.error_code
+                if event.frame_type is None:
+                    # An application CONNECTION_CLOSE from the peer (transport
+                    # errors and idle timeouts carry a frame type).
+                    self._peer_close_code = event.error_code
+            self._on_terminated(describe_close(event.error_code, event.reason_phrase or ""))
 
     @property
     def peer(self) -> PeerInfo:
@@ -773,6 +797,40 @@ async def connect_quic(
     return await client_handshake(protocol, addr, f"{host}:{port}", handshake_timeout)
 
 
+def describe_close(code: int, reason: str) -> str:
+    """A CONNECTION_CLOSE for a log line: ``code 0: reason``, or with the TLS alert named."""
+    detail = f"code {code}"
+    if CRYPTO_ERROR <= code < CRYPTO_ERROR + 0x100:
+        alert = code - CRYPTO_ERROR
+        detail += f" (TLS alert {alert} {TLS_ALERTS.get(alert, 'unknown')})"
+    return detail + (f": {reason}" if reason else "")
+
+
+def handshake_failed(conn: _QuicConnBase, name: str, exc: BaseException) -> BrokenResourceError:
+    """The error for a client handshake that failed (aioquic's or qh3's).
+
+    A certificate alert during our handshake means that *we* rejected the
+    server's certificate (in TLS 1.3 the server judges ours after our
+    handshake is complete): :class:`CertificateError` with the library's reason,
+    e.g. ``unable to get local issuer certificate``.
+    """
+    code = conn._close_code
+    detail = conn._close_reason or repr(exc)
+    if code is not None and code - CRYPTO_ERROR in CERTIFICATE_ALERTS:
+        return CertificateError(
+            f"QUIC handshake with {name} failed: the server's certificate does not verify: {detail}"
+        )
+    return BrokenResourceError(f"QUIC handshake with {name} failed: {detail}")
+
+
+def close_phrase(reason: str) -> str:
+    """``reason`` cut to :data:`CLOSE_REASON_MAX` UTF-8 bytes, for a CONNECTION_CLOSE."""
+    data = reason.encode()
+    if len(data) <= CLOSE_REASON_MAX:
+        return reason
+    return data[: CLOSE_REASON_MAX - 3].decode(errors="ignore") + "..."
+
+
 async def resolve_udp(host: str, port: int, family: int = 0) -> tuple[int, Any]:
     """``(family, sockaddr)`` of ``host:port`` for a UDP socket.
 
@@ -804,8 +862,7 @@ async def client_handshake(
         ) from exc
     except Exception as exc:  # ConnectionError, TLS alerts, ValueError from aioquic
         conn.close(0, "")
-        detail = conn._close_reason or repr(exc)
-        raise BrokenResourceError(f"QUIC handshake with {name} failed: {detail}") from exc
+        raise handshake_failed(conn, name, exc) from exc
     except BaseException:
         # Cancelled (a losing connectivity check): the handshake must not
         # finish later into a live connection that nobody owns.
@@ -858,7 +915,7 @@ def server_protocol_factory(
             reason = str(getattr(exc, "reason", "") or exc)
             if on_refused is not None:
                 on_refused(conn.peer.address, reason)
-            conn.close(0, "")
+            conn.close(0, close_phrase(f"bad client certificate: {reason}"))
             return
         on_connection(conn)
 
@@ -908,7 +965,8 @@ async def serve_quic(
         verify_client: called with the client's leaf (None if it sent none) and
             chain; returns the identity (first URI SAN) or raises an exception
             whose ``reason`` (or str) is logged. Refused connections are closed
-            with application code 0 and an empty reason (spec 02 §2.2).
+            with application code 0 (spec 02 §2.2) and, ours, the reason as
+            the reason phrase: ``bad client certificate: <reason>``.
         on_connection: called synchronously with every accepted connection;
             ``conn.identity`` is set.
         on_refused: called with (peer address, reason) for refused clients.

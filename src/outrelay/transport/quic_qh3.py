@@ -69,6 +69,7 @@ from outrelay.transport.quic import (
     QuicTlsConfig,
     _fold_address,
     _QuicConnBase,
+    handshake_failed,
 )
 from outrelay.transport.udp import BatchDatagramTransport, defer_transmit
 
@@ -381,6 +382,5 @@ async def connect_quic_qh3(
         ) from exc
     except Exception as exc:  # ConnectionError, TLS alerts, errors from qh3
         conn.close(0, "")
-        detail = conn._close_reason or repr(exc)
-        raise BrokenResourceError(f"QUIC handshake with {host}:{port} failed: {detail}") from exc
+        raise handshake_failed(conn, f"{host}:{port}", exc) from exc
     return conn

@@ -57,6 +57,7 @@ from outrelay.transport._chunks import take_chunks
 from outrelay.transport.base import (
     BrokenResourceError,
     BusyResourceError,
+    CertificateError,
     ClosedResourceError,
     Connection,
     PeerInfo,
@@ -982,6 +983,13 @@ async def _dial(
             protocol.abort()
         raise BrokenResourceError(
             f"{what} connect to {host}:{port} timed out after {limit:g}s"
+        ) from exc
+    except ssl.SSLCertVerificationError as exc:
+        for protocol in made:
+            protocol.abort()
+        raise CertificateError(
+            f"{what} connect to {host}:{port} failed: the server's certificate does not "
+            f"verify: {exc.verify_message or _describe(exc)}"
         ) from exc
     except Exception as exc:
         for protocol in made:

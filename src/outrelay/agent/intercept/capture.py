@@ -105,7 +105,7 @@ def parse_dns_upstream(value: str) -> tuple[str, int] | str | None:
         return str(ipaddress.ip_address(text.strip("[]"))), 53
     except ValueError:
         pass
-    host, port = parse_host_port(text, what="--dns-upstream")
+    host, port = parse_host_port(text, what="--dns-upstream", port_zero=False)
     try:
         ipaddress.ip_address(host.split("%", 1)[0])
     except ValueError:
