@@ -252,8 +252,8 @@ class EndedPairs:
                 break
             entries.popitem(last=False)
 
-    def peer_of(self, stream_id: int, uri: str, now_ms: int) -> Member | None:
-        """The other end of ``stream_id`` as seen from the agent ``uri``, if recorded."""
+    def members(self, stream_id: int, now_ms: int) -> tuple[Member, Member] | None:
+        """Both ends of ``stream_id``, if a broken splice of it is remembered."""
         entry = self._entries.get(stream_id)
         if entry is None:
             return None
@@ -261,6 +261,14 @@ class EndedPairs:
         if now_ms - at >= self._ttl:
             del self._entries[stream_id]
             return None
+        return a, b
+
+    def peer_of(self, stream_id: int, uri: str, now_ms: int) -> Member | None:
+        """The other end of ``stream_id`` as seen from the agent ``uri``, if recorded."""
+        members = self.members(stream_id, now_ms)
+        if members is None:
+            return None
+        a, b = members
         if uri == a.uri:
             return b
         if uri == b.uri:

@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 from cryptography import x509
@@ -55,6 +56,16 @@ from outrelay.orp import (
 from outrelay.orp import Hello as HelloMessage
 from outrelay.pki import ClientVerifier, load_certificates
 from outrelay.relay.audit import AuditEvent, AuditLog
+from outrelay.relay.limits import (
+    CONTROL_BURST,
+    CONTROL_FRAMES_PER_SECOND,
+    MAX_CONTROL_FRAME,
+    MAX_PARKED_HALVES_PER_AGENT,
+    MAX_REGISTRATIONS_PER_AGENT,
+    MAX_SERVICE_NAME,
+    TokenBucket,
+)
+from outrelay.relay.outbox import ControlOutbox
 from outrelay.relay.pairs import AgentInstances, EndedPairs, Member, MigratedCache, PairTable
 from outrelay.relay.plane import ForwardPlane
 from outrelay.relay.policy import P2PMode, PolicyResult, PolicyService, RelayMode, combine_p2p
@@ -73,7 +84,7 @@ from outrelay.transport import (
     serve_tcp,
 )
 from outrelay.transport.quic import close_phrase
-from outrelay.wire import ControlChannel, FrameReader, expect_message, frame_name
+from outrelay.wire import FrameReader, expect_message, frame_name
 
 __all__ = ["Relay", "RelayConfig"]
 
@@ -109,6 +120,17 @@ async def _discard(stream: Stream) -> None:
     with contextlib.suppress(TransportError):
         while await stream.receive_some():
             pass
+
+
+def _registration_refusal(session: AgentSession, name: str) -> str:
+    """Why a REGISTER of ``name`` is refused ("" if it is not); bounds in ``relay.limits``."""
+    if len(name.encode()) > MAX_SERVICE_NAME:
+        return f"service name longer than {MAX_SERVICE_NAME} bytes"
+    if name not in session.registrations and len(session.registrations) >= (
+        MAX_REGISTRATIONS_PER_AGENT
+    ):
+        return f"more than {MAX_REGISTRATIONS_PER_AGENT} services on one connection"
+    return ""
 
 
 def _now_ms() -> int:
@@ -159,7 +181,8 @@ class AgentSession:
     uri: str
     tenant: str
     conn: Connection
-    ctrl: ControlChannel
+    ctrl: ControlOutbox
+    """Every write to this agent's control stream goes through its bounded queue."""
     reader: FrameReader
     """Reads the control stream; it may already hold bytes after HELLO."""
     connected_at: float = field(default_factory=time.monotonic)
@@ -169,6 +192,8 @@ class AgentSession:
     """The agent's process id from HELLO (``orp.CAP_INSTANCE``), "" if it sent none."""
     superseded: bool = False
     """A new process of the same agent said HELLO: this one's streams end for good."""
+    registrations: set[str] = field(default_factory=set)
+    """Service names this connection registered (bounded by MAX_REGISTRATIONS_PER_AGENT)."""
 
     @property
     def member(self) -> Member:
@@ -194,6 +219,10 @@ class Relay:
         """Stream ids of live splices whose policy forbids P2P: their offers are not forwarded."""
         self.matcher: ResumeMatcher[_HalfHandle] = ResumeMatcher()
         self.ended = EndedPairs()
+        self._parked: Counter[str] = Counter()
+        """Parked resume halves per agent URI (bounded by MAX_PARKED_HALVES_PER_AGENT)."""
+        self.refused_not_owner = 0
+        """Frames naming a stream of other agents (resume, checkpoint, migrate, candidates)."""
         self.instances = AgentInstances()
         self.audit = AuditLog(config.audit_file, logger=log)
         self._verifier = ClientVerifier(load_certificates(config.ca_file))
@@ -316,6 +345,7 @@ class Relay:
             return
         try:
             async with asyncio.TaskGroup() as tg:
+                writer = tg.create_task(session.ctrl.run())
                 control = tg.create_task(self._control_loop(session))
                 try:
                     while True:
@@ -325,6 +355,8 @@ class Relay:
                     pass
                 finally:
                     control.cancel()
+                    session.ctrl.close()
+                    writer.cancel()
                     self._teardown(session)
         finally:
             conn.close(0, "")
@@ -336,7 +368,7 @@ class Relay:
         try:
             async with asyncio.timeout(self.config.hello_timeout):
                 ctrl = await conn.accept_stream()
-                reader = FrameReader(ctrl)
+                reader = FrameReader(ctrl, max_frame=MAX_CONTROL_FRAME)
                 frame = await reader.read_frame()
         except TimeoutError:
             log.warning("HELLO timeout; closing", extra=kv(uri=uri, remote=remote))
@@ -367,7 +399,14 @@ class Relay:
                 ),
             )
             return None
-        channel = ControlChannel(ctrl)
+
+        def overflow(reason: str) -> None:
+            log.warning(
+                "agent not reading its control stream; closing", extra=kv(uri=uri, err=reason)
+            )
+            conn.close(0, close_phrase(reason))
+
+        channel = ControlOutbox(ctrl, on_overflow=overflow)
         accepted = RELAY_CAPABILITIES.intersection(hello.capabilities)
         session = AgentSession(
             uri=uri,
@@ -378,14 +417,9 @@ class Relay:
             capabilities=accepted,
             instance=hello.outrelay_instance if CAP_INSTANCE in accepted else "",
         )
-        try:
-            # Empty, like the reference's, unless the agent asked for something we do.
-            ack = HelloAck(accepted_features=sorted(accepted)) if accepted else None
-            await channel.send(FrameType.HELLO_ACK, ack)
-        except TransportError as exc:
-            log.info("connection lost during HELLO", extra=kv(uri=uri, err=str(exc)))
-            conn.close(0, "")
-            return None
+        # Empty, like the reference's, unless the agent asked for something we do.
+        ack = HelloAck(accepted_features=sorted(accepted)) if accepted else None
+        channel.post(FrameType.HELLO_ACK, ack)  # written once the connection's tasks run
         previous = self.agents.get(uri)
         self.agents[uri] = session
         log.info("agent connected", extra=kv(uri=uri, remote=remote))
@@ -436,6 +470,24 @@ class Relay:
                 )
                 half.handle.end_code = StreamEndCode.AGENT_GONE
                 half.handle.done.set_result(False)
+
+    def _owners(self, stream_id: int) -> tuple[str, str] | None:
+        """The URIs of a stream's two agents, if the relay knows them (live or broken splice)."""
+        pair = self.pairs.get(stream_id)
+        if pair is not None:
+            return pair.consumer_uri, pair.provider_uri
+        members = self.ended.members(stream_id, _now_ms())
+        if members is not None:
+            return members[0].uri, members[1].uri
+        return None
+
+    def _not_owner(self, session: AgentSession, frame_type: FrameType, stream_id: int) -> None:
+        """A frame naming a stream that ``session``'s agent is not a party to: log, count, drop."""
+        self.refused_not_owner += 1
+        log.warning(
+            "frame for another agent's stream refused",
+            extra=kv(uri=session.uri, type=frame_name(frame_type), stream_id=stream_id),
+        )
 
     def _end_code(self, broken: AgentSession, error: TransportError) -> int:
         """The code for resetting the other half of a splice when ``broken``'s half broke.
@@ -495,13 +547,22 @@ class Relay:
 
     async def _serve_control(self, session: AgentSession) -> None:
         reader = session.reader
+        loop = asyncio.get_running_loop()
+        bucket = TokenBucket(CONTROL_FRAMES_PER_SECOND, CONTROL_BURST, loop.time())
         while True:
             try:
                 frame = await reader.read_frame()
             except (TransportError, OrpError) as exc:
                 log.debug("ctrl reader stopped", extra=kv(uri=session.uri, err=str(exc)))
+                if isinstance(exc, OrpError):
+                    session.conn.close(0, close_phrase(f"bad control frame: {exc}"))
                 return
             if frame is None:
+                return
+            if not bucket.take(loop.time()):
+                reason = f"more than {CONTROL_FRAMES_PER_SECOND:g} control frames/s"
+                log.warning("agent control flood; closing", extra=kv(uri=session.uri, err=reason))
+                session.conn.close(0, reason)
                 return
             try:
                 await self._dispatch_control(session, frame.type, frame)
@@ -513,9 +574,16 @@ class Relay:
 
     async def _dispatch_control(self, session: AgentSession, frame_type: int, frame: Frame) -> None:
         if frame_type == FrameType.PING:
-            await session.ctrl.send(FrameType.PONG)
+            session.ctrl.post(FrameType.PONG)
         elif frame_type == FrameType.REGISTER:
             register = expect_message(frame, FrameType.REGISTER, Register)
+            refusal = _registration_refusal(session, register.service_name)
+            if refusal:
+                log.warning(
+                    "register rejected",
+                    extra=kv(uri=session.uri, name=register.service_name[:64], err=refusal),
+                )
+                return
             try:
                 service_id = self.registry.register(
                     session.tenant, register.service_name, session.uri, register.local_addr
@@ -523,12 +591,13 @@ class Relay:
             except RegistrationRejected as exc:
                 log.warning("register rejected", extra=kv(uri=session.uri, err=str(exc)))
                 return
-            await session.ctrl.send(FrameType.REGISTER_ACK, RegisterAck(service_id=service_id))
+            session.registrations.add(register.service_name)
+            session.ctrl.post(FrameType.REGISTER_ACK, RegisterAck(service_id=service_id))
             log.info("registered", extra=kv(name=register.service_name, agent=session.uri))
         elif frame_type == FrameType.OBSERVED_ADDR_QUERY:
             query = expect_message(frame, FrameType.OBSERVED_ADDR_QUERY, ObservedAddrQuery)
             host, port = session.conn.peer.address
-            await session.ctrl.send(
+            session.ctrl.post(
                 FrameType.OBSERVED_ADDR_RESP,
                 ObservedAddrResp(request_id=query.request_id, ip=host, port=port),
             )
@@ -541,6 +610,9 @@ class Relay:
         elif frame_type == FrameType.MIGRATE_TO_P2P:
             migrate = expect_message(frame, FrameType.MIGRATE_TO_P2P, MigrateToP2P)
             pair = self.pairs.get(migrate.stream_id)
+            if pair is not None and session.uri not in pair:
+                self._not_owner(session, FrameType.MIGRATE_TO_P2P, migrate.stream_id)
+                return
             consumer, provider = pair if pair is not None else (session.uri, "")
             if migrate.stream_id in self.p2p_forbidden:
                 log.warning(
@@ -566,10 +638,11 @@ class Relay:
             # path, so the offer goes no further and the offerer gets an
             # empty answer at once -- a reference agent then stays on the relay.
             log.info("p2p offer refused (p2p_mode forbidden)", extra=kv(stream_id=stream_id))
-            with contextlib.suppress(TransportError):
-                await session.ctrl.send(
-                    FrameType.CANDIDATE_ANSWER, CandidateAnswer(stream_id=stream_id)
-                )
+            session.ctrl.post(FrameType.CANDIDATE_ANSWER, CandidateAnswer(stream_id=stream_id))
+            return
+        if target_uri is None and self.pairs.get(stream_id) is not None:
+            # Ours: a stream belongs to its two agents; nobody else may speak for it.
+            self._not_owner(session, FrameType(frame.type), stream_id)
             return
         target = self.agents.get(target_uri) if target_uri else None
         if target is None:
@@ -577,8 +650,9 @@ class Relay:
                 log.debug("candidate forward: no peer", extra=kv(stream_id=stream_id))
             return
         data = encode_frame(frame.type, frame.payload, version=frame.version, flags=frame.flags)
-        with contextlib.suppress(TransportError):
-            await target.ctrl.send_raw(data)
+        # Never waits on the other agent: a full queue drops checkpoints (the next
+        # one supersedes) or closes *that* agent's connection.
+        target.ctrl.post_raw(data, droppable=frame.type == FrameType.STREAM_CHECKPOINT)
 
     # -- data streams (spec 02 §6) --------------------------------------------------------
 
@@ -627,6 +701,20 @@ class Relay:
             await stream.aclose()
             return
         sid = msg.stream_id
+        owners = self._owners(sid)
+        if owners is not None and session.uri not in owners:
+            # Ours: only the stream's own two agents may resume it (spec 02 §7.4
+            # pairs any two halves); the owners' streams are left untouched.
+            self._not_owner(session, FrameType(frame.type), sid)
+            stream.abort()
+            return
+        if self._parked[session.uri] >= MAX_PARKED_HALVES_PER_AGENT:
+            log.warning(
+                "resume half refused: too many parked halves",
+                extra=kv(stream_id=sid, uri=session.uri, limit=MAX_PARKED_HALVES_PER_AGENT),
+            )
+            stream.abort()
+            return
         peer_end = self.ended.peer_of(sid, session.uri, _now_ms())
         if peer_end is not None and self.instances.is_gone(peer_end):
             # Ours: the peer's process is gone; no half of it will ever come.
@@ -667,6 +755,7 @@ class Relay:
         peer = self.matcher.submit(half, _now_ms())
         if peer is None:
             log.debug("resume half parked", extra=kv(stream_id=sid, uri=session.uri))
+            self._parked[session.uri] += 1
             try:
                 async with asyncio.timeout(self.matcher.window_ms / 1000):
                     await asyncio.shield(handle.done)
@@ -679,6 +768,10 @@ class Relay:
                 if self.matcher.withdraw(half):
                     stream.abort()
                 raise
+            finally:
+                self._parked[session.uri] -= 1
+                if not self._parked[session.uri]:
+                    del self._parked[session.uri]
             if handle.done.result() is False:
                 stream.abort(handle.end_code)
             return  # matched: the other half's handler owns both streams now
@@ -878,8 +971,7 @@ class Relay:
             ready = StreamReady(stream_id=sid)
             if CAP_P2P_MODE in agent.capabilities:
                 ready.outrelay_p2p_mode = int(p2p_mode) + 1
-            with contextlib.suppress(TransportError):
-                await agent.ctrl.send(FrameType.STREAM_READY, ready)
+            await agent.ctrl.send(FrameType.STREAM_READY, ready)
         # A source that breaks (not a clean EOF) resets the other side, so
         # its agent resumes instead of taking a FIN for a finished stream.
         # (REQUIRED enforcement runs beside the splice, armed by the caller.)
@@ -911,28 +1003,19 @@ class Relay:
         a_c, a_p = plane.allocate_pair()
         endpoint = plane.endpoint
         try:
-            try:
-                await consumer.ctrl.send(
-                    FrameType.ALLOC_GRANTED,
-                    AllocGranted(
-                        stream_id=sid,
-                        my_allocation=a_c,
-                        peer_allocation=a_p,
-                        forward_endpoint=endpoint,
-                    ),
+            for agent, mine, theirs in ((consumer, a_c, a_p), (current_provider, a_p, a_c)):
+                grant = AllocGranted(
+                    stream_id=sid,
+                    my_allocation=mine,
+                    peer_allocation=theirs,
+                    forward_endpoint=endpoint,
                 )
-                await current_provider.ctrl.send(
-                    FrameType.ALLOC_GRANTED,
-                    AllocGranted(
-                        stream_id=sid,
-                        my_allocation=a_p,
-                        peer_allocation=a_c,
-                        forward_endpoint=endpoint,
-                    ),
-                )
-            except TransportError as exc:
-                log.info("alloc granted write failed", extra=kv(stream_id=sid, err=str(exc)))
-                return
+                if agent.ctrl.post(FrameType.ALLOC_GRANTED, grant) is None:
+                    log.info(
+                        "alloc granted write failed",
+                        extra=kv(stream_id=sid, err=agent.ctrl.dead or "queue full"),
+                    )
+                    return
             log.info(
                 "forward session",
                 extra=kv(stream_id=sid, consumer_alloc=a_c, provider_alloc=a_p, endpoint=endpoint),
