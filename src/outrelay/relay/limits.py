@@ -3,8 +3,9 @@
 Each bound is a named constant with its reason; the README lists them. Others live
 where they are enforced: the control queue in :mod:`outrelay.relay.outbox`
 (``QUEUE_MAX``, ``DROP_ABOVE``, ``WRITE_TIMEOUT``), concurrent data streams per
-connection in the transports (``MAX_INCOMING_STREAMS`` = 100, quic-go's default, on
-QUIC and yamux), parked resume halves and ended pairs in :mod:`outrelay.relay.pairs`.
+connection in the transports (``MAX_INCOMING_STREAMS``: 1,024 on QUIC, 100 on
+yamux), the records of broken splices and agent processes in
+:mod:`outrelay.relay.pairs`.
 
 Sans-IO: :class:`TokenBucket` takes ``now`` as an argument.
 """
@@ -40,9 +41,9 @@ MAX_SERVICE_NAME: Final = 253
 """Longest service name accepted, in bytes: a DNS name's limit (tproxy mode answers
 ``<service>.outrelay`` queries)."""
 MAX_PARKED_HALVES_PER_AGENT: Final = 1024
-"""Resume halves one agent URI may have waiting at once. An agent has at most 100
-streams per connection (the transports' limit), but a parked half outlives its
-connection for the resume window; ten reconnects' worth is generous."""
+"""Resume halves one agent URI may have waiting at once: as many as one connection
+may open streams (1,024 on QUIC). A parked half outlives its connection for the
+resume window, so without a cap reconnecting agents could pile them up."""
 
 
 class TokenBucket:

@@ -7,11 +7,15 @@ including another agent's control loop forwarding a checkpoint. Here nobody
 but this module's writer task ever waits on an agent's control stream:
 
 * :meth:`ControlOutbox.post` queues a whole frame and returns at once;
+* *pending* bytes are the queue's plus what the transport holds unacknowledged
+  for this stream (up to its own send buffer): together, what the agent has not
+  taken yet;
 * frames that a later one supersedes (STREAM_CHECKPOINT) are *droppable*: they
-  are dropped, and counted, once the queue holds :data:`DROP_ABOVE` bytes;
-* any frame that would take the queue past :data:`QUEUE_MAX` closes that
-  agent's connection with a reason (``on_overflow``): it is not reading, and
-  it must not cost the relay memory or anyone else time;
+  are dropped, and counted, once :data:`DROP_ABOVE` bytes are pending (the
+  first drop is logged through ``on_drop``);
+* any frame that would take the pending bytes past :data:`QUEUE_MAX` closes
+  that agent's connection with a reason (``on_overflow``): it is not reading,
+  and it must not cost the relay memory or anyone else time;
 * a write that stalls for ``write_timeout`` does the same.
 """
 
@@ -33,9 +37,10 @@ QUEUE_MAX: Final = 1 << 20
 """1 MiB of queued control frames per agent. A control frame is tens of bytes
 (a checkpoint ~30, STREAM_READY ~15, a candidate offer a few hundred), so this
 is tens of thousands of frames: only an agent that stopped reading gets there."""
-DROP_ABOVE: Final = 256 << 10
-"""Beyond 256 KiB queued, droppable frames (checkpoints) are dropped: the next
-checkpoint of the same stream carries newer positions anyway."""
+DROP_ABOVE: Final = 64 << 10
+"""Beyond 64 KiB pending (some 2,000 frames behind), droppable frames (checkpoints)
+are dropped: the next checkpoint of the same stream carries newer positions anyway,
+and an agent that reads its control stream is never this far behind."""
 WRITE_TIMEOUT: Final = 10.0
 """A control-stream write that makes no progress for 10 s closes the agent's connection."""
 SEND_WAIT: Final = 1.0
@@ -58,12 +63,14 @@ class ControlOutbox:
         stream: Stream,
         *,
         on_overflow: Callable[[str], None],
+        on_drop: Callable[[str], None] | None = None,
         max_bytes: int = QUEUE_MAX,
         drop_above: int = DROP_ABOVE,
         write_timeout: float = WRITE_TIMEOUT,
     ) -> None:
         self.stream = stream
         self._on_overflow = on_overflow
+        self._on_drop = on_drop
         self._max = max_bytes
         self._drop_above = drop_above
         self._write_timeout = write_timeout
@@ -88,11 +95,14 @@ class ControlOutbox:
         """Queue pre-encoded frame bytes (see :meth:`post`)."""
         if self._dead is not None:
             return None
-        if droppable and self._bytes + len(data) > self._drop_above:
+        pending = self._bytes + self.stream.unsent_bytes + len(data)
+        if droppable and pending > self._drop_above:
             self._dropped += 1
+            if self._dropped == 1 and self._on_drop is not None:
+                self._on_drop(f"{pending - len(data)} bytes pending; dropping checkpoints")
             return None
-        if self._bytes + len(data) > self._max:
-            self._fail(f"control stream not read: {self._bytes} bytes queued")
+        if pending > self._max:
+            self._fail(f"control stream not read: {pending - len(data)} bytes pending")
             return None
         self._posted += 1
         self._queue.append((self._posted, data))

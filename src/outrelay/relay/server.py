@@ -406,7 +406,10 @@ class Relay:
             )
             conn.close(0, close_phrase(reason))
 
-        channel = ControlOutbox(ctrl, on_overflow=overflow)
+        def dropping(reason: str) -> None:
+            log.warning("agent slow to read its control stream", extra=kv(uri=uri, err=reason))
+
+        channel = ControlOutbox(ctrl, on_overflow=overflow, on_drop=dropping)
         accepted = RELAY_CAPABILITIES.intersection(hello.capabilities)
         session = AgentSession(
             uri=uri,
