@@ -159,6 +159,7 @@ class ControlOutbox:
         self._dead = reason
         self._queue.clear()
         self._bytes = 0
+        self.stream.abort()  # wakes a writer blocked on the stream
         self._wakeup.set()
         self._progress.set()
         self._on_overflow(reason)
