@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from outrelay.agent.resumable import ABORTED, ResumableStream
 from outrelay.observe import kv
-from outrelay.orp import StreamEndCode, end_code_name
+from outrelay.orp import StreamEndCode, end_code_name, is_final
 from outrelay.splice import SpliceResult, splice
 from outrelay.transport import BrokenResourceError, Stream, TransportError
 
@@ -108,18 +108,25 @@ class AccessLog:
 
 
 def outcome_of(result: SpliceResult, relay: Stream, local: str) -> str:
-    """``closed``, ``reset_by_<local>``, ``reset_by_peer_<code>``, ``lost`` or ``aborted``."""
-    up, down = result.a_to_b, result.b_to_a  # local -> relay, relay -> local
-    if up.read_error is not None or down.write_error is not None:
-        return f"reset_by_{local}"
-    error = down.read_error or up.write_error
-    if error is None:
-        return "closed"
+    """``closed``, ``reset_by_<local>``, ``reset_by_peer_<code>``, ``lost`` or ``aborted``.
+
+    The relay stream's own record decides first: once the peer ended it, our
+    side's socket is reset by us, and whichever copy direction noticed first
+    does not change who ended the stream.
+    """
     end_code = relay.end_code if isinstance(relay, ResumableStream) else None
+    up, down = result.a_to_b, result.b_to_a  # local -> relay, relay -> local
+    error = down.read_error or up.write_error
     if end_code is None and isinstance(error, BrokenResourceError):
         end_code = error.code
-    if end_code in (StreamEndCode.APPLICATION_CLOSED, StreamEndCode.AGENT_GONE):
+    if is_final(end_code):
         return f"reset_by_peer_{end_code_name(end_code)}"
+    if isinstance(up.read_error, BrokenResourceError) or isinstance(
+        down.write_error, BrokenResourceError
+    ):
+        return f"reset_by_{local}"
+    if error is None and up.clean and down.clean:
+        return "closed"
     if isinstance(relay, ResumableStream) and relay.lost_reason not in (None, ABORTED):
         return "lost"
     return "aborted"
