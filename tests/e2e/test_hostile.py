@@ -29,11 +29,13 @@ from pathlib import Path
 import pytest
 
 from outrelay.orp import (
+    Candidate,
     CandidateOffer,
     FrameType,
     Hello,
     MigrateToP2P,
     OpenStream,
+    Register,
     StreamCheckpoint,
     StreamResume,
     decode_message,
@@ -85,6 +87,7 @@ class RawAgent:
         self.ctrl = ctrl
         self.ready: dict[int, asyncio.Future[None]] = {}
         self.checkpoints: dict[int, list[float]] = {}
+        self._ctrl_lock = asyncio.Lock()
         self._reader = asyncio.get_running_loop().create_task(self._read_ctrl())
 
     @classmethod
@@ -125,7 +128,8 @@ class RawAgent:
         return sid, stream
 
     async def send_ctrl(self, frame_type: FrameType, message: object) -> None:
-        await self.ctrl.send_all(encode_message(frame_type, message))  # type: ignore[arg-type]
+        async with self._ctrl_lock:  # whole frames, one writer at a time
+            await self.ctrl.send_all(encode_message(frame_type, message))  # type: ignore[arg-type]
 
     async def close(self) -> None:
         self._reader.cancel()
@@ -153,81 +157,137 @@ async def echo_loop(stream: Stream, seconds: float, chunk: int = 16 * KiB) -> in
 
 BAD_CONSUMER = textwrap.dedent(
     """
-    import asyncio, os, sys, time
+    import asyncio, sys
     import outrelay.transport.quic as quic
-    quic.STREAM_WINDOW = 4096  # tiny receive windows: the relay's ctrl writes block at once
+    quic.STREAM_WINDOW = 4096  # a tiny receive window: the relay's ctrl writes back up at once
     from outrelay.orp import FrameType, Hello, OpenStream, encode_message
     from outrelay.transport import QuicTlsConfig
 
-    async def main(host, port, cert, key, ca, uri, service, streams, seconds):
+    async def main(host, port, cert, key, ca, uri, service, sid, seconds):
         conn = await quic.connect_quic(host, int(port), QuicTlsConfig(cert, key, ca))
         ctrl = await conn.open_stream()
         hello = Hello(protocol_version="orp/1", agent_uri=uri)
         await ctrl.send_all(encode_message(FrameType.HELLO, hello))
         # ctrl is never read from here on
-        block = os.urandom(4096)
-        deadline = time.monotonic() + float(seconds)
-
-        async def pump(i):
-            s = await conn.open_stream()
-            open_stream = OpenStream(target_service=service, stream_id=1000 + i)
-            await s.send_all(encode_message(FrameType.OPEN_STREAM, open_stream))
-            try:
-                while time.monotonic() < deadline:
-                    await s.send_all(block)
-                    got = 0
-                    while got < len(block):
-                        got += len(await s.receive_some(65536))
-                    await asyncio.sleep(0.01)
-            except Exception:
-                pass
-
-        await asyncio.gather(*(pump(i) for i in range(int(streams))))
-        print("bad consumer done", flush=True)
+        s = await conn.open_stream()
+        open_stream = OpenStream(target_service=service, stream_id=int(sid))
+        await s.send_all(encode_message(FrameType.OPEN_STREAM, open_stream))
+        print("bad consumer opened", flush=True)
+        await asyncio.sleep(float(seconds))
 
     asyncio.run(main(*sys.argv[1:]))
     """
 )
 
 
+class RawProvider:
+    """A provider that echoes every stream, checkpoints the ones it is told to, and can
+    send large CANDIDATE_OFFERs (a few KiB each) for a stream: many candidates."""
+
+    def __init__(self, agent: RawAgent) -> None:
+        self.agent = agent
+        self.opened: dict[int, str] = {}
+        """Stream id -> consumer URI, from INCOMING_STREAM."""
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._new_stream = asyncio.Event()
+        self._accept = asyncio.get_running_loop().create_task(self._accept_loop())
+
+    async def _accept_loop(self) -> None:
+        with contextlib.suppress(TransportError):
+            while True:
+                stream = await self.agent.conn.accept_stream()  # type: ignore[attr-defined]
+                task = asyncio.get_running_loop().create_task(self._serve(stream))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+
+    async def _serve(self, stream: Stream) -> None:
+        reader = FrameReader(stream)
+        with contextlib.suppress(TransportError):
+            frame = await reader.read_frame()
+            assert frame is not None and frame.type == FrameType.INCOMING_STREAM
+            incoming = decode_message(frame)
+            await stream.send_all(encode_message(FrameType.STREAM_ACCEPT))
+            self.opened[int(incoming.stream_id)] = str(incoming.source_agent_uri)  # type: ignore[union-attr]
+            self._new_stream.set()
+            data = reader.take_leftover()
+            while True:
+                if data:
+                    await stream.send_all(data)
+                data = await stream.receive_some()
+                if not data:
+                    break
+
+    async def wait_opened(self, sid: int) -> None:
+        while sid not in self.opened:
+            self._new_stream.clear()
+            await self._new_stream.wait()
+
+    async def checkpoints(self, sid: int, seconds: float) -> None:
+        """STREAM_CHECKPOINT for ``sid`` every 100 ms, as our agents do."""
+        deadline = time.monotonic() + seconds
+        position = 0
+        while time.monotonic() < deadline:
+            position += 1
+            await self.agent.send_ctrl(
+                FrameType.STREAM_CHECKPOINT,
+                StreamCheckpoint(stream_id=sid, my_position=position, peer_ack_position=position),
+            )
+            await asyncio.sleep(0.1)
+
+    async def offers(self, sid: int, total: int) -> None:
+        """``total`` bytes of CANDIDATE_OFFERs for ``sid``, ~8 KiB each."""
+        offer = CandidateOffer(
+            stream_id=sid,
+            candidates=[
+                Candidate(kind="host", ip=f"10.0.{i // 250}.{i % 250}", port=40000 + i)
+                for i in range(400)
+            ],
+        )
+        sent = 0
+        while sent < total:
+            await self.agent.send_ctrl(FrameType.CANDIDATE_OFFER, offer)
+            sent += offer.ByteSize()
+            await asyncio.sleep(0.005)
+
+    async def close(self) -> None:
+        self._accept.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+        await self.agent.close()
+
+
 @pytest.mark.timeout(120)
 async def test_a_consumer_that_never_reads_its_control_stream_stalls_nobody(
-    cluster: Cluster, pki: Pki, backends: Backends
+    cluster: Cluster, pki: Pki
 ) -> None:
     relay = cluster.start_relay()
-    echo = backends.echo()
-    cluster.start_agent(pki.agent(0), relay, expose={"svc": echo.addr})
+    provider = RawProvider(await RawAgent.connect(relay, pki.agent(0), pki.ca_cert))
+    await provider.agent.send_ctrl(FrameType.REGISTER, Register(service_name="svc"))
     observer = await RawAgent.connect(relay, pki.agent(1), pki.ca_cert)
     bad_ident = issue_identity(pki, "bad-consumer")
+    bad_sid = secrets.randbits(63) | 1
     try:
+        await asyncio.sleep(0.5)  # REGISTER handled
         sid, stream = await observer.open("svc")
-        await echo_loop(stream, 1.0)  # warm up: checkpoints flow
+        host, port = relay.addr.rsplit(":", 1)
+        identity = [str(bad_ident.cert), str(bad_ident.key), str(pki.ca_cert), bad_ident.uri]
+        argv = [sys.executable, "-c", BAD_CONSUMER, host, port, *identity, "svc", str(bad_sid)]
         bad = subprocess.Popen(  # noqa: ASYNC220 - started once; it never blocks the loop
-            [
-                sys.executable,
-                "-c",
-                BAD_CONSUMER,
-                *relay.addr.rsplit(":", 1),
-                str(bad_ident.cert),
-                str(bad_ident.key),
-                str(pki.ca_cert),
-                bad_ident.uri,
-                "svc",
-                "40",
-                "14",
-            ],
+            [*argv, "20"],
             env=child_env(),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
         )
         try:
+            async with asyncio.timeout(15):
+                await provider.wait_opened(bad_sid)
             started = time.monotonic()
-            echoed = await echo_loop(stream, 13.0)
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(provider.checkpoints(sid, 12.0))
+                tg.create_task(provider.offers(bad_sid, 4 << 20))
+                echoed = await echo_loop(stream, 12.0)
         finally:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                bad.wait(timeout=15)
-            if bad.poll() is None:
-                bad.kill()
+            bad.kill()
             out = bad.communicate(timeout=5)[0].decode(errors="replace")
         times = [t for t in observer.checkpoints.get(sid, []) if t >= started]
         gaps = [b - a for a, b in itertools.pairwise(times)]
@@ -236,12 +296,16 @@ async def test_a_consumer_that_never_reads_its_control_stream_stalls_nobody(
             f"\nobserver: {echoed // KiB} KiB echoed, {len(times)} checkpoints from the provider"
             f" while the bad consumer ran; longest gap {longest * 1000:.0f} ms"
         )
-        assert len(times) >= 50, f"only {len(times)} checkpoints in 13 s\n{out}"
+        assert len(times) >= 80, f"only {len(times)} checkpoints in 12 s\n{out}"
         assert longest < 1.0, f"the provider's checkpoints stalled {longest:.1f}s"
-        # The relay dropped the bad consumer's own checkpoints instead of waiting on it.
-        relay.wait_for("agent slow to read its control stream", uri=bad_ident.uri, timeout=5)
+        # The relay closed the bad consumer's connection, with the reason.
+        rec = relay.wait_for(
+            "agent not reading its control stream; closing", uri=bad_ident.uri, timeout=5
+        )
+        assert "not read" in str(rec.get("err", "")), rec
     finally:
         await observer.close()
+        await provider.close()
 
 
 @pytest.mark.timeout(60)
