@@ -349,3 +349,46 @@ async def test_frames_naming_another_agents_stream_change_nothing(
     finally:
         await owner.close()
         await squatter.close()
+
+
+@pytest.mark.timeout(90)
+async def test_a_squatter_cannot_claim_a_stream_after_a_relay_restart(
+    cluster: Cluster, pki: Pki, backends: Backends
+) -> None:
+    """The restarted relay has no record of the stream; our agents name their peer in
+    STREAM_RESUME, so a half from anyone else is never paired with theirs."""
+    relay = cluster.start_relay()
+    echo = backends.echo()
+    cluster.start_agent(pki.agent(0), relay, expose={"svc": echo.addr})
+    consumer = cluster.start_agent(pki.agent(1), relay, consume=["svc"])
+    squatter_ident = issue_identity(pki, "squatter-2")
+    reader, writer = await asyncio.open_connection("127.0.0.1", consumer.port("svc"))
+    try:
+        writer.write(b"before")
+        assert await asyncio.wait_for(reader.readexactly(6), 10) == b"before"
+        opened = consumer.wait_for("session: stream opened", svc="svc", timeout=5)
+        sid = int(opened["stream_id"])
+        port = int(relay.addr.rsplit(":", 1)[1])
+        relay.kill()
+        relay2 = cluster.start_relay(port=port, name="relay-restarted")
+        squatter = await RawAgent.connect(relay2, squatter_ident, pki.ca_cert)
+        claim = await squatter.conn.open_stream()  # type: ignore[attr-defined]
+        await claim.send_all(
+            encode_message(
+                FrameType.STREAM_RESUME,
+                StreamResume(stream_id=sid, my_position=0, peer_ack_position=0),
+            )
+        )
+        writer.write(b"after")  # stalls until the stream is resumed by its own agents
+        assert await asyncio.wait_for(reader.readexactly(5), 30) == b"after"
+        relay2.wait_for("stream resumed", stream_id=sid, timeout=5)
+        relay2.wait_for(
+            "frame for another agent's stream refused", uri=squatter_ident.uri, timeout=5
+        )
+        with pytest.raises(TransportError):
+            async with asyncio.timeout(5):
+                while await claim.receive_some():
+                    pass  # never echoed: reset
+        await squatter.close()
+    finally:
+        writer.close()

@@ -94,6 +94,8 @@ EXTENSION_FIELD_MIN = 100
 OUR_EXTENSIONS = [
     ("StreamReady", "outrelay_p2p_mode", 100, FieldDescriptor.TYPE_UINT32, False),
     ("Hello", "outrelay_instance", 100, FieldDescriptor.TYPE_STRING, False),
+    ("StreamResume", "outrelay_peer_uri", 100, FieldDescriptor.TYPE_STRING, False),
+    ("StreamReady", "outrelay_peer_uri", 101, FieldDescriptor.TYPE_STRING, False),
 ]
 
 

@@ -83,6 +83,7 @@ def resume_frame(stream: ResumableStream) -> bytes:
             stream_id=stream.stream_id,
             my_position=stream.positions.sent,
             peer_ack_position=stream.positions.received,
+            outrelay_peer_uri=stream.peer_uri,
         ),
     )
 
@@ -154,6 +155,8 @@ class ResumableStream(Stream):
         self.checkpointed = False
         """True once the peer has acknowledged anything for this stream."""
         self.resumes = 0
+        self.peer_uri = ""
+        """The other agent's URI when known (``orp.CAP_RESUME_PEER``): named in STREAM_RESUME."""
         self.path = "relay"
         """``relay``, or ``direct`` after a P2P migration (for logs)."""
         self._inner: Stream | None = inner

@@ -41,6 +41,7 @@ from outrelay.orp import (
     CAP_INSTANCE,
     CAP_P2P_MODE,
     CAP_P2P_RESUME_V2,
+    CAP_RESUME_PEER,
     MESSAGE_TYPES,
     CandidateAnswer,
     CandidateOffer,
@@ -497,7 +498,7 @@ class RelaySession:
                 Hello(
                     protocol_version="orp/1",
                     agent_uri=self.config.uri,
-                    capabilities=[*self.config.capabilities, CAP_INSTANCE],
+                    capabilities=[*self.config.capabilities, CAP_INSTANCE, CAP_RESUME_PEER],
                     outrelay_instance=self.instance,
                 ),
             )
@@ -621,6 +622,12 @@ class RelaySession:
                 and (sid in self._active_ids or sid in self._mode_waiters)
             ):
                 self._p2p_modes[sid] = message.outrelay_p2p_mode
+            if (
+                isinstance(message, StreamReady)
+                and message.outrelay_peer_uri
+                and (sid in self._active_ids or sid in self._mode_waiters)
+            ):
+                self._peers[sid] = message.outrelay_peer_uri  # the consumer learns its provider
             self._deliver_mode(sid, StreamMode.SPLICE)
         elif frame_type == FrameType.ALLOC_GRANTED:
             if not isinstance(message, AllocGrantedMessage):
@@ -769,6 +776,7 @@ class RelaySession:
 
     def untrack(self, stream_id: int) -> None:
         self._active_ids.discard(stream_id)
+        self._peers.pop(stream_id, None)
         self._grants.pop(stream_id, None)
         self._p2p_modes.pop(stream_id, None)
 
@@ -804,6 +812,7 @@ class RelaySession:
         wrapped = ResumableStream(
             stream_id, inner, on_broken=self._on_broken, prefix=prefix, window=self.resume_window
         )
+        wrapped.peer_uri = self._peers.get(stream_id, "")
         previous = self._streams.get(stream_id)
         if previous is not None:
             log.warning(

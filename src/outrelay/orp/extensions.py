@@ -28,6 +28,7 @@ __all__ = [
     "CAP_INSTANCE",
     "CAP_P2P_MODE",
     "CAP_P2P_RESUME_V2",
+    "CAP_RESUME_PEER",
     "FINAL_CODES",
     "RELAY_CAPABILITIES",
     "StreamEndCode",
@@ -78,5 +79,10 @@ CAP_INSTANCE: Final = "instance"
 """HELLO capability: ``Hello.outrelay_instance`` names this agent process. When an agent's
 URI comes back with another instance, our relay ends the streams of the old one at once
 (code ``AGENT_GONE``) instead of parking them for the resume window; echoed in HELLO_ACK."""
-RELAY_CAPABILITIES: Final = frozenset({CAP_P2P_MODE, CAP_INSTANCE})
+CAP_RESUME_PEER: Final = "resume-peer"
+"""HELLO capability: STREAM_READY tells the agent its peer's URI
+(``StreamReady.outrelay_peer_uri``), and the agent names that peer in every
+STREAM_RESUME (``StreamResume.outrelay_peer_uri``), so our relay pairs a resume half
+only with its own peer's, even after a restart that lost all records of the stream."""
+RELAY_CAPABILITIES: Final = frozenset({CAP_P2P_MODE, CAP_INSTANCE, CAP_RESUME_PEER})
 """The HELLO capabilities our relay acts on and echoes in ``accepted_features``."""

@@ -42,6 +42,19 @@ class Half(Generic[T]):
     handle: T
     """Whatever the shell needs to finish the job (its stream, a future...)."""
     deadline_ms: int = field(default=0)
+    expected_peer: str = ""
+    """Ours: the agent URI this half names as its peer (``StreamResume.outrelay_peer_uri``);
+    "" from a reference agent."""
+
+    def fits(self, other: Half[T]) -> bool:
+        """Could ``self`` and ``other`` be the two halves of one stream?
+
+        Each half that names its peer must name the other's agent; a half that
+        names nobody (a reference agent) accepts anyone, as in the reference.
+        """
+        return (not self.expected_peer or self.expected_peer == other.agent_uri) and (
+            not other.expected_peer or other.expected_peer == self.agent_uri
+        )
 
 
 class ResumeMatcher(Generic[T]):

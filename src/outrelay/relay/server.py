@@ -28,6 +28,7 @@ from outrelay.observe import kv
 from outrelay.orp import (
     CAP_INSTANCE,
     CAP_P2P_MODE,
+    CAP_RESUME_PEER,
     RELAY_CAPABILITIES,
     AllocGranted,
     CandidateAnswer,
@@ -734,7 +735,13 @@ class Relay:
             )
         handle = _HalfHandle(session, stream, leftover, asyncio.get_running_loop().create_future())
         half: Half[_HalfHandle] = Half(
-            sid, kind, msg.my_position, msg.peer_ack_position, session.uri, handle
+            sid,
+            kind,
+            msg.my_position,
+            msg.peer_ack_position,
+            session.uri,
+            handle,
+            expected_peer=getattr(msg, "outrelay_peer_uri", ""),
         )
         stale = self.matcher.pending(sid)
         if stale is not None and stale.handle.session.tenant != session.tenant:
@@ -753,6 +760,17 @@ class Relay:
             # Its agent lost that connection and came back: the new half replaces
             # it. Pairing an agent's half with its own older one would echo the
             # agent its own positions.
+            self.matcher.withdraw(stale)
+            stale.handle.done.set_result(False)
+        elif stale is not None and not stale.fits(half):
+            # Ours: the halves name other peers, so one of them is not the stream's.
+            if stale.expected_peer and stale.expected_peer != session.uri:
+                self._not_owner(session, FrameType(frame.type), sid)  # the parked one stays
+                stream.abort()
+                return
+            # The parked half named nobody, or named us while we name someone
+            # else: it is the intruder (or a reference agent's); ours replaces it.
+            self._not_owner(stale.handle.session, FrameType(frame.type), sid)
             self.matcher.withdraw(stale)
             stale.handle.done.set_result(False)
         peer = self.matcher.submit(half, _now_ms())
@@ -974,6 +992,8 @@ class Relay:
             ready = StreamReady(stream_id=sid)
             if CAP_P2P_MODE in agent.capabilities:
                 ready.outrelay_p2p_mode = int(p2p_mode) + 1
+            if CAP_RESUME_PEER in agent.capabilities:
+                ready.outrelay_peer_uri = provider.uri if agent is consumer else consumer.uri
             await agent.ctrl.send(FrameType.STREAM_READY, ready)
         # A source that breaks (not a clean EOF) resets the other side, so
         # its agent resumes instead of taking a FIN for a finished stream.

@@ -87,14 +87,16 @@ class StreamCheckpoint(_message.Message):
     def __init__(self, stream_id: _Optional[int] = ..., my_position: _Optional[int] = ..., peer_ack_position: _Optional[int] = ...) -> None: ...
 
 class StreamResume(_message.Message):
-    __slots__ = ("stream_id", "my_position", "peer_ack_position")
+    __slots__ = ("stream_id", "my_position", "peer_ack_position", "outrelay_peer_uri")
     STREAM_ID_FIELD_NUMBER: _ClassVar[int]
     MY_POSITION_FIELD_NUMBER: _ClassVar[int]
     PEER_ACK_POSITION_FIELD_NUMBER: _ClassVar[int]
+    OUTRELAY_PEER_URI_FIELD_NUMBER: _ClassVar[int]
     stream_id: int
     my_position: int
     peer_ack_position: int
-    def __init__(self, stream_id: _Optional[int] = ..., my_position: _Optional[int] = ..., peer_ack_position: _Optional[int] = ...) -> None: ...
+    outrelay_peer_uri: str
+    def __init__(self, stream_id: _Optional[int] = ..., my_position: _Optional[int] = ..., peer_ack_position: _Optional[int] = ..., outrelay_peer_uri: _Optional[str] = ...) -> None: ...
 
 class ObservedAddrQuery(_message.Message):
     __slots__ = ("request_id",)
@@ -177,9 +179,11 @@ class AllocGranted(_message.Message):
     def __init__(self, stream_id: _Optional[int] = ..., my_allocation: _Optional[int] = ..., peer_allocation: _Optional[int] = ..., forward_endpoint: _Optional[str] = ...) -> None: ...
 
 class StreamReady(_message.Message):
-    __slots__ = ("stream_id", "outrelay_p2p_mode")
+    __slots__ = ("stream_id", "outrelay_p2p_mode", "outrelay_peer_uri")
     STREAM_ID_FIELD_NUMBER: _ClassVar[int]
     OUTRELAY_P2P_MODE_FIELD_NUMBER: _ClassVar[int]
+    OUTRELAY_PEER_URI_FIELD_NUMBER: _ClassVar[int]
     stream_id: int
     outrelay_p2p_mode: int
-    def __init__(self, stream_id: _Optional[int] = ..., outrelay_p2p_mode: _Optional[int] = ...) -> None: ...
+    outrelay_peer_uri: str
+    def __init__(self, stream_id: _Optional[int] = ..., outrelay_p2p_mode: _Optional[int] = ..., outrelay_peer_uri: _Optional[str] = ...) -> None: ...
