@@ -773,7 +773,7 @@ class Relay:
             await self._reject(c_stream, RejectCode.FORBIDDEN, f"denied: {caller_side.reason}")
             return
 
-        binding = self.registry.resolve(consumer.tenant, target)
+        binding = self.registry.resolve(consumer.tenant, target, self.agents.__contains__)
         provider = self.agents.get(binding.agent_uri) if binding is not None else None
         if provider is None:
             log.info("open rejected: service not found", extra=fields)
