@@ -145,9 +145,11 @@ class Topology:
         assert ask(self.consumer, b"ping") == tag + b":ping"
 
 
-def read_audit(path: Path, predicate: Callable[[dict[str, Any]], bool]) -> list[dict[str, Any]]:
-    """The audit lines matching ``predicate``, polled until one shows up (10 s)."""
-    deadline = time.monotonic() + 10
+def read_audit(
+    path: Path, predicate: Callable[[dict[str, Any]], bool], wait: float = 10.0
+) -> list[dict[str, Any]]:
+    """The audit lines matching ``predicate``, polled until one shows up (``wait`` seconds)."""
+    deadline = time.monotonic() + wait
     while True:
         lines = (
             [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
@@ -240,9 +242,14 @@ def test_provide_rules_reload_on_sighup(
     cluster: Cluster, backends: Backends, pki: Pki, taker_identity: Identity, tmp_path: Path
 ) -> None:
     policy = write_policy(tmp_path / "policy.json", ALLOW_OPENS)
-    top = Topology(cluster, backends, pki, taker_identity, policy=policy)
+    audit = tmp_path / "audit.jsonl"
+    top = Topology(cluster, backends, pki, taker_identity, policy=policy, audit=audit)
     top.relay.wait_for("policy loaded", rules=1, provide_rules=0)
     top.assert_served_by(b"original")
+    # No provide rule covers the name: the registration involved no rule, so the audit has the
+    # open's two decisions and nothing about providing (as before provide rules existed).
+    assert len(read_audit(audit, lambda a: a.get("side") == "callee")) == 1
+    assert not read_audit(audit, lambda a: a.get("side") == "provide", wait=0)
 
     # Lock the name to the original provider.
     only_original = {

@@ -731,6 +731,10 @@ TAKER = "outrelay://acme/agent/22222222-2222-2222-2222-222222222222"
 OTHER_TENANT = "outrelay://other/agent/33333333-3333-3333-3333-333333333333"
 
 
+OPEN = ProvideResult(ALLOW, PROVIDE_OPEN, covered=False)
+"""What a registration of a name no provide rule covers gets."""
+
+
 def provide(rule_id: str, provider: str, service: str, decision: Decision = ALLOW) -> ProvideRule:
     return ProvideRule(rule_id, provider, service, decision)
 
@@ -772,8 +776,9 @@ def test_provider_pattern_must_name_its_tenant(pattern: str, fragment: str) -> N
 def test_provide_without_rules_is_open() -> None:
     engine = ProvideEngine()
     result = engine.decide(TAKER, "acme", "web")
-    assert result == ProvideResult(ALLOW, PROVIDE_OPEN)
+    assert result == OPEN
     assert result.allowed
+    assert not result.covered  # the relay audits nothing for it
     assert len(engine) == 0
 
 
@@ -783,8 +788,10 @@ def test_provide_rule_restricts_only_the_services_it_covers() -> None:
     denied = engine.decide(TAKER, "acme", "web")
     assert denied == ProvideResult(DENY, NO_MATCHING_PROVIDE_RULE)
     assert not denied.allowed
+    assert denied.covered
+    assert engine.decide(ORIGINAL, "acme", "web").covered
     # Another service of the tenant stays open to everyone.
-    assert engine.decide(TAKER, "acme", "api") == ProvideResult(ALLOW, PROVIDE_OPEN)
+    assert engine.decide(TAKER, "acme", "api") == OPEN
 
 
 def test_provide_first_match_wins_in_file_order() -> None:
@@ -815,7 +822,7 @@ def test_provide_service_globs_cover_several_names() -> None:
 def test_provide_rules_are_tenant_scoped() -> None:
     """A rule of tenant "other" neither locks nor opens acme's "web"."""
     engine = ProvideEngine([provide("other-web", "outrelay://other/*", "web")])
-    assert engine.decide(TAKER, "acme", "web") == ProvideResult(ALLOW, PROVIDE_OPEN)
+    assert engine.decide(TAKER, "acme", "web") == OPEN
     assert engine.decide(OTHER_TENANT, "other", "web").reason == "other-web"
     engine.replace_all([provide("acme-web", ORIGINAL, "web")])
     assert engine.decide(OTHER_TENANT, "other", "web").reason == PROVIDE_OPEN
@@ -867,7 +874,7 @@ def test_consume_rules_never_restrict_providing(rules: list[Rule], uri: str, nam
     service = PolicyService()
     service.load(PolicyDocument(rules=tuple(rules)))
     tenant = uri.split("/")[2]
-    assert service.may_provide(uri, tenant, name) == ProvideResult(ALLOW, PROVIDE_OPEN)
+    assert service.may_provide(uri, tenant, name) == OPEN
 
 
 @given(
@@ -887,7 +894,7 @@ def test_a_provide_rule_changes_nothing_outside_what_it_covers(
     covers = extra.tenant == tenant and match_glob(extra.service_pattern, name)
     if not covers:
         assert after == before
-    elif before.reason not in (PROVIDE_OPEN, NO_MATCHING_PROVIDE_RULE):
+    elif before.covered and before.reason != NO_MATCHING_PROVIDE_RULE:
         assert after == before  # an earlier rule matched: first match wins
     elif match_glob(extra.provider_pattern, uri):
         assert after == ProvideResult(extra.decision, extra.id)

@@ -3,7 +3,8 @@
 The reference relay sends one ``Audit.Record`` to the controller per policy evaluation: the
 caller side always, the callee side when reached. The embedded control plane (DESIGN.md)
 appends the same events to a file instead, one JSON object per line, plus one per REGISTER
-checked against the provide rules (``side`` ``"provide"``, ours).
+that provide rules decide (``side`` ``"provide"``, ours; a name no provide rule covers is open
+and its registrations are not audited).
 
 Shape: :meth:`AuditLog.emit` is synchronous and never blocks stream opening; it puts the event
 in a bounded queue (1,024, spec 02 §6.2.7) or, when the queue is full, drops it with a

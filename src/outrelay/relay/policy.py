@@ -590,6 +590,9 @@ class ProvideResult:
     reason: str
     """The matching rule's id, :data:`PROVIDE_OPEN` (allowed: no rule covers the service) or
     :data:`NO_MATCHING_PROVIDE_RULE` (denied)."""
+    covered: bool = True
+    """Whether provide rules covered the service. False: the name is open by default, no rule
+    was involved, and the relay audits nothing (as without provide rules at all)."""
 
     @property
     def allowed(self) -> bool:
@@ -597,7 +600,7 @@ class ProvideResult:
         return self.decision is Decision.ALLOW
 
 
-_PROVIDE_OPEN_RESULT: Final = ProvideResult(Decision.ALLOW, PROVIDE_OPEN)
+_PROVIDE_OPEN_RESULT: Final = ProvideResult(Decision.ALLOW, PROVIDE_OPEN, covered=False)
 _PROVIDE_DENY_RESULT: Final = ProvideResult(Decision.DENY, NO_MATCHING_PROVIDE_RULE)
 
 

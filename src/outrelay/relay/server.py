@@ -773,6 +773,8 @@ class Relay:
         if policy is None:
             return None
         result = policy.may_provide(session.uri, session.tenant, service)
+        if not result.covered:
+            return result  # open by default: no rule involved, nothing to audit
         self.audit.emit(
             AuditEvent(
                 ts_unix_ms=_now_ms(),
