@@ -91,6 +91,11 @@ def test_event_defaults_match_the_reference() -> None:
     assert ev.side == "caller"
 
 
+def test_provide_side_names_a_register_check() -> None:
+    ev = event(side="provide")
+    assert json.loads(ev.to_json())["side"] == "provide"
+
+
 @pytest.mark.parametrize(
     ("field", "value"), [("decision", "allow"), ("decision", ""), ("side", "both")]
 )

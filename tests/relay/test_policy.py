@@ -9,28 +9,37 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from outrelay.relay.policy import (
     CACHE_CAPACITY,
     CACHE_EVICT_BATCH,
     CACHE_TTL_MS,
+    NO_MATCHING_PROVIDE_RULE,
     NO_MATCHING_RULE,
+    PROVIDE_OPEN,
     Decision,
     DecisionCache,
     P2PMode,
+    PolicyDocument,
     PolicyEngine,
     PolicyFileError,
     PolicyResult,
     PolicyService,
+    ProvideEngine,
+    ProvideResult,
+    ProvideRule,
     RelayMode,
     Rule,
     combine_p2p,
+    load_policy_document,
     load_policy_file,
     match_glob,
     parse_policy,
+    parse_policy_document,
     policy_to_obj,
+    provider_pattern_tenant,
 )
 
 NOW = 1_700_000_000_000
@@ -713,3 +722,285 @@ rule_strategy = st.builds(
 @given(st.lists(rule_strategy, max_size=5, unique_by=lambda r: r.id))
 def test_policy_to_obj_round_trips(rules: list[Rule]) -> None:
     assert parse_policy(json.loads(json.dumps(policy_to_obj(rules)))) == rules
+
+
+# --- provide rules: who may register a service --------------------------------------------------
+
+ORIGINAL = "outrelay://acme/agent/11111111-1111-1111-1111-111111111111"
+TAKER = "outrelay://acme/agent/22222222-2222-2222-2222-222222222222"
+OTHER_TENANT = "outrelay://other/agent/33333333-3333-3333-3333-333333333333"
+
+
+OPEN = ProvideResult(ALLOW, PROVIDE_OPEN, covered=False)
+"""What a registration of a name no provide rule covers gets."""
+
+
+def provide(rule_id: str, provider: str, service: str, decision: Decision = ALLOW) -> ProvideRule:
+    return ProvideRule(rule_id, provider, service, decision)
+
+
+@pytest.mark.parametrize(
+    ("pattern", "tenant"),
+    [
+        ("outrelay://acme/agent/*", "acme"),
+        ("outrelay://acme/*", "acme"),
+        ("outrelay://acme/", "acme"),
+        (f"{ORIGINAL}", "acme"),
+        ("outrelay://team-7/agent/1111*", "team-7"),
+    ],
+)
+def test_provider_pattern_tenant(pattern: str, tenant: str) -> None:
+    assert provider_pattern_tenant(pattern) == tenant
+    assert provide("r", pattern, "web").tenant == tenant
+
+
+@pytest.mark.parametrize(
+    ("pattern", "fragment"),
+    [
+        ("*", "must start with 'outrelay://<tenant>/'"),
+        ("outrelay://*/agent/x", "literal"),
+        ("outrelay://ac*/agent/x", "literal"),
+        ("outrelay://acme", "must start with"),
+        ("outrelay:///agent/x", "must start with"),
+        ("outrelay://Acme/agent/x", "must start with"),
+        ("https://acme/agent/x", "must start with"),
+    ],
+)
+def test_provider_pattern_must_name_its_tenant(pattern: str, fragment: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(fragment)):
+        provider_pattern_tenant(pattern)
+    with pytest.raises(ValueError, match=re.escape(fragment)):
+        provide("r", pattern, "web")
+
+
+def test_provide_without_rules_is_open() -> None:
+    engine = ProvideEngine()
+    result = engine.decide(TAKER, "acme", "web")
+    assert result == OPEN
+    assert result.allowed
+    assert not result.covered  # the relay audits nothing for it
+    assert len(engine) == 0
+
+
+def test_provide_rule_restricts_only_the_services_it_covers() -> None:
+    engine = ProvideEngine([provide("web-original", ORIGINAL, "web")])
+    assert engine.decide(ORIGINAL, "acme", "web") == ProvideResult(ALLOW, "web-original")
+    denied = engine.decide(TAKER, "acme", "web")
+    assert denied == ProvideResult(DENY, NO_MATCHING_PROVIDE_RULE)
+    assert not denied.allowed
+    assert denied.covered
+    assert engine.decide(ORIGINAL, "acme", "web").covered
+    # Another service of the tenant stays open to everyone.
+    assert engine.decide(TAKER, "acme", "api") == OPEN
+
+
+def test_provide_first_match_wins_in_file_order() -> None:
+    engine = ProvideEngine(
+        [
+            provide("no-taker", TAKER, "web", DENY),
+            provide("acme-agents", "outrelay://acme/agent/*", "web"),
+            provide("never-reached", ORIGINAL, "web", DENY),
+        ]
+    )
+    assert engine.decide(TAKER, "acme", "web") == ProvideResult(DENY, "no-taker")
+    assert engine.decide(ORIGINAL, "acme", "web") == ProvideResult(ALLOW, "acme-agents")
+    # No exact-before-wildcard grouping: a wildcard service rule earlier in the file wins.
+    engine.replace_all(
+        [provide("all-services", "outrelay://acme/*", "*", DENY), provide("web", TAKER, "web")]
+    )
+    assert engine.decide(TAKER, "acme", "web") == ProvideResult(DENY, "all-services")
+    assert [r.id for r in engine.rules()] == ["all-services", "web"]
+
+
+def test_provide_service_globs_cover_several_names() -> None:
+    engine = ProvideEngine([provide("db", "outrelay://acme/agent/1111*", "db-*")])
+    assert engine.decide(ORIGINAL, "acme", "db-main").allowed
+    assert engine.decide(TAKER, "acme", "db-main").reason == NO_MATCHING_PROVIDE_RULE
+    assert engine.decide(TAKER, "acme", "db").reason == PROVIDE_OPEN
+
+
+def test_provide_rules_are_tenant_scoped() -> None:
+    """A rule of tenant "other" neither locks nor opens acme's "web"."""
+    engine = ProvideEngine([provide("other-web", "outrelay://other/*", "web")])
+    assert engine.decide(TAKER, "acme", "web") == OPEN
+    assert engine.decide(OTHER_TENANT, "other", "web").reason == "other-web"
+    engine.replace_all([provide("acme-web", ORIGINAL, "web")])
+    assert engine.decide(OTHER_TENANT, "other", "web").reason == PROVIDE_OPEN
+
+
+def test_policy_service_loads_both_kinds_and_flushes_the_cache() -> None:
+    service = PolicyService()
+    assert service.may_provide(TAKER, "acme", "web").allowed  # no rules: open
+    service.load(
+        PolicyDocument(
+            rules=(allow("web-from-acme", "outrelay://acme/*", "web"),),
+            provide=(provide("web-original", ORIGINAL, "web"),),
+        )
+    )
+    assert service.decide(TAKER, "web", "", NOW).allowed
+    assert not service.may_provide(TAKER, "acme", "web").allowed
+    assert service.may_provide(ORIGINAL, "acme", "web").allowed
+    stats = service.statistics()
+    assert (stats.rules, stats.provide_rules) == (1, 1)
+    # A reload without provide rules opens the name again and drops the cached allow.
+    service.load(PolicyDocument())
+    assert service.may_provide(TAKER, "acme", "web").allowed
+    assert not service.decide(TAKER, "web", "", NOW).allowed
+    assert len(service.provide) == 0
+
+
+uri_strategy = st.builds(
+    lambda tenant, suffix: f"outrelay://{tenant}/agent/{suffix}",
+    st.sampled_from(["acme", "other"]),
+    st.text(alphabet="12ab-", max_size=6),
+)
+service_names = st.text(alphabet="web-*", min_size=1, max_size=5).filter(lambda n: "*" not in n)
+provide_rule_strategy = st.builds(
+    ProvideRule,
+    id=st.text(alphabet="abcdefgh", min_size=1, max_size=4),
+    provider_pattern=st.builds(
+        lambda tenant, rest: f"outrelay://{tenant}/{rest}",
+        st.sampled_from(["acme", "other"]),
+        st.text(alphabet="agent/12ab-*", max_size=8),
+    ),
+    service_pattern=st.text(alphabet="web-*", min_size=1, max_size=4),
+    decision=st.sampled_from(Decision),
+)
+
+
+@given(rules=st.lists(rule_strategy, max_size=6), uri=uri_strategy, name=service_names)
+def test_consume_rules_never_restrict_providing(rules: list[Rule], uri: str, name: str) -> None:
+    """Backwards compatible: a policy file without provide rules lets every agent register."""
+    service = PolicyService()
+    service.load(PolicyDocument(rules=tuple(rules)))
+    tenant = uri.split("/")[2]
+    assert service.may_provide(uri, tenant, name) == OPEN
+
+
+@given(
+    rules=st.lists(provide_rule_strategy, max_size=6),
+    extra=provide_rule_strategy,
+    uri=uri_strategy,
+    name=service_names,
+)
+def test_a_provide_rule_changes_nothing_outside_what_it_covers(
+    rules: list[ProvideRule], extra: ProvideRule, uri: str, name: str
+) -> None:
+    """Appending a rule changes a decision only for names it covers in its own tenant, and
+    then only from "open" (no rule covered the name before) or from the default deny."""
+    tenant = uri.split("/")[2]
+    before = ProvideEngine(rules).decide(uri, tenant, name)
+    after = ProvideEngine([*rules, extra]).decide(uri, tenant, name)
+    covers = extra.tenant == tenant and match_glob(extra.service_pattern, name)
+    if not covers:
+        assert after == before
+    elif before.covered and before.reason != NO_MATCHING_PROVIDE_RULE:
+        assert after == before  # an earlier rule matched: first match wins
+    elif match_glob(extra.provider_pattern, uri):
+        assert after == ProvideResult(extra.decision, extra.id)
+    else:
+        assert after == ProvideResult(DENY, NO_MATCHING_PROVIDE_RULE)
+
+
+PROVIDE_FILE = {
+    "rules": [
+        {"id": "allow-web", "caller": "outrelay://acme/*", "target": "web", "decision": "allow"},
+        {
+            "id": "web-providers",
+            "provider": "outrelay://acme/agent/1111*",
+            "service": "web",
+            "decision": "allow",
+        },
+        {"id": "callee-any", "caller": "*", "target": "outrelay://acme/*", "decision": "allow"},
+        {"id": "no-admin", "provider": "outrelay://acme/*", "service": "admin", "decision": "Deny"},
+    ]
+}
+
+
+def test_parse_policy_document_with_provide_rules(tmp_path: Path) -> None:
+    want = PolicyDocument(
+        rules=(
+            Rule("allow-web", "outrelay://acme/*", "web", "", ALLOW),
+            Rule("callee-any", "*", "outrelay://acme/*", "", ALLOW),
+        ),
+        provide=(
+            ProvideRule("web-providers", "outrelay://acme/agent/1111*", "web", ALLOW),
+            ProvideRule("no-admin", "outrelay://acme/*", "admin", DENY),
+        ),
+    )
+    assert parse_policy_document(PROVIDE_FILE) == want
+    assert parse_policy(PROVIDE_FILE) == list(want.rules)
+    path = tmp_path / "policy.json"
+    path.write_text(json.dumps(PROVIDE_FILE), encoding="utf-8")
+    assert load_policy_document(path) == want
+    assert load_policy_file(path) == list(want.rules)
+    # Files without provide rules read as before.
+    assert parse_policy_document(GOOD_FILE).provide == ()
+
+
+def provide_obj(**overrides: Any) -> dict[str, Any]:
+    obj: dict[str, Any] = {
+        "id": "p1",
+        "provider": "outrelay://acme/agent/*",
+        "service": "web",
+        "decision": "allow",
+    }
+    for key, value in overrides.items():
+        if value is _DELETE:
+            obj.pop(key)
+        else:
+            obj[key] = value
+    return obj
+
+
+@pytest.mark.parametrize(
+    ("rule", "field", "fragment"),
+    [
+        (provide_obj(service=_DELETE), "service", "missing"),
+        (provide_obj(provider=_DELETE), "provider", "missing"),
+        (provide_obj(service=""), "service", "'*'"),
+        (provide_obj(provider=""), "provider", "must not be empty"),
+        (provide_obj(provider="*"), "provider", "outrelay://<tenant>/"),
+        (provide_obj(provider="outrelay://*/agent/x"), "provider", "literal"),
+        (provide_obj(provider=7), "provider", "must be a string"),
+        (provide_obj(decision=_DELETE), "decision", "missing"),
+        (provide_obj(decision="maybe"), "decision", "'maybe'"),
+        (provide_obj(caller="*"), "caller", "unknown key 'caller' in a provide rule"),
+        (provide_obj(method="GET *"), "method", "in a provide rule"),
+        (provide_obj(expires_unix_ms=5), "expires_unix_ms", "in a provide rule"),
+    ],
+)
+def test_provide_rule_parse_errors_name_rule_and_field(
+    rule: dict[str, Any], field: str, fragment: str
+) -> None:
+    with pytest.raises(PolicyFileError) as info:
+        parse_policy_document({"rules": [rule_obj(id="first"), rule]})
+    err = info.value
+    assert (err.rule_index, err.field, err.rule_id) == (1, field, "p1")
+    assert fragment in str(err), str(err)
+
+
+def test_a_consume_rule_names_the_provide_keys_when_confused() -> None:
+    with pytest.raises(PolicyFileError) as info:
+        parse_policy({"rules": [{"id": "x", "target": "web", "decision": "allow"}]})
+    assert info.value.field == "caller"
+    assert "'provider' and 'service'" in str(info.value)
+
+
+def test_ids_are_unique_across_both_kinds() -> None:
+    with pytest.raises(PolicyFileError) as info:
+        parse_policy_document({"rules": [rule_obj(id="dup"), provide_obj(id="dup")]})
+    assert info.value.rule_index == 1
+    assert "duplicate id (first used by rule #0)" in str(info.value)
+
+
+@given(
+    st.lists(rule_strategy, max_size=4, unique_by=lambda r: r.id),
+    st.lists(provide_rule_strategy, max_size=4, unique_by=lambda r: r.id),
+)
+def test_policy_to_obj_round_trips_provide_rules(
+    rules: list[Rule], provides: list[ProvideRule]
+) -> None:
+    assume(not {r.id for r in rules} & {p.id for p in provides})  # ids unique across kinds
+    obj = json.loads(json.dumps(policy_to_obj(rules, provides)))
+    assert parse_policy_document(obj) == PolicyDocument(tuple(rules), tuple(provides))

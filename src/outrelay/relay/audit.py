@@ -2,7 +2,9 @@
 
 The reference relay sends one ``Audit.Record`` to the controller per policy evaluation: the
 caller side always, the callee side when reached. The embedded control plane (DESIGN.md)
-appends the same events to a file instead, one JSON object per line.
+appends the same events to a file instead, one JSON object per line, plus one per REGISTER
+that provide rules decide (``side`` ``"provide"``, ours; a name no provide rule covers is open
+and its registrations are not audited).
 
 Shape: :meth:`AuditLog.emit` is synchronous and never blocks stream opening; it puts the event
 in a bounded queue (1,024, spec 02 §6.2.7) or, when the queue is full, drops it with a
@@ -56,7 +58,7 @@ _monotonic = time.monotonic
 """The clock of the drop-warning rate limit (a module attribute, so tests can replace it)."""
 
 _DECISIONS: Final = frozenset({"DECISION_ALLOW", "DECISION_DENY"})
-_SIDES: Final = frozenset({"caller", "callee"})
+_SIDES: Final = frozenset({"caller", "callee", "provide"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,9 +68,10 @@ class AuditEvent:
     ts_unix_ms: int
     """When the decision was made, Unix ms."""
     tenant: str
-    """The tenant parsed from ``caller`` (the provider's for callee-side events)."""
+    """The tenant parsed from ``caller`` (the provider's for callee-side and provide events)."""
     caller: str
-    """The evaluated caller: the consumer URI, or the provider URI on the callee side."""
+    """The evaluated caller: the consumer URI, or the provider URI on the callee side and for a
+    provide check."""
     target: str
     """The evaluated target: the service name, or the consumer URI on the callee side."""
     method: str
@@ -82,7 +85,9 @@ class AuditEvent:
     side: str = "caller"
     """``"caller"`` or ``"callee"``: which evaluation of spec 02 §6.1 (step 2 or 4) this is. Our
     extension: the reference's events do not say, so a callee-side event reads like a
-    caller-side one."""
+    caller-side one. ``"provide"``: a REGISTER checked against the provide rules (ours; the
+    reference has none), with ``caller`` the registering agent, ``target`` the service name,
+    ``method`` empty."""
 
     def __post_init__(self) -> None:
         if self.decision not in _DECISIONS:

@@ -28,7 +28,7 @@ from outrelay.cliutil import (
 )
 from outrelay.observe import kv, setup_logging
 from outrelay.pki import PkiError, load_certificates, load_identity
-from outrelay.relay.policy import PolicyFileError, PolicyService, load_policy_file
+from outrelay.relay.policy import PolicyFileError, PolicyService, load_policy_document
 from outrelay.relay.server import Relay, RelayConfig
 
 __all__ = ["build_parser", "main"]
@@ -45,8 +45,14 @@ exact targets before wildcard targets, no match denies:
   ]}
 A rule may add "relay_mode": "forward" (needs --listen-forward: the agents
 then run end-to-end QUIC through the UDP plane) and "p2p_mode".
-Without --policy every open is allowed (a warning is logged at start).
-SIGHUP re-reads the policy file.
+Provide rules say who may register a service (checked at REGISTER; a refused
+agent gets no REGISTER_ACK). A service no provide rule of the tenant covers
+stays open to every agent of the tenant; otherwise first match wins, no match
+refuses:
+    {"id": "web-providers", "provider": "outrelay://acme/agent/1f0c*",
+     "service": "web", "decision": "allow"}
+Without --policy every open and every registration is allowed (a warning is
+logged at start). SIGHUP re-reads the policy file (both kinds of rules).
 """
 
 
@@ -87,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _load_policy(path: str) -> PolicyService:
     service = PolicyService()
-    service.load_rules(load_policy_file(path))
+    service.load(load_policy_document(path))
     return service
 
 
@@ -111,11 +117,14 @@ async def run_relay(config: RelayConfig, policy_path: str = "") -> int:
             log.warning("SIGHUP: no --policy file to reload")
             return
         try:
-            config.policy.load_rules(load_policy_file(policy_path))
+            config.policy.load(load_policy_document(policy_path))
         except (OSError, PolicyFileError) as exc:
             log.error("policy reload failed; keeping the old rules", extra=kv(err=str(exc)))
             return
-        log.info("policy reloaded", extra=kv(rules=len(config.policy.engine)))
+        log.info(
+            "policy reloaded",
+            extra=kv(rules=len(config.policy.engine), provide_rules=len(config.policy.provide)),
+        )
 
     with contextlib.suppress(NotImplementedError, RuntimeError):
         loop.add_signal_handler(signal.SIGHUP, reload_policy)
@@ -177,9 +186,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (OSError, PolicyFileError) as exc:
             log.error("load policy", extra=kv(path=args.policy, err=str(exc)))
             return 1
-        log.info("policy loaded", extra=kv(path=args.policy, rules=len(policy.engine)))
+        log.info(
+            "policy loaded",
+            extra=kv(path=args.policy, rules=len(policy.engine), provide_rules=len(policy.provide)),
+        )
     else:
-        log.warning("no --policy given: every open is allowed (no enforcement, no audit)")
+        log.warning(
+            "no --policy given: every open and registration is allowed (no enforcement, no audit)"
+        )
     config = RelayConfig(
         cert_file=args.cert,
         key_file=args.key,

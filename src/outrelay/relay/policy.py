@@ -40,6 +40,13 @@ does not flush it, so a cached allow can outlive its rule by up to the TTL, as i
 evaluates policy only with ``--tenant``; the Python relay evaluates it when a policy file is
 configured. An empty rule set denies everything (``"no matching rule"``).
 
+**Provide rules** (ours; the reference has none: any agent of a tenant may take over any of
+its names, spec 02 §4) say who may *register* a service. :class:`ProvideEngine` answers them
+at REGISTER: a service that no provide rule of the tenant covers stays open to every agent of
+the tenant; a covered one goes to the first rule, in file order, whose provider glob matches
+the agent's URI, and no match denies (the relay then sends no REGISTER_ACK). They live beside
+the consume rules, in the same file, and are replaced with them (:meth:`PolicyService.load`).
+
 **Time** is an argument (STYLE §1): every method that needs "now" takes ``now_ms``, Unix time
 in milliseconds (rule expiry, ``expires_unix_ms``, is wall-clock time). Nothing here reads a
 clock, does I/O (except :func:`load_policy_file`) or starts a task. Mutations swap one immutable
@@ -86,7 +93,32 @@ Fields of a rule (every other key is an error, to catch typos):
 ``relay_mode`` (optional, default ``"splice"``)
     ``"splice"`` or ``"forward"`` (also ``RELAY_MODE_SPLICE``/``RELAY_MODE_FORWARD``).
 
-The top-level object has exactly one key, ``"rules"``, a list (possibly empty).
+A rule with a ``provider`` or ``service`` key is a **provide rule** (who may REGISTER a
+service); it has exactly these keys:
+
+``id`` (required)
+    As above; ids are unique across both kinds of rules.
+``provider`` (required)
+    Glob on the registering agent's URI. It must start with ``outrelay://<tenant>/`` with a
+    literal tenant (``outrelay://acme/agent/*``, ``outrelay://acme/*``): a provide rule speaks
+    for one tenant only.
+``service`` (required)
+    Glob on the service name (``"web"``, ``"db-*"``, ``"*"``); the rule *covers* the names it
+    matches, in its tenant.
+``decision`` (required)
+    As above.
+
+For example, only two agents may provide ``web`` in tenant ``acme``, and nobody may register
+``admin`` (every other ``acme`` service stays open to every ``acme`` agent)::
+
+    {"id": "web-providers", "provider": "outrelay://acme/agent/1f0c*", "service": "web",
+     "decision": "allow"},
+    {"id": "web-standby", "provider": "outrelay://acme/agent/77a2*", "service": "web",
+     "decision": "allow"},
+    {"id": "no-admin", "provider": "outrelay://acme/*", "service": "admin", "decision": "deny"}
+
+The top-level object has exactly one key, ``"rules"``, a list (possibly empty) in which both
+kinds may be mixed.
 """
 
 from __future__ import annotations
@@ -100,28 +132,39 @@ from datetime import UTC, datetime, timedelta
 from enum import Enum, IntEnum
 from typing import Any, Final, TypeAlias
 
+from outrelay.identity import is_valid_label
+
 __all__ = [
     "CACHE_CAPACITY",
     "CACHE_EVICT_BATCH",
     "CACHE_TTL_MS",
+    "NO_MATCHING_PROVIDE_RULE",
     "NO_MATCHING_RULE",
+    "PROVIDE_OPEN",
     "CacheKey",
     "CacheStatistics",
     "Decision",
     "DecisionCache",
     "P2PMode",
+    "PolicyDocument",
     "PolicyEngine",
     "PolicyFileError",
     "PolicyResult",
     "PolicyService",
     "PolicyStatistics",
+    "ProvideEngine",
+    "ProvideResult",
+    "ProvideRule",
     "RelayMode",
     "Rule",
     "combine_p2p",
+    "load_policy_document",
     "load_policy_file",
     "match_glob",
     "parse_policy",
+    "parse_policy_document",
     "policy_to_obj",
+    "provider_pattern_tenant",
 ]
 
 NO_MATCHING_RULE: Final = "no matching rule"
@@ -473,6 +516,162 @@ class PolicyEngine:
 
 
 # --------------------------------------------------------------------------------------------
+# Provide rules: who may register a service
+# --------------------------------------------------------------------------------------------
+
+PROVIDE_OPEN: Final = "no provide rule"
+"""The reason of an allowed registration of a service that no provide rule of the tenant
+covers: such a service stays open to every agent of the tenant (backwards compatible)."""
+
+NO_MATCHING_PROVIDE_RULE: Final = "no matching provide rule"
+"""The reason of a refused registration: provide rules cover the service, none matches the
+agent (closed world, as for consume rules)."""
+
+_PROVIDER_PREFIX: Final = "outrelay://"
+
+
+def provider_pattern_tenant(pattern: str) -> str:
+    """The tenant a provide rule's ``provider`` pattern belongs to.
+
+    A provider pattern must spell its tenant out: ``outrelay://<tenant>/`` followed by any glob,
+    e.g. ``outrelay://acme/agent/*``. So a provide rule can only ever speak for one tenant, and
+    a pattern such as ``*`` cannot lock (or open) a name in every tenant at once.
+
+    Raises:
+        ValueError: The pattern does not start with ``outrelay://<tenant>/`` with a literal,
+            valid tenant label (no ``*``); the message says what is wrong.
+    """
+    shape = (
+        f"must start with 'outrelay://<tenant>/' (provide rules are per tenant), got {pattern!r}"
+    )
+    if not pattern.startswith(_PROVIDER_PREFIX):
+        raise ValueError(shape)
+    tenant, slash, _rest = pattern[len(_PROVIDER_PREFIX) :].partition("/")
+    if "*" in tenant:
+        raise ValueError(f"the tenant must be literal, not a glob, got {pattern!r}")
+    if not slash or not is_valid_label(tenant):
+        raise ValueError(shape)
+    return tenant
+
+
+@dataclass(frozen=True, slots=True)
+class ProvideRule:
+    """Who may provide (REGISTER) a service: a policy file rule with ``provider`` and
+    ``service`` instead of ``caller`` and ``target`` (see the module docstring).
+
+    Raises:
+        ValueError: ``provider_pattern`` does not name its tenant (:func:`provider_pattern_tenant`).
+    """
+
+    id: str
+    """Unique id (among every rule of the file); it is the decision's ``reason``."""
+    provider_pattern: str
+    """Glob on the registering agent's URI, starting with ``outrelay://<tenant>/``."""
+    service_pattern: str
+    """Glob on ``Register.service_name``; the rule *covers* the services it matches."""
+    decision: Decision = Decision.ALLOW
+    """ALLOW or DENY."""
+
+    def __post_init__(self) -> None:
+        provider_pattern_tenant(self.provider_pattern)
+
+    @property
+    def tenant(self) -> str:
+        """The tenant the rule speaks for (from ``provider_pattern``)."""
+        return provider_pattern_tenant(self.provider_pattern)
+
+
+@dataclass(frozen=True, slots=True)
+class ProvideResult:
+    """The outcome of a provide check (:meth:`ProvideEngine.decide`)."""
+
+    decision: Decision
+    """ALLOW or DENY."""
+    reason: str
+    """The matching rule's id, :data:`PROVIDE_OPEN` (allowed: no rule covers the service) or
+    :data:`NO_MATCHING_PROVIDE_RULE` (denied)."""
+    covered: bool = True
+    """Whether provide rules covered the service. False: the name is open by default, no rule
+    was involved, and the relay audits nothing (as without provide rules at all)."""
+
+    @property
+    def allowed(self) -> bool:
+        """``decision is Decision.ALLOW``."""
+        return self.decision is Decision.ALLOW
+
+
+_PROVIDE_OPEN_RESULT: Final = ProvideResult(Decision.ALLOW, PROVIDE_OPEN, covered=False)
+_PROVIDE_DENY_RESULT: Final = ProvideResult(Decision.DENY, NO_MATCHING_PROVIDE_RULE)
+
+
+@dataclass(frozen=True, slots=True)
+class _CompiledProvideRule:
+    provider: _Matcher
+    service: _Matcher
+    result: ProvideResult
+
+
+class ProvideEngine:
+    """The provide rules, indexed by tenant, answering :meth:`decide`.
+
+    Semantics, for an agent of ``tenant`` registering ``service``:
+
+    1. the rules of ``tenant`` whose ``service`` glob matches the name *cover* it;
+    2. if none does, the registration is allowed (:data:`PROVIDE_OPEN`): a service without
+       provide rules stays open to any agent of the tenant, as before provide rules existed;
+    3. otherwise the covering rules are scanned in file order and the first whose ``provider``
+       glob matches the agent's URI decides; if none matches, the registration is denied
+       (:data:`NO_MATCHING_PROVIDE_RULE`).
+
+    Unlike consume rules there is no exact-before-wildcard grouping: file order alone decides.
+    Mutations swap one immutable index (as :class:`PolicyEngine` does).
+
+    Args:
+        rules: The initial rules, in order (as for :meth:`replace_all`).
+    """
+
+    __slots__ = ("_index", "_rules")
+
+    def __init__(self, rules: Iterable[ProvideRule] = ()) -> None:
+        self._rules: tuple[ProvideRule, ...] = ()
+        self._index: Mapping[str, tuple[_CompiledProvideRule, ...]] = {}
+        self.replace_all(rules)
+
+    def decide(self, agent_uri: str, tenant: str, service: str) -> ProvideResult:
+        """May ``agent_uri`` (an agent of ``tenant``) register ``service``? See the class doc."""
+        covered = False
+        for compiled in self._index.get(tenant, ()):
+            if not compiled.service(service):
+                continue
+            covered = True
+            if compiled.provider(agent_uri):
+                return compiled.result
+        return _PROVIDE_DENY_RESULT if covered else _PROVIDE_OPEN_RESULT
+
+    def replace_all(self, rules: Iterable[ProvideRule]) -> None:
+        """Replace every provide rule; the given order is the evaluation order."""
+        kept = tuple(rules)
+        index: dict[str, list[_CompiledProvideRule]] = {}
+        for rule in kept:
+            index.setdefault(rule.tenant, []).append(
+                _CompiledProvideRule(
+                    provider=_compile_glob(rule.provider_pattern),
+                    service=_compile_glob(rule.service_pattern),
+                    result=ProvideResult(rule.decision, rule.id),
+                )
+            )
+        self._rules = kept
+        self._index = {tenant: tuple(compiled) for tenant, compiled in index.items()}
+
+    def rules(self) -> tuple[ProvideRule, ...]:
+        """The provide rules in evaluation order."""
+        return self._rules
+
+    def __len__(self) -> int:
+        return len(self._rules)
+
+
+# --------------------------------------------------------------------------------------------
 # Decision cache
 # --------------------------------------------------------------------------------------------
 
@@ -604,33 +803,57 @@ class PolicyStatistics:
     """Calls to :meth:`PolicyService.decide`."""
     cache: CacheStatistics
     """The decision cache's counters."""
+    provide_rules: int = 0
+    """Provide rules loaded."""
 
 
 class PolicyService:
     """What the relay calls: an engine behind a decision cache (spec 02 §6.2.3, §6.2.5).
 
-    Every change of the rule set (:meth:`load_rules`, :meth:`upsert`, :meth:`remove`) flushes
-    the cache, as every applied Watch event does in the reference (spec 02 §6.2.5). Rule expiry
-    does not: a cached allow can outlive its rule by up to the cache TTL.
+    Every change of the rule set (:meth:`load`, :meth:`load_rules`, :meth:`upsert`,
+    :meth:`remove`) flushes the cache, as every applied Watch event does in the reference (spec
+    02 §6.2.5). Rule expiry does not: a cached allow can outlive its rule by up to the cache TTL.
+
+    Provide rules (:meth:`may_provide`) are checked once per REGISTER, uncached.
 
     Args:
         engine: The rule set; a new empty one (deny everything) by default.
         cache: The decision cache; a new one with the spec's limits by default.
+        provide: The provide rules; a new empty one (every registration allowed) by default.
     """
 
-    __slots__ = ("_cache", "_decisions", "_engine")
+    __slots__ = ("_cache", "_decisions", "_engine", "_provide")
 
     def __init__(
-        self, engine: PolicyEngine | None = None, cache: DecisionCache | None = None
+        self,
+        engine: PolicyEngine | None = None,
+        cache: DecisionCache | None = None,
+        provide: ProvideEngine | None = None,
     ) -> None:
         self._engine = engine if engine is not None else PolicyEngine()
         self._cache = cache if cache is not None else DecisionCache()
+        self._provide = provide if provide is not None else ProvideEngine()
         self._decisions = 0
 
     @property
     def engine(self) -> PolicyEngine:
         """The rule set. Mutate it through this service, so that the cache is flushed."""
         return self._engine
+
+    @property
+    def provide(self) -> ProvideEngine:
+        """The provide rules (who may register which service)."""
+        return self._provide
+
+    def may_provide(self, agent_uri: str, tenant: str, service: str) -> ProvideResult:
+        """May ``agent_uri``, an agent of ``tenant``, register ``service``
+        (:meth:`ProvideEngine.decide`)? The relay sends no REGISTER_ACK when it may not."""
+        return self._provide.decide(agent_uri, tenant, service)
+
+    def load(self, document: PolicyDocument) -> None:
+        """Replace both rule sets with a policy file's (load, SIGHUP reload); flush the cache."""
+        self._provide.replace_all(document.provide)
+        self.load_rules(document.rules)
 
     def decide(self, caller: str, target: str, method: str, now_ms: int) -> PolicyResult:
         """Evaluate ``(caller, target, method)`` at ``now_ms`` (Unix ms), through the cache.
@@ -668,7 +891,9 @@ class PolicyService:
 
     def statistics(self) -> PolicyStatistics:
         """A snapshot of the counters."""
-        return PolicyStatistics(len(self._engine), self._decisions, self._cache.statistics())
+        return PolicyStatistics(
+            len(self._engine), self._decisions, self._cache.statistics(), len(self._provide)
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -726,6 +951,9 @@ _RULE_KEYS: Final = frozenset(
         "relay_mode",
     }
 )
+
+_PROVIDE_KEYS: Final = frozenset({"id", "provider", "service", "decision"})
+"""The keys of a provide rule; a rule with ``provider`` or ``service`` is one."""
 
 # Accepted spellings (compared after lower-casing).
 _DECISIONS: Final = {
@@ -814,16 +1042,22 @@ class _RuleParser:
             return ms
         return 0
 
-    def parse(self) -> Rule:
+    def parse(self) -> Rule | ProvideRule:
         rule_id = self.string("id", required=True, non_empty=True)
         self.rule_id = rule_id
+        if "provider" in self.obj or "service" in self.obj:
+            return self.parse_provide(rule_id)
         unknown = sorted(set(self.obj) - _RULE_KEYS)
         if unknown:
             raise self.error(
-                f"unknown key {unknown[0]!r} (allowed: {', '.join(sorted(_RULE_KEYS))})",
+                f"unknown key {unknown[0]!r} (allowed: {', '.join(sorted(_RULE_KEYS))}; "
+                f"a provide rule has {', '.join(sorted(_PROVIDE_KEYS))})",
                 unknown[0],
             )
         any_hint = "; use '*' to match anything"
+        caller_hint = " (a consume rule; a provide rule has 'provider' and 'service')"
+        if "caller" not in self.obj:
+            raise self.error("missing (required)" + caller_hint, "caller")
         return Rule(
             id=rule_id,
             caller_pattern=self.string("caller", required=True, non_empty=True, hint=any_hint),
@@ -838,6 +1072,26 @@ class _RuleParser:
                 "relay_mode", _RELAY_MODES, RelayMode.SPLICE, "'splice', 'forward'"
             ),
         )
+
+    def parse_provide(self, rule_id: str) -> ProvideRule:
+        unknown = sorted(set(self.obj) - _PROVIDE_KEYS)
+        if unknown:
+            raise self.error(
+                f"unknown key {unknown[0]!r} in a provide rule "
+                f"(allowed: {', '.join(sorted(_PROVIDE_KEYS))})",
+                unknown[0],
+            )
+        provider = self.string(
+            "provider", required=True, non_empty=True, hint="; e.g. 'outrelay://acme/agent/*'"
+        )
+        service = self.string(
+            "service", required=True, non_empty=True, hint="; use '*' to match every service"
+        )
+        decision = self.choice("decision", _DECISIONS, None, "'allow', 'deny'")
+        try:
+            return ProvideRule(rule_id, provider, service, decision)
+        except ValueError as exc:
+            raise self.error(str(exc), "provider") from None
 
 
 def _kind(value: object) -> str:
@@ -857,14 +1111,24 @@ def _kind(value: object) -> str:
     return type(value).__name__
 
 
-def parse_policy(obj: object) -> list[Rule]:
-    """Validate a decoded policy document (the module docstring's format) into rules.
+@dataclass(frozen=True, slots=True)
+class PolicyDocument:
+    """A whole policy file: both kinds of rules, each in file order."""
+
+    rules: tuple[Rule, ...] = ()
+    """The consume rules (``caller``/``target``), evaluated per OPEN_STREAM."""
+    provide: tuple[ProvideRule, ...] = ()
+    """The provide rules (``provider``/``service``), evaluated per REGISTER."""
+
+
+def parse_policy_document(obj: object) -> PolicyDocument:
+    """Validate a decoded policy document (the module docstring's format).
 
     Args:
         obj: The value decoded from JSON.
 
     Returns:
-        The rules, in file order (the engine's evaluation order within each group).
+        The consume rules and the provide rules, each in file order (the evaluation order).
 
     Raises:
         PolicyFileError: The document is malformed; the message names the rule and the field.
@@ -882,6 +1146,7 @@ def parse_policy(obj: object) -> list[Rule]:
     if not isinstance(items, list):
         raise PolicyFileError(f"'rules' must be an array, got {_kind(items)}")
     rules: list[Rule] = []
+    provide: list[ProvideRule] = []
     first_index: dict[str, int] = {}
     for index, item in enumerate(items):
         rule = _RuleParser(index, item).parse()
@@ -893,11 +1158,34 @@ def parse_policy(obj: object) -> list[Rule]:
                 field="id",
             )
         first_index[rule.id] = index
-        rules.append(rule)
-    return rules
+        if isinstance(rule, ProvideRule):
+            provide.append(rule)
+        else:
+            rules.append(rule)
+    return PolicyDocument(tuple(rules), tuple(provide))
+
+
+def parse_policy(obj: object) -> list[Rule]:
+    """The consume rules of a policy document (:func:`parse_policy_document` validates, and
+    returns, the provide rules as well).
+
+    Raises:
+        PolicyFileError: The document is malformed; the message names the rule and the field.
+    """
+    return list(parse_policy_document(obj).rules)
 
 
 def load_policy_file(path: str | os.PathLike[str]) -> list[Rule]:
+    """The consume rules of a policy file (:func:`load_policy_document` returns both kinds).
+
+    Raises:
+        PolicyFileError: Not UTF-8 JSON, or not a valid policy; the message starts with the path.
+        OSError: The file cannot be read.
+    """
+    return list(load_policy_document(path).rules)
+
+
+def load_policy_document(path: str | os.PathLike[str]) -> PolicyDocument:
     """Read and validate a policy file (blocking I/O; call it at startup or in a thread).
 
     Raises:
@@ -920,7 +1208,7 @@ def load_policy_file(path: str | os.PathLike[str]) -> list[Rule]:
     except _NonJsonConstantError as exc:
         raise PolicyFileError(f"invalid JSON: {exc}", source=name) from None
     try:
-        return parse_policy(obj)
+        return parse_policy_document(obj)
     except PolicyFileError as exc:
         raise PolicyFileError(
             exc.detail,
@@ -939,25 +1227,34 @@ def _reject_constant(name: str) -> float:
     raise _NonJsonConstantError(f"{name} is not a JSON value")
 
 
-def policy_to_obj(rules: Iterable[Rule]) -> dict[str, Any]:
-    """The policy file object for ``rules``; the inverse of :func:`parse_policy`.
+def policy_to_obj(rules: Iterable[Rule], provide: Iterable[ProvideRule] = ()) -> dict[str, Any]:
+    """The policy file object for ``rules`` and ``provide``; the inverse of
+    :func:`parse_policy_document` (consume rules first, then provide rules).
 
     Every field is written out (``expires_unix_ms`` rather than ``expires``), in the canonical
     lower-case spellings, so ``parse_policy(policy_to_obj(rules)) == rules``. Serialise it with
     ``json.dumps``.
     """
-    return {
-        "rules": [
-            {
-                "id": r.id,
-                "caller": r.caller_pattern,
-                "target": r.target_pattern,
-                "method": r.method_pattern,
-                "decision": r.decision.label,
-                "expires_unix_ms": r.expires_unix_ms,
-                "p2p_mode": r.p2p_mode.label,
-                "relay_mode": r.relay_mode.label,
-            }
-            for r in rules
-        ]
-    }
+    consume: list[dict[str, Any]] = [
+        {
+            "id": r.id,
+            "caller": r.caller_pattern,
+            "target": r.target_pattern,
+            "method": r.method_pattern,
+            "decision": r.decision.label,
+            "expires_unix_ms": r.expires_unix_ms,
+            "p2p_mode": r.p2p_mode.label,
+            "relay_mode": r.relay_mode.label,
+        }
+        for r in rules
+    ]
+    providers: list[dict[str, Any]] = [
+        {
+            "id": r.id,
+            "provider": r.provider_pattern,
+            "service": r.service_pattern,
+            "decision": r.decision.label,
+        }
+        for r in provide
+    ]
+    return {"rules": consume + providers}

@@ -69,7 +69,14 @@ from outrelay.relay.limits import (
 from outrelay.relay.outbox import ControlOutbox
 from outrelay.relay.pairs import AgentInstances, EndedPairs, Member, MigratedCache, PairTable
 from outrelay.relay.plane import ForwardPlane
-from outrelay.relay.policy import P2PMode, PolicyResult, PolicyService, RelayMode, combine_p2p
+from outrelay.relay.policy import (
+    P2PMode,
+    PolicyResult,
+    PolicyService,
+    ProvideResult,
+    RelayMode,
+    combine_p2p,
+)
 from outrelay.relay.registry import RegistrationRejected, ServiceRegistry
 from outrelay.relay.resume_matcher import Half, HalfKind, ResumeMatcher
 from outrelay.splice import SpliceResult, splice
@@ -581,23 +588,43 @@ class Relay:
             session.ctrl.post(FrameType.PONG)
         elif frame_type == FrameType.REGISTER:
             register = expect_message(frame, FrameType.REGISTER, Register)
-            refusal = _registration_refusal(session, register.service_name)
+            name = register.service_name
+            refusal = _registration_refusal(session, name)
             if refusal:
                 log.warning(
-                    "register rejected",
-                    extra=kv(uri=session.uri, name=register.service_name[:64], err=refusal),
+                    "register rejected", extra=kv(uri=session.uri, name=name[:64], err=refusal)
                 )
                 return
             try:
-                service_id = self.registry.register(
-                    session.tenant, register.service_name, session.uri, register.local_addr
-                )
+                self.registry.validate(session.tenant, name, session.uri)
             except RegistrationRejected as exc:
                 log.warning("register rejected", extra=kv(uri=session.uri, err=str(exc)))
                 return
-            session.registrations.add(register.service_name)
+            provide = self._decide_provide(session, name)
+            if provide is not None and not provide.allowed:
+                # Ours: provide rules (the reference lets any agent of the tenant take
+                # a name over). Like any refused registration: no REGISTER_ACK.
+                log.warning(
+                    "register refused by policy",
+                    extra=kv(uri=session.uri, name=name, reason=provide.reason),
+                )
+                return
+            before = self.registry.resolve(session.tenant, name)
+            previous = before.agent_uri if before is not None else ""
+            service_id = self.registry.register(
+                session.tenant, name, session.uri, register.local_addr
+            )
+            session.registrations.add(name)
             session.ctrl.post(FrameType.REGISTER_ACK, RegisterAck(service_id=service_id))
-            log.info("registered", extra=kv(name=register.service_name, agent=session.uri))
+            log.info(
+                "registered",
+                extra=kv(
+                    name=name,
+                    agent=session.uri,
+                    providers=len(self.registry.providers(session.tenant, name)),
+                    took_over="" if previous == session.uri else previous,
+                ),
+            )
         elif frame_type == FrameType.OBSERVED_ADDR_QUERY:
             query = expect_message(frame, FrameType.OBSERVED_ADDR_QUERY, ObservedAddrQuery)
             host, port = session.conn.peer.address
@@ -853,6 +880,28 @@ class Relay:
         )
         return result
 
+    def _decide_provide(self, session: AgentSession, service: str) -> ProvideResult | None:
+        """May ``session``'s agent register ``service``? None without a policy (allowed)."""
+        policy = self.config.policy
+        if policy is None:
+            return None
+        result = policy.may_provide(session.uri, session.tenant, service)
+        if not result.covered:
+            return result  # open by default: no rule involved, nothing to audit
+        self.audit.emit(
+            AuditEvent(
+                ts_unix_ms=_now_ms(),
+                tenant=session.tenant,
+                caller=session.uri,
+                target=service,
+                method="",
+                decision=result.decision.proto_name,
+                reason=result.reason,
+                side="provide",
+            )
+        )
+        return result
+
     async def _reject(self, stream: Stream, code: int, reason: str) -> None:
         """STREAM_REJECT then FIN (spec 02 §13).
 
@@ -887,7 +936,7 @@ class Relay:
             await self._reject(c_stream, RejectCode.FORBIDDEN, f"denied: {caller_side.reason}")
             return
 
-        binding = self.registry.resolve(consumer.tenant, target)
+        binding = self.registry.resolve(consumer.tenant, target, self.agents.__contains__)
         provider = self.agents.get(binding.agent_uri) if binding is not None else None
         if provider is None:
             log.info("open rejected: service not found", extra=fields)
