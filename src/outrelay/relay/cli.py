@@ -30,6 +30,7 @@ from outrelay.observe import kv, setup_logging
 from outrelay.pki import PkiError, load_certificates, load_identity
 from outrelay.relay.policy import PolicyFileError, PolicyService, load_policy_document
 from outrelay.relay.server import Relay, RelayConfig
+from outrelay.transport import RetryMode
 
 __all__ = ["build_parser", "main"]
 
@@ -86,6 +87,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--region", default="local", help="region label (default %(default)s)")
     p.add_argument("--policy", default="", help="JSON policy file; enables enforcement")
     p.add_argument("--audit", default="", help="append one JSON line per policy decision here")
+    p.add_argument(
+        "--quic-retry",
+        default=RetryMode.AUTO.value,
+        choices=[m.value for m in RetryMode],
+        help=(
+            "QUIC address validation (Retry) before a handshake gets state: auto = under "
+            "handshake pressure only, always, never (default %(default)s)"
+        ),
+    )
     add_log_flags(p)
     p.add_argument("--version", action="store_true", help="print the version and exit")
     return p
@@ -206,6 +216,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         region=args.region,
         policy=policy,
         audit_file=args.audit or None,
+        quic_retry=RetryMode(args.quic_retry),
     )
     try:
         return asyncio.run(run_relay(config, args.policy))

@@ -85,6 +85,7 @@ from outrelay.transport import (
     Connection,
     QuicServerHandle,
     QuicTlsConfig,
+    RetryMode,
     Stream,
     TcpServerHandle,
     TransportError,
@@ -166,6 +167,8 @@ class RelayConfig:
     """UDP forward plane (spec 02 §8); None: off, forward rules are spliced."""
     hello_timeout: float = HELLO_TIMEOUT
     required_promotion_timeout: float = REQUIRED_PROMOTION_TIMEOUT
+    quic_retry: RetryMode = RetryMode.AUTO
+    """``--quic-retry``: when new QUIC clients must answer a Retry first."""
 
 
 @dataclass(eq=False)
@@ -258,6 +261,7 @@ class Relay:
             verify_client=self._verify_client,
             on_connection=self._on_connection,
             on_refused=self._on_refused,
+            retry=self.config.quic_retry,
         )
         if self.config.listen_tcp is not None:
             try:

@@ -24,6 +24,18 @@ What aioquic does not do for us, and this module adds (DESIGN.md):
 * **Stream limit.** ``open_stream`` waits while the peer's MAX_STREAMS is
   reached, instead of queueing data on a blocked stream.
 * **Keep-alive.** A PING every 3 s keeps NATs and the relay's idle timer warm.
+* **Bounded pre-authentication work** (:class:`_GuardedServer`). aioquic's
+  server builds a connection for every Initial-shaped datagram of 1200+
+  bytes, never validates addresses unless told to, and keeps a connection
+  whose handshake never completes for its idle timeout plus a closing
+  period. Ours routes datagrams of known connections first (a short header
+  costs one slice and one dict lookup), drops what cannot start a handshake
+  before parsing it further (short, wrong version, not an Initial), asks
+  :class:`outrelay.transport.admission.QuicAdmission` before it allocates
+  anything (caps, per-source rate, stateless Retry under pressure or
+  always), forgets a connection at once when its first Initial does not
+  decrypt, and at the handshake deadline (:data:`HANDSHAKE_TIMEOUT`) frees
+  the connection without a closing period.
 
 This is the only module that touches aioquic; its errors come out as
 :mod:`outrelay.transport.base` errors.
@@ -35,22 +47,34 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import os
 import socket
 import types
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any, Protocol
 
+from aioquic._buffer import Buffer
 from aioquic.asyncio.protocol import QuicConnectionProtocol
 from aioquic.asyncio.server import QuicServer
 from aioquic.quic import events
-from aioquic.quic.configuration import QuicConfiguration
-from aioquic.quic.connection import QuicConnection
-from aioquic.quic.packet import QuicFrameType, QuicStreamFrame
+from aioquic.quic.configuration import SMALLEST_MAX_DATAGRAM_SIZE, QuicConfiguration
+from aioquic.quic.connection import QuicConnection, QuicConnectionState
+from aioquic.quic.packet import (
+    QuicFrameType,
+    QuicPacketType,
+    QuicStreamFrame,
+    encode_quic_retry,
+    encode_quic_version_negotiation,
+    pull_quic_header,
+)
 from aioquic.quic.packet_builder import QuicDeliveryState
+from aioquic.quic.retry import QuicRetryTokenHandler
 
 from outrelay.transport._chunks import take_chunks
+from outrelay.transport.admission import QuicAdmission, RetryMode, Verdict
 from outrelay.transport.base import (
     BrokenResourceError,
     BusyResourceError,
@@ -79,6 +103,7 @@ __all__ = [
     "PacketEndpoint",
     "QuicServerHandle",
     "QuicTlsConfig",
+    "RetryMode",
     "accept_quic_on",
     "connect_quic",
     "connect_quic_on",
@@ -633,6 +658,8 @@ class _Protocol(QuicConnectionProtocol):
         self.handshake: asyncio.Future[None] = self._loop.create_future()
         """Resolved when the handshake completes; fails if the connection ends first."""
         self._handshake_timer: asyncio.TimerHandle | None = None
+        self._discarded = False
+        """Server side: forgotten before its handshake completed (see :meth:`discard`)."""
         quic._outrelay_owner = self.conn  # type: ignore[attr-defined]
         quic._write_stream_limits = types.MethodType(_write_stream_limits, quic)  # type: ignore[method-assign]
         # Advertise quic-go's limits; ``sent`` must match what the transport
@@ -661,7 +688,29 @@ class _Protocol(QuicConnectionProtocol):
     def _handshake_expired(self) -> None:
         if not self._connected:
             log.debug("QUIC handshake timed out")
-            self.conn.close(0, "")
+            self.conn.close(0, "")  # one CONNECTION_CLOSE, if we have keys to send it with
+            self.discard("handshake timed out")
+
+    def discard(self, reason: str) -> None:
+        """Forget this server connection now, without aioquic's closing period.
+
+        For a handshake that never completed (the deadline passed, or the
+        first Initial did not even decrypt): its client has nothing to lose,
+        and under a flood the closing period (3 x PTO, ~3 s before any RTT
+        sample) would keep every such connection's memory alive.
+        """
+        if self._discarded:
+            return
+        self._discarded = True
+        # aioquic's protocol keeps its timer handle in the private ``_timer``;
+        # the handle's callback references this protocol, so an armed timer
+        # would keep the connection alive until the idle timeout.
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        # The server's callback (set by QuicServer) that forgets our CIDs.
+        self._connection_terminated_handler()
+        self.conn._on_terminated(reason)
 
     def quic_event_received(self, event: events.QuicEvent) -> None:
         if isinstance(event, events.HandshakeCompleted):
@@ -681,12 +730,16 @@ class _Protocol(QuicConnectionProtocol):
         self.conn._on_event(event)
 
     def transmit(self) -> None:
+        if self._discarded:
+            return
         if defer_transmit(self):
             return  # once, at the end of the current read batch
         super().transmit()
         self.conn._on_progress()
 
     def datagram_received(self, data: bytes | str, addr: Any) -> None:
+        if self._discarded:
+            return
         self._last_rx = self._loop.time()
         super().datagram_received(data, addr)
         if self.conn._announce and not self.conn._terminated:
@@ -874,9 +927,14 @@ async def client_handshake(
 class QuicServerHandle:
     """A bound QUIC listener; :meth:`close` stops it and every connection."""
 
-    def __init__(self, server: QuicServer, protocols: set[_Protocol]) -> None:
+    def __init__(self, server: _GuardedServer, protocols: set[_Protocol]) -> None:
         self._server = server
         self._protocols = protocols
+
+    @property
+    def admission(self) -> QuicAdmission:
+        """Half-open handshakes, Retry state and verdict counts (for logs and tests)."""
+        return self._server.admission
 
     @property
     def address(self) -> tuple[str, int]:
@@ -928,6 +986,211 @@ def server_protocol_factory(
     return create_protocol
 
 
+RETRY_CID_LENGTH = 8
+"""Bytes of the connection ID a Retry packet hands the client (aioquic's own
+choice, and our ``connection_id_length``)."""
+
+
+class _GuardedServer(QuicServer):
+    """aioquic's :class:`QuicServer` with admission in front of every new connection.
+
+    Replaces ``datagram_received`` entirely (see the module docstring); the
+    rest (CID bookkeeping callbacks, ``close``) is aioquic's. Reaches into
+    ``QuicServer`` privates, each for a reason given where it is used:
+    ``_protocols`` (aioquic's CID -> protocol map: we route through it and
+    register new connections in it, as aioquic does), ``_configuration``,
+    ``_create_protocol``, ``_stream_handler``, ``_transport`` and
+    ``_connection_id_*``/``_connection_terminated`` (what aioquic's own
+    connection set-up uses; we repeat that set-up after our checks).
+    """
+
+    def __init__(
+        self,
+        *,
+        configuration: QuicConfiguration,
+        create_protocol: Callable[..., _Protocol],
+        admission: QuicAdmission,
+    ) -> None:
+        # retry=False: aioquic's own Retry path would validate a token only
+        # while its switch is on; ours validates every token, always.
+        super().__init__(configuration=configuration, create_protocol=create_protocol)
+        self.admission = admission
+        self._tokens = QuicRetryTokenHandler()
+        """One key for the listener's lifetime: a client that got a Retry under
+        pressure is validated with it even after the pressure has ended."""
+        self._cid_length = configuration.connection_id_length
+        self._versions = frozenset(configuration.supported_versions)
+        self._retrying = False
+
+    def datagram_received(self, data: bytes | str, addr: Any) -> None:
+        if not isinstance(data, bytes) or not data:
+            return
+        # aioquic's private CID -> protocol map (QuicServer._protocols).
+        protocols = self._protocols
+        if not data[0] & 0x80:
+            # Short header (1-RTT): established connections, the hot path.
+            # Our CIDs all have ``connection_id_length`` bytes.
+            protocol = protocols.get(data[1 : 1 + self._cid_length])
+            if protocol is not None:
+                protocol.datagram_received(data, addr)
+            return
+        if len(data) < 7:
+            return
+        protocol = protocols.get(data[6 : 6 + data[5]])
+        if protocol is not None:  # a long header of a connection we know
+            protocol.datagram_received(data, addr)
+            return
+        if len(data) < SMALLEST_MAX_DATAGRAM_SIZE:
+            return  # cannot start a handshake (RFC 9000 §14.1)
+        version = int.from_bytes(data[1:5], "big")
+        now = self._loop.time()
+        source = _fold_address(addr)[0]
+        if version not in self._versions:
+            if version != 0:  # never answer a Version Negotiation packet
+                self._version_negotiation(data, addr, source, now)
+            return
+        try:
+            header = pull_quic_header(Buffer(data=data), host_cid_length=self._cid_length)
+        except ValueError:
+            return
+        if header.packet_type != QuicPacketType.INITIAL:
+            return
+        if header.token:
+            self._validated_initial(header, data, addr, source, now)
+            return
+        verdict = self.admission.check_new(source, now)
+        if verdict is Verdict.ADMIT:
+            self._start(header.destination_cid, data, addr, source, validated=False)
+        elif verdict is Verdict.RETRY:
+            self._send_retry(header, addr, now)
+        self._note_pressure(now)
+
+    def _note_pressure(self, now: float) -> None:
+        retrying = self.admission.retry_active(now)
+        if retrying != self._retrying:
+            self._retrying = retrying
+            half_open = self.admission.half_open
+            log.info(
+                "QUIC address validation (Retry) %s",
+                "on" if retrying else "off",
+                extra={
+                    "attrs": {
+                        "mode": self.admission.mode.value,
+                        "half_open": half_open.total,
+                        "unvalidated": self.admission.unvalidated.total,
+                        **self.admission.stats,
+                    }
+                },
+            )
+
+    def _validated_initial(
+        self, header: Any, data: bytes, addr: Any, source: str, now: float
+    ) -> None:
+        # Every token is ours (aioquic never sends NEW_TOKEN), so every token
+        # is checked, whatever the mode and the pressure right now.
+        try:
+            original_dcid = self._tokens.validate_token(
+                address=addr, destination_cid=header.destination_cid, token=header.token, now=now
+            )
+        except ValueError:
+            # RFC 9000 §8.1.3 says SHOULD close with INVALID_TOKEN; building
+            # that close costs Initial key derivation and AEAD for a packet a
+            # flood would send by the thousand. Dropping is allowed (SHOULD).
+            return
+        if self.admission.check_validated(source) is Verdict.ADMIT:
+            self._start(
+                header.destination_cid,
+                data,
+                addr,
+                source,
+                validated=True,
+                original_dcid=original_dcid,
+            )
+
+    def _send_retry(self, header: Any, addr: Any, now: float) -> None:
+        retry_cid = os.urandom(RETRY_CID_LENGTH)
+        try:
+            token = self._tokens.create_token(
+                address=addr,
+                original_destination_connection_id=header.destination_cid,
+                retry_source_connection_id=retry_cid,
+                now=now,
+            )
+        except ValueError:
+            return  # an address the token cannot encode (e.g. a scoped IPv6 literal)
+        packet = encode_quic_retry(
+            version=header.version,
+            source_cid=retry_cid,
+            destination_cid=header.source_cid,
+            original_destination_cid=header.destination_cid,
+            retry_token=token,
+        )
+        self._transport.sendto(packet, addr)  # type: ignore[union-attr]
+
+    def _version_negotiation(self, data: bytes, addr: Any, source: str, now: float) -> None:
+        if not self.admission.allow_reply(source, now):
+            return
+        try:
+            header = pull_quic_header(Buffer(data=data), host_cid_length=self._cid_length)
+        except ValueError:
+            return
+        packet = encode_quic_version_negotiation(
+            source_cid=header.destination_cid,
+            destination_cid=header.source_cid,
+            supported_versions=list(self._versions),
+        )
+        self._transport.sendto(packet, addr)  # type: ignore[union-attr]
+
+    def _start(
+        self,
+        dcid: bytes,
+        data: bytes,
+        addr: Any,
+        source: str,
+        *,
+        validated: bool,
+        original_dcid: bytes | None = None,
+    ) -> None:
+        """aioquic's connection set-up (``QuicServer.datagram_received``), after our checks."""
+        connection = QuicConnection(
+            configuration=self._configuration,
+            original_destination_connection_id=original_dcid if validated else dcid,
+            retry_source_connection_id=dcid if validated else None,
+        )
+        protocol: _Protocol = self._create_protocol(connection, stream_handler=self._stream_handler)
+        protocol.connection_made(self._transport)  # type: ignore[arg-type]
+        protocol._connection_id_issued_handler = partial(
+            self._connection_id_issued, protocol=protocol
+        )
+        protocol._connection_id_retired_handler = partial(
+            self._connection_id_retired, protocol=protocol
+        )
+        protocol._connection_terminated_handler = partial(
+            self._connection_terminated, protocol=protocol
+        )
+        self._protocols[dcid] = protocol
+        self._protocols[connection.host_cid] = protocol
+
+        admission = self.admission
+        admission.opened(source, validated=validated)
+        released = False
+
+        def release(_: object = None) -> None:
+            nonlocal released
+            if not released:
+                released = True
+                admission.closed(source, validated=validated)
+
+        # Done when the handshake completes, or fails/expires/is discarded.
+        protocol.handshake.add_done_callback(release)
+        protocol.datagram_received(data, addr)
+        # aioquic moves a server connection out of FIRSTFLIGHT (private
+        # ``_state``) once a packet decrypted; still there, the Initial was
+        # garbage with a plausible header: nothing will ever come of it.
+        if connection._state == QuicConnectionState.FIRSTFLIGHT:
+            protocol.discard("first Initial did not decrypt")
+
+
 async def bind_udp(host: str, port: int) -> socket.socket:
     """A UDP socket bound to ``host:port`` (an IPv6 wildcard is dual-stack).
 
@@ -958,6 +1221,8 @@ async def serve_quic(
     verify_client: Callable[[x509.Certificate | None, tuple[x509.Certificate, ...]], str],
     on_connection: Callable[[QuicConn], None],
     on_refused: Callable[[tuple[str, int], str], None] | None = None,
+    retry: RetryMode = RetryMode.AUTO,
+    admission: QuicAdmission | None = None,
 ) -> QuicServerHandle:
     """Listen for QUIC connections; hand each verified one to ``on_connection``.
 
@@ -970,6 +1235,11 @@ async def serve_quic(
         on_connection: called synchronously with every accepted connection;
             ``conn.identity`` is set.
         on_refused: called with (peer address, reason) for refused clients.
+        retry: when clients must prove their address with a Retry round trip
+            first (:class:`RetryMode`; the relay's ``--quic-retry``).
+        admission: the admission state (default: a fresh
+            :class:`~outrelay.transport.admission.QuicAdmission` with ``retry``
+            and the module's caps); tests pass smaller caps.
 
     Raises:
         OSError: the address could not be bound.
@@ -979,7 +1249,11 @@ async def serve_quic(
     create_protocol = server_protocol_factory(verify_client, on_connection, on_refused, protocols)
     sock = await bind_udp(host, port)
     try:
-        server = QuicServer(configuration=config, create_protocol=create_protocol)
+        server = _GuardedServer(
+            configuration=config,
+            create_protocol=create_protocol,
+            admission=admission if admission is not None else QuicAdmission(retry),
+        )
         BatchDatagramTransport(asyncio.get_running_loop(), sock, server)
     except OSError:
         sock.close()

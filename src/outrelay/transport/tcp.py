@@ -33,7 +33,10 @@ Server robustness (spec 02 §9.3 [REC]): every accepted socket gets its own
 task that waits for the TLS handshake at most :data:`HANDSHAKE_TIMEOUT` and
 then verifies the client; failures (port scans, garbage, no or bad
 certificates, stalled clients) are reported to ``on_refused`` and never
-touch the accept loop.
+touch the accept loop. At most :data:`MAX_TLS_HANDSHAKES` handshakes run at
+once, :data:`MAX_TLS_HANDSHAKES_PER_SOURCE` from one IP address; a socket
+beyond either cap is closed as soon as it is accepted, before any TLS state
+exists for it.
 
 Only this module touches ``ssl`` and socket errors for the TCP path; they
 come out as :mod:`outrelay.transport.base` errors.
@@ -54,6 +57,7 @@ from typing import TYPE_CHECKING, Any, cast
 from cryptography import x509
 
 from outrelay.transport._chunks import take_chunks
+from outrelay.transport.admission import HalfOpen
 from outrelay.transport.base import (
     BrokenResourceError,
     BusyResourceError,
@@ -86,6 +90,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "HANDSHAKE_TIMEOUT",
+    "MAX_TLS_HANDSHAKES",
+    "MAX_TLS_HANDSHAKES_PER_SOURCE",
     "SEND_CHUNK",
     "WRITE_BUFFER_HIGH",
     "WRITE_BUFFER_MAX",
@@ -103,7 +109,19 @@ __all__ = [
 log = logging.getLogger("outrelay.transport.tcp")
 
 HANDSHAKE_TIMEOUT = 10.0
-"""Spec 02 §9.3 [REC]: TCP connect plus TLS handshake, each side."""
+"""Spec 02 §9.3 [REC]: TCP connect plus TLS handshake, each side. On the
+server, a socket whose handshake has not completed by then is aborted."""
+MAX_TLS_HANDSHAKES = 256
+"""Server: TLS handshakes in progress at once, all sources together. Each one
+holds a socket, an SSLObject with its BIOs and a task (~30-60 KiB) for up to
+:data:`HANDSHAKE_TIMEOUT`; 256 bound that to ~15 MiB and a few hundred file
+descriptors, while a handshake on a live link takes milliseconds, so agents
+reconnecting after a restart do not come near it. Over it, a new socket is
+closed at once (the client's reconnect loop tries again)."""
+MAX_TLS_HANDSHAKES_PER_SOURCE = 32
+"""Server: TLS handshakes in progress from one IP address: a host that opens
+sockets and stalls them can take an eighth of :data:`MAX_TLS_HANDSHAKES`,
+never all of it."""
 CLOSE_TIMEOUT = 5.0
 """After ``close()``, give the socket this long to flush, then abort it."""
 SEND_CHUNK = 128 * 1024
@@ -1057,6 +1075,8 @@ async def serve_tcp(
     on_refused: Callable[[tuple[str, int], str], None] | None = None,
     handshake_timeout: float = HANDSHAKE_TIMEOUT,
     config: YamuxConfig | None = None,
+    max_handshakes: int = MAX_TLS_HANDSHAKES,
+    max_handshakes_per_source: int = MAX_TLS_HANDSHAKES_PER_SOURCE,
 ) -> TcpServerHandle:
     """Listen for TLS + yamux connections; hand each verified one to ``on_connection``.
 
@@ -1073,13 +1093,25 @@ async def serve_tcp(
             garbage, a port scan's connect-and-close), handshake timeout, or
             ``verify_client`` refusal.
         handshake_timeout: per socket, spec 02 §9.3 [REC].
+        max_handshakes: handshakes in progress at once; sockets beyond it are
+            closed at once (not reported to ``on_refused``: a flood would
+            turn every one into a log line).
+        max_handshakes_per_source: the same, per client IP address.
 
     Raises:
         OSError: the address could not be bound.
     """
     ctx = _server_context(tls)
     return await _serve(
-        host, port, ctx, verify_client, on_connection, on_refused, handshake_timeout, config
+        host,
+        port,
+        ctx,
+        verify_client,
+        on_connection,
+        on_refused,
+        handshake_timeout,
+        config,
+        HalfOpen(max_handshakes, max_handshakes_per_source),
     )
 
 
@@ -1091,7 +1123,17 @@ async def serve_yamux_plaintext(
     config: YamuxConfig | None = None,
 ) -> TcpServerHandle:
     """yamux server over plain TCP, no TLS: for interop tests and trusted links only."""
-    return await _serve(host, port, None, None, on_connection, None, HANDSHAKE_TIMEOUT, config)
+    return await _serve(
+        host,
+        port,
+        None,
+        None,
+        on_connection,
+        None,
+        HANDSHAKE_TIMEOUT,
+        config,
+        HalfOpen(MAX_TLS_HANDSHAKES, MAX_TLS_HANDSHAKES_PER_SOURCE),
+    )
 
 
 async def _serve(
@@ -1103,10 +1145,13 @@ async def _serve(
     on_refused: Callable[[tuple[str, int], str], None] | None,
     handshake_timeout: float,
     config: YamuxConfig | None,
+    half_open: HalfOpen,
 ) -> TcpServerHandle:
     loop = asyncio.get_running_loop()
     protocols: set[_YamuxProtocol] = set()
     tasks: set[asyncio.Task[None]] = set()
+    over_cap = [0]
+    """Sockets closed for the caps since the last one that fitted (for one warning per episode)."""
 
     def refuse(protocol: _YamuxProtocol, reason: str) -> None:
         log.debug("TCP client %s refused: %s", protocol.address, reason)
@@ -1152,11 +1197,35 @@ async def _serve(
             log.error("TCP admission task failed", exc_info=task.exception())
 
     def on_made(protocol: _YamuxProtocol) -> None:
+        source = protocol.address[0]
+        if not half_open.fits(source):
+            # Before any TLS byte is read: no task, no timer, RST to the client.
+            if not over_cap[0]:
+                log.warning(
+                    "TCP handshake cap reached: closing new sockets at once",
+                    extra={
+                        "attrs": {
+                            "source": source,
+                            "in_progress": half_open.total,
+                            "from_source": half_open.of(source),
+                        }
+                    },
+                )
+            over_cap[0] += 1
+            protocol.abort()
+            return
+        if over_cap[0]:
+            log.info("TCP handshake cap: %d sockets were closed at once", over_cap[0])
+            over_cap[0] = 0
+        half_open.open(source)
         protocols.add(protocol)
         protocol.conn._on_closed.append(lambda: protocols.discard(protocol))
         task = loop.create_task(admit(protocol), name=f"tcp-admit {protocol.address}")
         tasks.add(task)
         task.add_done_callback(task_done)
+        # The task ends right after the handshake (verification and hand-over
+        # are synchronous), also when it is cancelled before it ever ran.
+        task.add_done_callback(lambda _: half_open.close(source))
 
     def factory() -> _YamuxProtocol:
         return _YamuxProtocol(tls=ctx, server_side=True, config=config, on_made=on_made)

@@ -1,0 +1,147 @@
+"""The TCP fallback listener under half-open TLS handshakes: timeout and caps.
+
+Attackers connect from other loopback addresses (127.0.0.2, ...), so "one
+source" is one IP address, and the legitimate client dials from 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+
+from outrelay.pki import ClientVerifier
+from outrelay.transport import BrokenResourceError, TcpServerHandle, serve_tcp
+from outrelay.transport.tcp import TcpConn, connect_tcp
+
+from .conftest import Pki
+
+pytestmark = pytest.mark.timeout(60)
+
+TIMEOUT = 1.5
+"""The server's handshake timeout in these tests."""
+
+
+def client_hello() -> bytes:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.set_alpn_protocols(["orp/1"])
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = ctx.wrap_bio(incoming, outgoing, server_hostname="localhost")
+    with pytest.raises(ssl.SSLWantReadError):
+        obj.do_handshake()
+    return outgoing.read()
+
+
+class Half:
+    """One attacker socket: connected from ``source``, says nothing or part of a ClientHello."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.opened = time.monotonic()
+
+    @classmethod
+    async def open(cls, port: int, source: str, partial: bool = False) -> Half:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
+        if partial:
+            hello = client_hello()
+            writer.write(hello[: len(hello) // 2])
+            await writer.drain()
+        return cls(reader, writer)
+
+    async def closed_after(self, limit: float) -> float | None:
+        """Seconds from connect until the server closed us; None if still open after ``limit``."""
+        try:
+            async with asyncio.timeout(limit):
+                data = await self.reader.read(65536)
+        except TimeoutError:
+            return None
+        except ConnectionResetError:
+            data = b""
+        assert data == b"", data  # the server never answered with anything
+        return time.monotonic() - self.opened
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+@pytest.fixture
+async def halves() -> AsyncIterator[list[Half]]:
+    opened: list[Half] = []
+    yield opened
+    for half in opened:
+        half.close()
+
+
+async def _serve(pki: Pki, **kwargs: int) -> tuple[TcpServerHandle, asyncio.Queue[TcpConn]]:
+    verifier = ClientVerifier([pki.ca.cert])
+    conns: asyncio.Queue[TcpConn] = asyncio.Queue()
+    handle = await serve_tcp(
+        "127.0.0.1",
+        0,
+        pki.relay,
+        verify_client=lambda leaf, chain: verifier.verify(leaf, chain),
+        on_connection=conns.put_nowait,
+        handshake_timeout=TIMEOUT,
+        **kwargs,  # type: ignore[arg-type]
+    )
+    return handle, conns
+
+
+async def _legit(pki: Pki, port: int, conns: asyncio.Queue[TcpConn]) -> None:
+    client = await connect_tcp("127.0.0.1", port, pki.agent, handshake_timeout=5)
+    async with asyncio.timeout(5):
+        peer = await conns.get()
+    assert peer.identity == pki.agent_uri
+    client.close()
+
+
+async def test_per_source_cap_closes_extra_sockets_at_once(pki: Pki, halves: list[Half]) -> None:
+    handle, conns = await _serve(pki, max_handshakes_per_source=4)
+    port = handle.address[1]
+    try:
+        for i in range(4):
+            halves.append(await Half.open(port, "127.0.0.2", partial=bool(i % 2)))
+        extra = [await Half.open(port, "127.0.0.2") for _ in range(3)]
+        halves.extend(extra)
+        for half in extra:
+            closed = await half.closed_after(1.0)
+            assert closed is not None and closed < 1.0, "over the cap: closed at once"
+        # Another source is not affected while 127.0.0.2 is at its cap.
+        await _legit(pki, port, conns)
+        # The four in progress are closed at the handshake timeout...
+        for half in halves[:4]:
+            closed = await half.closed_after(TIMEOUT + 2)
+            assert closed is not None and closed >= TIMEOUT - 0.2, closed
+        # ...and then 127.0.0.2 may start handshakes again.
+        again = await Half.open(port, "127.0.0.2")
+        halves.append(again)
+        assert await again.closed_after(0.5) is None
+    finally:
+        handle.close()
+        await handle.wait_closed()
+
+
+async def test_total_cap_across_sources(pki: Pki, halves: list[Half]) -> None:
+    handle, conns = await _serve(pki, max_handshakes=3)
+    port = handle.address[1]
+    try:
+        for i in range(3):
+            halves.append(await Half.open(port, f"127.0.0.{i + 2}"))
+        extra = await Half.open(port, "127.0.0.9")
+        halves.append(extra)
+        closed = await extra.closed_after(1.0)
+        assert closed is not None and closed < 1.0
+        # Nothing else gets in until a slot frees: the legitimate client too
+        # is closed at once (its reconnect loop would try again).
+        with pytest.raises(BrokenResourceError):
+            await _legit(pki, port, conns)
+        for half in halves[:3]:
+            assert await half.closed_after(TIMEOUT + 2) is not None
+        await _legit(pki, port, conns)
+    finally:
+        handle.close()
+        await handle.wait_closed()
