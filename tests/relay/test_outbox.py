@@ -1,4 +1,4 @@
-"""The relay's bounded control queue (relay/outbox.py) and the per-agent token bucket."""
+"""The relay's bounded control queue (relay/outbox.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import asyncio
 import pytest
 
 from outrelay.orp import FrameType, StreamCheckpoint, encode_message
-from outrelay.relay.limits import TokenBucket
 from outrelay.relay.outbox import ControlOutbox
 from outrelay.transport.memory import memory_stream_pair
 
@@ -61,16 +60,3 @@ async def test_a_stalled_write_closes_the_agent() -> None:
     box.post_raw(b"x" * 64)
     await asyncio.wait_for(writer, 2)
     assert overflows and "stalled" in overflows[0]
-
-
-def test_token_bucket() -> None:
-    bucket = TokenBucket(rate=10, burst=5, now=0.0)
-    assert all(bucket.take(0.0) for _ in range(5))
-    assert not bucket.take(0.0)
-    assert bucket.take(0.1)  # one token back after 100 ms
-    assert not bucket.take(0.1)
-    assert all(bucket.take(100.0) for _ in range(5))  # refilled, capped at the burst
-    assert not bucket.take(100.0)
-    assert not bucket.take(50.0)  # a clock step back adds nothing
-    with pytest.raises(ValueError):
-        TokenBucket(rate=0, burst=1, now=0)

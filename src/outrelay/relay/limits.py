@@ -7,7 +7,8 @@ connection in the transports (``MAX_INCOMING_STREAMS``: 1,024 on QUIC, 100 on
 yamux), the records of broken splices and agent processes in
 :mod:`outrelay.relay.pairs`.
 
-Sans-IO: :class:`TokenBucket` takes ``now`` as an argument.
+The control-frame rate is enforced with ``transport.admission.TokenBucket``, the one the
+listeners use against handshake floods.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ __all__ = [
     "MAX_PARKED_HALVES_PER_AGENT",
     "MAX_REGISTRATIONS_PER_AGENT",
     "MAX_SERVICE_NAME",
-    "TokenBucket",
 ]
 
 CONTROL_FRAMES_PER_SECOND: Final = 20_000.0
@@ -44,27 +44,3 @@ MAX_PARKED_HALVES_PER_AGENT: Final = 1024
 """Resume halves one agent URI may have waiting at once: as many as one connection
 may open streams (1,024 on QUIC). A parked half outlives its connection for the
 resume window, so without a cap reconnecting agents could pile them up."""
-
-
-class TokenBucket:
-    """``rate`` tokens per second, at most ``burst`` saved up; one token per event."""
-
-    __slots__ = ("_burst", "_last", "_rate", "_tokens")
-
-    def __init__(self, rate: float, burst: float, now: float) -> None:
-        if rate <= 0 or burst < 1:
-            raise ValueError("rate must be positive and burst at least 1")
-        self._rate = rate
-        self._burst = burst
-        self._tokens = burst
-        self._last = now
-
-    def take(self, now: float, tokens: float = 1.0) -> bool:
-        """Spend ``tokens`` if there are enough at ``now``; False leaves the bucket as it was."""
-        elapsed = max(0.0, now - self._last)
-        self._last = max(self._last, now)
-        self._tokens = min(self._burst, self._tokens + elapsed * self._rate)
-        if self._tokens < tokens:
-            return False
-        self._tokens -= tokens
-        return True

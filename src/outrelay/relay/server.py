@@ -64,7 +64,6 @@ from outrelay.relay.limits import (
     MAX_PARKED_HALVES_PER_AGENT,
     MAX_REGISTRATIONS_PER_AGENT,
     MAX_SERVICE_NAME,
-    TokenBucket,
 )
 from outrelay.relay.outbox import ControlOutbox
 from outrelay.relay.pairs import AgentInstances, EndedPairs, Member, MigratedCache, PairTable
@@ -92,6 +91,7 @@ from outrelay.transport import (
     serve_quic,
     serve_tcp,
 )
+from outrelay.transport.admission import TokenBucket
 from outrelay.transport.quic import close_phrase
 from outrelay.wire import FrameReader, expect_message, frame_name
 
@@ -563,7 +563,7 @@ class Relay:
     async def _serve_control(self, session: AgentSession) -> None:
         reader = session.reader
         loop = asyncio.get_running_loop()
-        bucket = TokenBucket(CONTROL_FRAMES_PER_SECOND, CONTROL_BURST, loop.time())
+        bucket = TokenBucket.full(CONTROL_FRAMES_PER_SECOND, CONTROL_BURST, loop.time())
         while True:
             try:
                 frame = await reader.read_frame()
