@@ -171,6 +171,24 @@ def make_pki(out: Path) -> Pki:
     )
 
 
+def issue_agent(pki: Pki, name: str, out: Path | None = None) -> Identity:
+    """One more agent identity of tenant acme from the dev CA (``outrelay pki agent``)."""
+    out = out or pki.dir / "extra"
+    where = ["--ca-dir", str(pki.dir), "--out", str(out)]
+    proc = subprocess.run(
+        [*OUTRELAY_CMD, "pki", "agent", *where, "--tenant", "acme", "--name", name, "--force"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=child_env(),
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    uri = proc.stdout.split()[0]
+    assert uri.startswith("outrelay://acme/agent/"), proc.stdout
+    return Identity(name=name, uri=uri, cert=out / f"{name}.crt", key=out / f"{name}.key")
+
+
 def write_policy(path: Path, rules: Sequence[Mapping[str, Any]]) -> Path:
     path.write_text(json.dumps({"rules": list(rules)}, indent=2))
     return path

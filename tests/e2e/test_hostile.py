@@ -44,39 +44,11 @@ from outrelay.orp import (
 from outrelay.transport import QuicTlsConfig, Stream, TransportError, connect_quic
 from outrelay.wire import FrameReader
 
-from .harness import OUTRELAY_CMD, Backends, Cluster, Identity, Pki, Relay, child_env
+from .harness import Backends, Cluster, Identity, Pki, Relay, child_env, issue_agent
 
 pytestmark = [pytest.mark.e2e]
 
 KiB = 1 << 10
-
-
-def issue_identity(pki: Pki, name: str) -> Identity:
-    """One more agent identity of the dev PKI's tenant (``outrelay pki agent``)."""
-    out = pki.dir / "extra"
-    proc = subprocess.run(
-        [
-            *OUTRELAY_CMD,
-            "pki",
-            "agent",
-            "--ca-dir",
-            str(pki.dir),
-            "--out",
-            str(out),
-            "--tenant",
-            "acme",
-            "--name",
-            name,
-            "--force",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        env=child_env(),
-        check=True,
-    )
-    uri = next(w for w in proc.stdout.split() if w.startswith("outrelay://"))
-    return Identity(name, uri, out / f"{name}.crt", out / f"{name}.key")
 
 
 class RawAgent:
@@ -264,7 +236,7 @@ async def test_a_consumer_that_never_reads_its_control_stream_stalls_nobody(
     provider = RawProvider(await RawAgent.connect(relay, pki.agent(0), pki.ca_cert))
     await provider.agent.send_ctrl(FrameType.REGISTER, Register(service_name="svc"))
     observer = await RawAgent.connect(relay, pki.agent(1), pki.ca_cert)
-    bad_ident = issue_identity(pki, "bad-consumer")
+    bad_ident = issue_agent(pki, "bad-consumer")
     bad_sid = secrets.randbits(63) | 1
     try:
         await asyncio.sleep(0.5)  # REGISTER handled
@@ -316,7 +288,7 @@ async def test_frames_naming_another_agents_stream_change_nothing(
     echo = backends.echo()
     cluster.start_agent(pki.agent(0), relay, expose={"svc": echo.addr})
     owner = await RawAgent.connect(relay, pki.agent(1), pki.ca_cert)
-    squatter = await RawAgent.connect(relay, issue_identity(pki, "squatter"), pki.ca_cert)
+    squatter = await RawAgent.connect(relay, issue_agent(pki, "squatter"), pki.ca_cert)
     try:
         sid, stream = await owner.open("svc")
         await echo_loop(stream, 0.5)
@@ -361,7 +333,7 @@ async def test_a_squatter_cannot_claim_a_stream_after_a_relay_restart(
     echo = backends.echo()
     cluster.start_agent(pki.agent(0), relay, expose={"svc": echo.addr})
     consumer = cluster.start_agent(pki.agent(1), relay, consume=["svc"])
-    squatter_ident = issue_identity(pki, "squatter-2")
+    squatter_ident = issue_agent(pki, "squatter-2")
     reader, writer = await asyncio.open_connection("127.0.0.1", consumer.port("svc"))
     try:
         writer.write(b"before")

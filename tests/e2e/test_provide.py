@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import signal
 import socket
-import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -29,7 +28,6 @@ from typing import Any
 import pytest
 
 from .harness import (
-    OUTRELAY_CMD,
     Agent,
     Backends,
     Cluster,
@@ -37,8 +35,8 @@ from .harness import (
     Identity,
     Pki,
     Relay,
-    child_env,
     connect,
+    issue_agent,
     read_until_closed,
     write_policy,
 )
@@ -80,32 +78,9 @@ def ask(consumer: Agent, payload: bytes = b"ping") -> bytes:
 @pytest.fixture(scope="module")
 def taker_identity(tmp_path_factory: pytest.TempPathFactory, pki: Pki) -> Identity:
     """A third agent of tenant acme, issued by the session's dev CA."""
-    out = tmp_path_factory.mktemp("taker-pki")
-    proc = subprocess.run(
-        [
-            *OUTRELAY_CMD,
-            "pki",
-            "agent",
-            "--ca-dir",
-            str(pki.dir),
-            "--out",
-            str(out),
-            "--tenant",
-            "acme",
-            "--name",
-            "taker",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=child_env(),
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr
-    uri = proc.stdout.split()[0]
-    assert uri.startswith("outrelay://acme/agent/"), proc.stdout
-    assert uri not in {a.uri for a in pki.agents}
-    return Identity(name="taker", uri=uri, cert=out / "taker.crt", key=out / "taker.key")
+    taker = issue_agent(pki, "taker", tmp_path_factory.mktemp("taker-pki"))
+    assert taker.uri not in {a.uri for a in pki.agents}
+    return taker
 
 
 class Topology:
