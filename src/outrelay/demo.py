@@ -26,7 +26,7 @@ from outrelay.agent.agent import Agent, AgentConfig
 from outrelay.agent.session import SessionConfig
 from outrelay.observe import LOG_LEVELS, setup_logging
 from outrelay.pki import create_ca, issue_agent, issue_relay, write_identity
-from outrelay.relay.server import Relay, RelayConfig
+from outrelay.relay import Relay, RelayConfig
 from outrelay.transport import QuicTlsConfig
 
 __all__ = ["add_demo_command", "run_demo"]

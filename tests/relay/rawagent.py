@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from outrelay.pki import Issued, issue_agent, write_identity
+from outrelay.relay import Relay, RelayConfig
 from outrelay.relay.policy import PolicyService, load_policy_file
-from outrelay.relay.server import Relay, RelayConfig
 from outrelay.transport import QuicTlsConfig, Stream, TransportError, connect_quic
 
 WAIT = 5.0

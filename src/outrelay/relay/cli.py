@@ -28,8 +28,8 @@ from outrelay.cliutil import (
 )
 from outrelay.observe import kv, setup_logging
 from outrelay.pki import PkiError, load_certificates, load_identity
+from outrelay.relay import Relay, RelayConfig
 from outrelay.relay.policy import PolicyFileError, PolicyService, load_policy_document
-from outrelay.relay.server import Relay, RelayConfig
 from outrelay.transport import RetryMode
 
 __all__ = ["build_parser", "main"]
