@@ -52,6 +52,7 @@ from outrelay.transport import (
     accept_quic_on,
     connect_quic_on,
 )
+from outrelay.wire import discard
 
 if TYPE_CHECKING:
     from outrelay.orp import AllocGranted
@@ -352,12 +353,6 @@ async def _open_plane(grant: AllocGranted, relay_host: str) -> PlaneSocket:
     return await PlaneSocket.open(core, endpoint)
 
 
-async def _discard(stream: Stream) -> None:
-    with contextlib.suppress(TransportError):
-        while await stream.receive_some():
-            pass
-
-
 async def _drain(stream: Stream) -> None:
     """Wait (bounded) until what we sent on ``stream`` is acknowledged."""
     deadline = time.monotonic() + DRAIN_TIMEOUT
@@ -377,7 +372,7 @@ async def _bridge(
     """Bridge ``app`` with the end-to-end stream; the relay stream is the liveness link."""
     async with asyncio.TaskGroup() as tg:
         bridge = tg.create_task(splice(app, fwd, abort_a_on_b_error=True))
-        liveness = tg.create_task(_discard(relay_stream))
+        liveness = tg.create_task(discard(relay_stream))
         idle = tg.create_task(plane.idle.wait())
         done, _ = await asyncio.wait({bridge, liveness, idle}, return_when="FIRST_COMPLETED")
         if bridge not in done:
@@ -471,7 +466,7 @@ async def run_forward_provider(
             verifier = ClientVerifier(load_certificates(tls.ca_file))
             loop = asyncio.get_running_loop()
             accepted = loop.create_task(_accept(plane, tls, verifier, accept_timeout))
-            watch = loop.create_task(_discard(relay_stream))
+            watch = loop.create_task(discard(relay_stream))
             try:
                 await asyncio.wait({accepted, watch}, return_when="FIRST_COMPLETED")
             finally:

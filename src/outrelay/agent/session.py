@@ -52,12 +52,14 @@ from outrelay.orp import (
     ObservedAddrResp,
     OpenStream,
     OrpError,
+    P2PMode,
     Register,
     RegisterAck,
     StreamCheckpoint,
     StreamEndCode,
     StreamReady,
     decode_message,
+    decode_p2p_mode,
     encode_message,
 )
 from outrelay.orp import AllocGranted as AllocGrantedMessage
@@ -249,9 +251,9 @@ class RelaySession:
         link = self._link
         return link is not None and link.shared and not link.conn.is_closed
 
-    def p2p_mode(self, stream_id: int) -> int:
-        """The relay's word on P2P for ``stream_id``: 0 (not told) or P2PMode number + 1."""
-        return self._p2p_modes.get(stream_id, 0)
+    def p2p_mode(self, stream_id: int) -> P2PMode | None:
+        """The relay's word on P2P for ``stream_id`` (None: not told)."""
+        return decode_p2p_mode(self._p2p_modes.get(stream_id, 0))
 
     @property
     def link_address(self) -> str | None:

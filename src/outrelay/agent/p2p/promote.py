@@ -75,6 +75,7 @@ from outrelay.orp import (
     FrameType,
     MigrateToP2P,
     OrpError,
+    P2PMode,
     StreamResume,
 )
 from outrelay.orp import Candidate as CandidateMessage
@@ -97,8 +98,6 @@ SRFLX_POLL = 1.0
 """How often the candidate task looks for a new relay connection."""
 PEER_CAPS_MAX = 4096
 """Streams whose peer capabilities we remember (oldest forgotten first)."""
-MODE_FORBIDDEN = 2  # STREAM_READY outrelay_p2p_mode: policy P2PMode number + 1
-MODE_REQUIRED = 3
 
 
 @dataclass(frozen=True)
@@ -205,9 +204,9 @@ class P2PService:
             identity_marker(self.session.config.uri),
         ]
 
-    def _mode(self, sid: int) -> int:
-        """The relay's p2p mode for ``sid`` (0: not told; the reference agent never is)."""
-        return 0 if self.config.reference_wire else self.session.p2p_mode(sid)
+    def _mode(self, sid: int) -> P2PMode | None:
+        """The relay's p2p mode for ``sid`` (None: not told; the reference agent never is)."""
+        return None if self.config.reference_wire else self.session.p2p_mode(sid)
 
     async def _srflx_loop(self) -> None:
         """Ask the relay for our srflx address after every (re)connect (spec 03 §7.2)."""
@@ -405,12 +404,12 @@ class P2PService:
     async def _promote(self, stream: ResumableStream) -> None:
         sid = stream.stream_id
         mode = self._mode(sid)
-        if mode == MODE_FORBIDDEN:
+        if mode == P2PMode.FORBIDDEN:
             log.info("p2p: not promoting", extra=kv(id=sid, reason="p2p_mode forbidden"))
             return
         # REQUIRED: the relay closes the stream 10 s after the open without a
         # MIGRATE_TO_P2P (spec 02 §7.5), so do not wait the usual second.
-        await asyncio.sleep(0.05 if mode == MODE_REQUIRED else PROMOTION_DELAY)
+        await asyncio.sleep(0.05 if mode == P2PMode.REQUIRED else PROMOTION_DELAY)
         if not self._candidates:
             # [REC] §7.5: nothing to offer, nothing to gain from an offer.
             log.info("p2p: not promoting", extra=kv(id=sid, reason="no local candidates"))
@@ -440,11 +439,13 @@ class P2PService:
                         MigrateToP2P(stream_id=sid, selected=_to_message(winner)),
                     )
             except Exception as exc:
-                level = logging.WARNING if mode == MODE_REQUIRED else logging.INFO
+                level = logging.WARNING if mode == P2PMode.REQUIRED else logging.INFO
                 log.log(
                     level,
                     "p2p: stayed on relay",
-                    extra=kv(id=sid, reason=str(exc) or repr(exc), required=mode == MODE_REQUIRED),
+                    extra=kv(
+                        id=sid, reason=str(exc) or repr(exc), required=mode == P2PMode.REQUIRED
+                    ),
                 )
                 if conn is not None:
                     conn.close(0, "")
