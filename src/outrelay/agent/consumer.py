@@ -150,12 +150,12 @@ async def handle_consumer_connection(
             return
         relay_stream = session.wrap(sid, stream, prefix)
         try:
-            promoter = session.promoter
-            if promoter is not None and isinstance(relay_stream, ResumableStream):
+            p2p = session.p2p
+            if p2p is not None and isinstance(relay_stream, ResumableStream):
                 # P2P (--p2p-listen): promotion runs beside the bridge and
                 # ends with it (spec 03 §7.5).
                 async with asyncio.TaskGroup() as tg:
-                    promotion = tg.create_task(promoter(relay_stream))
+                    promotion = tg.create_task(p2p.promote(relay_stream))
                     try:
                         result = await bridge(local, relay_stream)
                     finally:

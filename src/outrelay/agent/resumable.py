@@ -178,6 +178,11 @@ class ResumableStream(Stream):
     # -- state ------------------------------------------------------------------------
 
     @property
+    def window(self) -> float:
+        """How long this stream waits to be resumed after a break."""
+        return self._window
+
+    @property
     def is_broken(self) -> bool:
         return self._broken_at is not None
 

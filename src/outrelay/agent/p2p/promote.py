@@ -51,7 +51,7 @@ from outrelay.agent.p2p.candidates import (
     punch_targets,
     split_capabilities,
 )
-from outrelay.agent.p2p.checks import CheckOutcome, CheckPlan
+from outrelay.agent.p2p.connect import check_candidates
 from outrelay.agent.p2p.interfaces import interface_addresses
 from outrelay.agent.p2p.swap import (
     SWAP_TIMEOUT,
@@ -80,7 +80,6 @@ from outrelay.orp import (
 )
 from outrelay.orp import Candidate as CandidateMessage
 from outrelay.pki import ClientVerifier, load_certificates
-from outrelay.pki.verify import first_uri_san
 from outrelay.resume import ResumeError, retransmit_range
 from outrelay.transport import Connection, QuicTlsConfig, Stream, TransportError
 from outrelay.transport.shared_udp import PUNCH, SharedUdpEndpoint, open_shared_udp
@@ -122,12 +121,14 @@ def _from_message(m: CandidateMessage) -> Candidate:
 class P2PService:
     """Listener, auto-answer and promotion for one agent; ``run()`` owns its tasks."""
 
-    def __init__(self, session: RelaySession, tls: QuicTlsConfig, config: P2PConfig) -> None:
-        self.session = session
+    session: RelaySession
+    """The relay session, from :meth:`start` on (it was given this service at construction)."""
+
+    def __init__(self, tls: QuicTlsConfig, config: P2PConfig) -> None:
         self.tls = tls
         self.config = config
-        self._verifier = ClientVerifier(load_certificates(tls.ca_file))
         self.endpoint: SharedUdpEndpoint | None = None
+        """The shared UDP socket once started; the session dials the relay from it."""
         self.address: tuple[str, int] | None = None
         self._answers: dict[int, asyncio.Future[list[Candidate]]] = {}
         self._offers: asyncio.Queue[tuple[int, list[Candidate]]] = asyncio.Queue(ANSWER_QUEUE)
@@ -143,18 +144,20 @@ class P2PService:
         """What we offer and answer now (advertised, srflx, hosts)."""
         return list(self._candidates)
 
-    async def start(self) -> None:
-        """Bind the shared socket, hand it to the session, hook the candidate frames.
+    async def start(self, session: RelaySession) -> None:
+        """Bind the shared socket; from now on ``session`` (built with us) dials from it.
 
         Raises:
             OSError: the listen address could not be bound.
         """
+        self.session = session
+        verifier = ClientVerifier(load_certificates(self.tls.ca_file))
         host, port = self.config.listen
         self.endpoint = await open_shared_udp(
             host,
             port,
             self.tls,
-            verify_client=self._verifier.verify,
+            verify_client=verifier.verify,
             on_connection=self._on_connection,
             on_refused=lambda addr, why: log.warning(
                 "p2p: direct dial refused", extra=kv(remote=f"{addr[0]}:{addr[1]}", reason=why)
@@ -165,8 +168,6 @@ class P2PService:
         addresses = interface_addresses() if bound in ("0.0.0.0", "::") else [bound]
         self._hosts = host_candidates(addresses, self.address[1])
         self._candidates = local_candidates(self._hosts, advertised=self.config.advertise)
-        self.session.on_candidates = self._on_candidates
-        self.session.udp_endpoint = self.endpoint
         log.info(
             "p2p: listening",
             extra=kv(
@@ -184,15 +185,14 @@ class P2PService:
                     conn = await self._incoming.get()
                     tg.create_task(_guard(self._serve_direct(conn), "direct connection"))
         finally:
-            self.session.on_candidates = None
             for conn in list(self._direct):
                 conn.close(0, "")
 
     def close(self) -> None:
         """Close the shared socket (after the session: the relay connection uses it)."""
-        self.session.udp_endpoint = None
-        if self.endpoint is not None:
-            self.endpoint.close()
+        endpoint, self.endpoint = self.endpoint, None
+        if endpoint is not None:
+            endpoint.close()
 
     def _offered(self) -> list[Candidate]:
         """Our candidates, plus markers for a peer of ours: the symmetric swap, and who we are."""
@@ -236,7 +236,8 @@ class P2PService:
 
     # -- responder ---------------------------------------------------------------------
 
-    def _on_candidates(self, frame_type: int, message: object) -> None:
+    def on_candidates(self, frame_type: int, message: CandidateOffer | CandidateAnswer) -> None:
+        """CANDIDATE_OFFER / ANSWER from the session's control reader (never blocks)."""
         if isinstance(message, CandidateOffer):
             offered = [_from_message(c) for c in message.candidates]
             try:
@@ -433,7 +434,11 @@ class P2PService:
                             "the peer acknowledges nothing (reference agent): a reference "
                             "swap would lose bytes"
                         )
-                    conn, winner, rtt = await self._check(remote, markers.identity)
+                    if self.endpoint is None:
+                        raise ConnectionError("no shared UDP socket")
+                    conn, winner, rtt = await check_candidates(
+                        self.endpoint, remote, markers.identity
+                    )
                     await self.session.send_control(
                         FrameType.MIGRATE_TO_P2P,
                         MigrateToP2P(stream_id=sid, selected=_to_message(winner)),
@@ -516,80 +521,9 @@ class P2PService:
         finally:
             self._answers.pop(sid, None)
 
-    async def _check(
-        self, remote: list[Candidate], expect_uri: str = ""
-    ) -> tuple[Connection, Candidate, float]:
-        """Concurrent, staggered checks; the first full QUIC+mTLS handshake wins.
-
-        With ``expect_uri`` (the peer told it through the relay) a handshake
-        with an agent whose certificate names someone else is a failed check:
-        a private address can lead to another agent of the same CA.
-        """
-        loop = asyncio.get_running_loop()
-        endpoint = self.endpoint
-        if endpoint is None:
-            raise ConnectionError("no shared UDP socket")
-        plan = CheckPlan(remote)
-        plan.start(loop.time())
-        dials: dict[asyncio.Task[Any], Candidate] = {}
-        try:
-            while plan.outcome is CheckOutcome.RUNNING:
-                for candidate in plan.poll(loop.time()):
-                    task = loop.create_task(
-                        endpoint.connect(
-                            candidate.ip, candidate.port, handshake_timeout=plan.pair_timeout
-                        )
-                    )
-                    dials[task] = candidate
-                deadline = plan.next_deadline()
-                if deadline is None:
-                    break
-                running = {t for t in dials if not t.done()}
-                if not running:
-                    await asyncio.sleep(max(deadline - loop.time(), 0))
-                    continue
-                done, _ = await asyncio.wait(
-                    running, timeout=max(deadline - loop.time(), 0), return_when="FIRST_COMPLETED"
-                )
-                for task in done:
-                    candidate = dials[task]
-                    if task.exception() is not None:
-                        plan.failed(candidate, loop.time())
-                    elif expect_uri and _server_uri(task.result()) != expect_uri:
-                        log.warning(
-                            "p2p: direct dial reached another agent",
-                            extra=kv(
-                                to=f"{candidate.ip}:{candidate.port}",
-                                got=_server_uri(task.result()),
-                                want=expect_uri,
-                            ),
-                        )
-                        task.result().close(0, "")
-                        del dials[task]
-                        plan.failed(candidate, loop.time())
-                    elif plan.succeeded(candidate, loop.time()):
-                        assert plan.rtt is not None
-                        winner = task.result()
-                        del dials[task]
-                        return winner, candidate, plan.rtt
-                    else:
-                        task.result().close(0, "")
-            raise ConnectionError(f"no direct pair ({plan.outcome.value})")
-        finally:
-            for task in dials:
-                if not task.done():
-                    task.cancel()
-                elif not task.cancelled() and task.exception() is None:
-                    task.result().close(0, "")
-
 
 def _show(candidates: list[Candidate]) -> str:
     return ",".join(f"{c.kind}:{c.ip}:{c.port}/{c.priority}" for c in candidates)
-
-
-def _server_uri(conn: Connection) -> str:
-    certificate = conn.peer.certificate
-    return (first_uri_san(certificate) or "") if certificate is not None else ""
 
 
 async def _guard(coro: Coroutine[Any, Any, None], what: str) -> None:

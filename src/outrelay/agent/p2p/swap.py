@@ -23,7 +23,7 @@ import logging
 from collections.abc import Callable
 
 from outrelay.agent.resumable import ResumableStream, ResumeFailed, exchange_resume, resume_frame
-from outrelay.agent.session import CHECKPOINT_PERIOD
+from outrelay.agent.resume_supervisor import CHECKPOINT_PERIOD
 from outrelay.observe import kv
 from outrelay.orp import Frame, FrameType, OrpError, StreamCheckpoint, encode_message
 from outrelay.resume import ResumeError
