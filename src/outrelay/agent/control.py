@@ -46,6 +46,7 @@ from outrelay.orp import (
 
 __all__ = [
     "PING_INTERVAL",
+    "PONG_GRACE",
     "Action",
     "AddressInvalid",
     "AddressObserved",
