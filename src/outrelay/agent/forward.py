@@ -36,7 +36,6 @@ import contextlib
 import ipaddress
 import logging
 import socket
-import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -353,14 +352,6 @@ async def _open_plane(grant: AllocGranted, relay_host: str) -> PlaneSocket:
     return await PlaneSocket.open(core, endpoint)
 
 
-async def _drain(stream: Stream) -> None:
-    """Wait (bounded) until what we sent on ``stream`` is acknowledged."""
-    deadline = time.monotonic() + DRAIN_TIMEOUT
-    # No event reports acknowledgements, so poll; bounded by DRAIN_TIMEOUT.
-    while stream.unsent_bytes and time.monotonic() < deadline:  # noqa: ASYNC110
-        await asyncio.sleep(0.02)
-
-
 async def _bridge(
     app: Stream,
     conn: Connection,
@@ -386,7 +377,9 @@ async def _bridge(
                 app.abort()
                 fwd.abort()
         else:
-            await _drain(fwd)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(DRAIN_TIMEOUT):
+                    await fwd.wait_send_buffer_empty()
         liveness.cancel()
         idle.cancel()
     if bridge.done() and not bridge.cancelled():

@@ -36,6 +36,7 @@ What runs when enabled:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Coroutine
@@ -95,6 +96,9 @@ ANSWER_QUEUE = 64
 """Offers waiting for an answer; more are dropped (the initiator times out)."""
 SRFLX_POLL = 1.0
 """How often the candidate task looks for a new relay connection."""
+REFERENCE_DRAIN = 0.5
+"""Responder to a reference initiator: how long our reader may take what is still in
+flight on the relay stream before we stop reading it."""
 PEER_CAPS_MAX = 4096
 """Streams whose peer capabilities we remember (oldest forgotten first)."""
 
@@ -344,11 +348,9 @@ class P2PService:
             # A reference initiator swapped already and will not retransmit:
             # give our reader a moment to take what is still in flight on the
             # relay stream before we stop reading it.
-            deadline = time.monotonic() + 0.5
-            while target.positions.received < resume.my_position:
-                if time.monotonic() >= deadline:  # (positions move without an event)
-                    break
-                await asyncio.sleep(0.02)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(REFERENCE_DRAIN):
+                    await target.wait_received(resume.my_position)
         old = target.detach()
         if old is None:
             log.info("p2p: stream not migratable now", extra=kv(id=sid))

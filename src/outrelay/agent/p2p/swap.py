@@ -98,8 +98,7 @@ async def swap_reference(stream: ResumableStream, conn: Connection) -> Stream | 
         return None
     try:
         async with asyncio.timeout(ACK_WAIT):
-            while stream.positions.peer_acked < stream.positions.sent:  # noqa: ASYNC110
-                await asyncio.sleep(0.02)  # (checkpoints arrive without an event)
+            await stream.wait_all_acknowledged()
         async with asyncio.timeout(SWAP_TIMEOUT):
             direct = await conn.open_stream()
             await direct.send_all(resume_frame(stream))
