@@ -80,8 +80,6 @@ peer before the end-to-end connection is closed."""
 LIVENESS_GRACE = 5.0
 """Ours: once the relay data stream ended (the peer is done), how long our
 bridge may still take to deliver what is in flight."""
-PLACEHOLDER_REMOTE = ("127.0.0.0", 1)
-"""Spec 03 §8.3: the address the QUIC layer dials; the wrapper ignores it."""
 
 
 class InvalidGrant(ValueError):

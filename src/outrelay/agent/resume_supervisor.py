@@ -91,12 +91,12 @@ class ResumeSupervisor:
         running: dict[ResumableStream, asyncio.Task[None]],
     ) -> None:
         try:
-            await self.resume_one(link, stream)
+            await self._resume_one(link, stream)
         finally:
             running.pop(stream, None)
             self._wakeup.set()  # the stream may need another try on a new link
 
-    async def resume_one(self, link: Link, stream: ResumableStream) -> None:
+    async def _resume_one(self, link: Link, stream: ResumableStream) -> None:
         """STREAM_RESUME on a fresh stream, retransmit, swap (spec 03 §4.4)."""
         sid = stream.stream_id
         broken_at = stream.broken_since or time.monotonic()
