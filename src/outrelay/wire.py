@@ -13,6 +13,7 @@ lock (spec 02 §15 item 4, spec 03 §3.7 [REC]).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import TypeVar
 
 from outrelay.orp import (
@@ -25,9 +26,9 @@ from outrelay.orp import (
     decode_message,
     encode_message,
 )
-from outrelay.transport.base import BrokenResourceError, Stream
+from outrelay.transport.base import BrokenResourceError, Stream, TransportError
 
-__all__ = ["ControlChannel", "FrameReader", "expect_message", "frame_name"]
+__all__ = ["ControlChannel", "FrameReader", "discard", "expect_message", "frame_name"]
 
 READ_CHUNK = 64 * 1024
 MAX_CONTROL_FRAME = 1 << 20
@@ -134,3 +135,11 @@ class ControlChannel:
             self._dead = f"control stream write stalled for {self._write_timeout:g}s"
             self.stream.abort()
             raise BrokenResourceError(self._dead) from exc
+
+
+async def discard(stream: Stream) -> None:
+    """Read and drop until EOF or an error: a stream kept only for its liveness, or the
+    consumer's bytes after a STREAM_REJECT (spec 02 §6.4 step 5)."""
+    with contextlib.suppress(TransportError):
+        while await stream.receive_some():
+            pass

@@ -4,7 +4,7 @@ The core test is a relay simulation without sockets: two ResumableStreams A and
 B with the same stream id, each on an in-memory pair whose far end a tiny
 in-test "relay" splices to the other. Both sides write random data with random
 chunk sizes while the test breaks the connection at random points and then does
-what ``RelaySession._resume_one`` does for each side (spec 03 §4.4): the echo is
+what ``ResumeSupervisor._resume_one`` does for each side (spec 03 §4.4): the echo is
 applied as a checkpoint, ``retransmit_range(peer's received, ring)`` goes out on
 a fresh stream before anything else, FIN is re-sent if it was requested, and the
 fresh stream is installed (with any bytes already read from it as prefix).

@@ -248,7 +248,7 @@ def test_relay_refuses_hello_uri_mismatch_and_the_agent_says_why(
 
 def test_reference_relay_empty_close_still_says_something() -> None:
     """A reference relay closes with code 0 and no reason: the agent still explains."""
-    from outrelay.agent.session import _refusal
+    from outrelay.agent.dial import refusal as _refusal
 
     empty = str(_refusal("127.0.0.1:7443", "code 0"))
     assert empty.startswith("relay refused us: ") and "certificate or our HELLO uri" in empty

@@ -12,7 +12,6 @@ REQUIRED = {
     "FrameTooLarge",
     "UnexpectedEOF",
     "MalformedPayload",
-    "InvalidTransition",
     "RejectCode",
     # codec
     "MAX_PAYLOAD",
@@ -44,10 +43,12 @@ REQUIRED = {
     "MigrateToRelay",
     "AllocGranted",
     "StreamReady",
-    # state
-    "StreamState",
-    "StreamInput",
-    "StreamStateMachine",
+    # extensions and answers
+    "P2PMode",
+    "encode_p2p_mode",
+    "decode_p2p_mode",
+    "classify_open_answer",
+    "encode_reject",
 }
 
 
@@ -66,7 +67,6 @@ def test_error_hierarchy() -> None:
     assert not issubclass(orp.RemoteProtocolError, orp.LocalProtocolError)
     for cls in (orp.FrameTooLarge, orp.UnexpectedEOF, orp.MalformedPayload):
         assert issubclass(cls, orp.RemoteProtocolError)
-    assert issubclass(orp.InvalidTransition, orp.LocalProtocolError)
 
 
 def test_reject_codes() -> None:

@@ -54,17 +54,22 @@ class AgentConfig:
 class Agent:
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
+        self._p2p_service = (
+            P2PService(config.session.tls, config.p2p) if config.p2p is not None else None
+        )
         self.session = RelaySession(
             config.session,
             on_incoming=self._on_incoming,
             on_refused=self._on_refused,
             on_fatal=self._on_fatal,
+            p2p=self._p2p_service,
         )
         self._servers: list[asyncio.Server] = []
         self._tasks: set[asyncio.Task[Any]] = set()
         self._session_task: asyncio.Task[None] | None = None
         self._p2p_task: asyncio.Task[None] | None = None
         self.p2p: P2PService | None = None
+        """The P2P service once started (``--p2p-listen``)."""
         self._stopped = asyncio.Event()
         self.refused: RelayRefused | None = None
         self.bound: list[tuple[str, str, int]] = []
@@ -111,10 +116,10 @@ class Agent:
                 self._servers.clear()
                 raise ListenerError(str(exc)) from exc
             self.capture = capture
-        if self.config.p2p is not None:
-            p2p = P2PService(self.session, self.config.session.tls, self.config.p2p)
+        if self._p2p_service is not None:
+            p2p = self._p2p_service
             try:
-                await p2p.start()
+                await p2p.start(self.session)
             except OSError as exc:
                 for server in self._servers:
                     server.close()
@@ -123,7 +128,6 @@ class Agent:
                     await self.capture.close()
                 raise ListenerError(f"cannot listen for --p2p-listen: {exc}") from exc
             self.p2p = p2p
-            self.session.promoter = p2p.promote
             self._p2p_task = asyncio.get_running_loop().create_task(p2p.run(), name="p2p")
         self._session_task = asyncio.get_running_loop().create_task(
             self.session.run(), name="session"

@@ -26,6 +26,7 @@ from collections.abc import Sequence
 
 from outrelay import __version__
 from outrelay.agent.agent import Agent, AgentConfig, ListenerError
+from outrelay.agent.dial import HELLO_CAPABILITIES
 from outrelay.agent.intercept import (
     DEFAULT_DNS_LISTEN,
     DEFAULT_DNS_SUFFIX,
@@ -37,7 +38,7 @@ from outrelay.agent.intercept import (
     parse_dns_upstream,
 )
 from outrelay.agent.p2p.promote import P2PConfig
-from outrelay.agent.session import HELLO_CAPABILITIES, SessionConfig
+from outrelay.agent.session import SessionConfig
 from outrelay.cliutil import (
     FlagError,
     FlagParser,

@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from dataclasses import dataclass
 from typing import Any
 
 from outrelay.agent.bridge import AccessLog, bridge
@@ -27,10 +26,10 @@ from outrelay.agent.forward import run_forward_consumer
 from outrelay.agent.resumable import ResumableStream
 from outrelay.agent.session import NotConnected, RelaySession, StreamMode
 from outrelay.observe import kv
-from outrelay.orp import FrameDecoder, FrameType, OrpError, StreamReject, decode_message
+from outrelay.orp import StreamRejected, classify_open_answer
 from outrelay.transport import SocketStream, Stream, TransportError
 
-__all__ = ["CONSUMER_MODE_WAIT", "Rejected", "handle_consumer_connection"]
+__all__ = ["CONSUMER_MODE_WAIT", "handle_consumer_connection"]
 
 log = logging.getLogger("outrelay.agent.consumer")
 
@@ -38,20 +37,14 @@ CONSUMER_MODE_WAIT = 10.0  # spec 03 §3.5 / §10
 READ_CHUNK = 64 * 1024
 
 
-@dataclass(frozen=True)
-class Rejected:
-    code: int
-    reason: str
-
-
 async def _await_answer(
     stream: Stream, mode: asyncio.Future[str], wait: float
-) -> tuple[str | Rejected, bytes]:
+) -> tuple[str | StreamRejected, bytes]:
     """Wait for the relay's verdict on an open.
 
     Returns:
-        (``StreamMode.SPLICE``/``FORWARD`` or a :class:`Rejected`, bytes already
-        read from the stream that belong to the application).
+        (``StreamMode.SPLICE``/``FORWARD`` or a :class:`~outrelay.orp.StreamRejected`,
+        bytes already read from the stream that belong to the application).
     """
     buffered = bytearray()
     loop = asyncio.get_running_loop()
@@ -66,7 +59,7 @@ async def _await_answer(
             if eof and not buffered:
                 # EOF with nothing at all: the relay closed the stream (e.g. the
                 # provider's stream ended before it answered).
-                return Rejected(0, "stream closed by relay before any answer"), b""
+                return StreamRejected(0, "stream closed by relay before any answer"), b""
             return StreamMode.SPLICE, bytes(buffered)
         read = loop.create_task(stream.receive_some(READ_CHUNK))
         waitables: set[asyncio.Future[Any]] = {read, mode}
@@ -87,46 +80,12 @@ async def _await_answer(
         if not data:
             eof = True
         buffered += data
-        answer = _classify(bytes(buffered), eof)
+        answer = classify_open_answer(bytes(buffered), eof)
         if answer is None:
             continue  # maybe a STREAM_REJECT still arriving
-        if isinstance(answer, Rejected):
+        if isinstance(answer, StreamRejected):
             return answer, b""
         return StreamMode.SPLICE, bytes(buffered)
-
-
-def _looks_like_reject_start(first: int) -> bool:
-    """Header byte 0 of a STREAM_REJECT: version 1, any reserved bits, type high bits 0."""
-    return first >> 5 == 1 and first & 0x07 == 0
-
-
-def _classify(data: bytes, eof: bool) -> Rejected | str | None:
-    """Is ``data`` (+EOF) a STREAM_REJECT frame, application data, or undecided?"""
-    if len(data) >= 2 and not (_looks_like_reject_start(data[0]) and data[1] == 0x13):
-        return StreamMode.SPLICE
-    if not data:
-        return None
-    if len(data) == 1:
-        return None if _looks_like_reject_start(data[0]) and not eof else StreamMode.SPLICE
-    decoder = FrameDecoder()
-    decoder.receive_data(data)
-    try:
-        frame = decoder.next_frame()
-    except OrpError:
-        return StreamMode.SPLICE
-    if frame is None:
-        return StreamMode.SPLICE if eof else None
-    if decoder.buffered:
-        return StreamMode.SPLICE
-    if not eof:
-        return None  # a whole frame: a reject is followed by EOF; wait for it
-    try:
-        reject = decode_message(frame)
-    except OrpError:
-        return StreamMode.SPLICE
-    if frame.type != FrameType.STREAM_REJECT or not isinstance(reject, StreamReject):
-        return StreamMode.SPLICE
-    return Rejected(reject.code, reject.reason)
 
 
 async def handle_consumer_connection(
@@ -163,7 +122,7 @@ async def handle_consumer_connection(
             return
         finally:
             session.forget_mode(sid, mode)
-        if isinstance(verdict, Rejected):
+        if isinstance(verdict, StreamRejected):
             log.warning(
                 "stream rejected",
                 extra=kv(svc=service, stream_id=sid, code=verdict.code, reason=verdict.reason),
@@ -191,12 +150,12 @@ async def handle_consumer_connection(
             return
         relay_stream = session.wrap(sid, stream, prefix)
         try:
-            promoter = session.promoter
-            if promoter is not None and isinstance(relay_stream, ResumableStream):
+            p2p = session.p2p
+            if p2p is not None and isinstance(relay_stream, ResumableStream):
                 # P2P (--p2p-listen): promotion runs beside the bridge and
                 # ends with it (spec 03 §7.5).
                 async with asyncio.TaskGroup() as tg:
-                    promotion = tg.create_task(promoter(relay_stream))
+                    promotion = tg.create_task(p2p.promote(relay_stream))
                     try:
                         result = await bridge(local, relay_stream)
                     finally:

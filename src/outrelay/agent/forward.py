@@ -36,7 +36,6 @@ import contextlib
 import ipaddress
 import logging
 import socket
-import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -52,6 +51,7 @@ from outrelay.transport import (
     accept_quic_on,
     connect_quic_on,
 )
+from outrelay.wire import discard
 
 if TYPE_CHECKING:
     from outrelay.orp import AllocGranted
@@ -80,8 +80,6 @@ peer before the end-to-end connection is closed."""
 LIVENESS_GRACE = 5.0
 """Ours: once the relay data stream ended (the peer is done), how long our
 bridge may still take to deliver what is in flight."""
-PLACEHOLDER_REMOTE = ("127.0.0.0", 1)
-"""Spec 03 §8.3: the address the QUIC layer dials; the wrapper ignores it."""
 
 
 class InvalidGrant(ValueError):
@@ -352,20 +350,6 @@ async def _open_plane(grant: AllocGranted, relay_host: str) -> PlaneSocket:
     return await PlaneSocket.open(core, endpoint)
 
 
-async def _discard(stream: Stream) -> None:
-    with contextlib.suppress(TransportError):
-        while await stream.receive_some():
-            pass
-
-
-async def _drain(stream: Stream) -> None:
-    """Wait (bounded) until what we sent on ``stream`` is acknowledged."""
-    deadline = time.monotonic() + DRAIN_TIMEOUT
-    # No event reports acknowledgements, so poll; bounded by DRAIN_TIMEOUT.
-    while stream.unsent_bytes and time.monotonic() < deadline:  # noqa: ASYNC110
-        await asyncio.sleep(0.02)
-
-
 async def _bridge(
     app: Stream,
     conn: Connection,
@@ -377,7 +361,7 @@ async def _bridge(
     """Bridge ``app`` with the end-to-end stream; the relay stream is the liveness link."""
     async with asyncio.TaskGroup() as tg:
         bridge = tg.create_task(splice(app, fwd, abort_a_on_b_error=True))
-        liveness = tg.create_task(_discard(relay_stream))
+        liveness = tg.create_task(discard(relay_stream))
         idle = tg.create_task(plane.idle.wait())
         done, _ = await asyncio.wait({bridge, liveness, idle}, return_when="FIRST_COMPLETED")
         if bridge not in done:
@@ -391,7 +375,9 @@ async def _bridge(
                 app.abort()
                 fwd.abort()
         else:
-            await _drain(fwd)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(DRAIN_TIMEOUT):
+                    await fwd.wait_send_buffer_empty()
         liveness.cancel()
         idle.cancel()
     if bridge.done() and not bridge.cancelled():
@@ -471,7 +457,7 @@ async def run_forward_provider(
             verifier = ClientVerifier(load_certificates(tls.ca_file))
             loop = asyncio.get_running_loop()
             accepted = loop.create_task(_accept(plane, tls, verifier, accept_timeout))
-            watch = loop.create_task(_discard(relay_stream))
+            watch = loop.create_task(discard(relay_stream))
             try:
                 await asyncio.wait({accepted, watch}, return_when="FIRST_COMPLETED")
             finally:

@@ -23,8 +23,8 @@ from outrelay.orp import (
     IncomingStream,
     OrpError,
     RejectCode,
-    StreamReject,
     encode_message,
+    encode_reject,
 )
 from outrelay.transport import SocketStream, Stream, TransportError, open_tcp
 from outrelay.wire import FrameReader, expect_message, frame_name
@@ -48,9 +48,7 @@ def split_host_port(target: str) -> tuple[str, int]:
 
 async def _reject(stream: Stream, code: int, reason: str) -> None:
     with contextlib.suppress(TransportError):
-        await stream.send_all(
-            encode_message(FrameType.STREAM_REJECT, StreamReject(code=code, reason=reason))
-        )
+        await stream.send_all(encode_reject(code, reason))
     await stream.aclose()
 
 

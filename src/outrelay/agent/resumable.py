@@ -178,6 +178,11 @@ class ResumableStream(Stream):
     # -- state ------------------------------------------------------------------------
 
     @property
+    def window(self) -> float:
+        """How long this stream waits to be resumed after a break."""
+        return self._window
+
+    @property
     def is_broken(self) -> bool:
         return self._broken_at is not None
 
@@ -344,6 +349,22 @@ class ResumableStream(Stream):
             self.checkpointed = True
             self._changed.set()
 
+    async def wait_all_acknowledged(self) -> None:
+        """Wait until the peer has acknowledged every byte sent (its checkpoints say so).
+
+        Bound it with ``asyncio.timeout``: a peer that sends no checkpoints never does.
+        """
+        while self.positions.peer_acked < self.positions.sent:
+            await self._wait_change(None)
+
+    async def wait_received(self, position: int) -> None:
+        """Wait until our reader has taken the peer's bytes up to ``position``.
+
+        Bound it with ``asyncio.timeout``.
+        """
+        while self.positions.received < position:
+            await self._wait_change(None)
+
     async def _wait_change(self, deadline: float | None) -> None:
         self._changed.clear()
         timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -381,6 +402,7 @@ class ResumableStream(Stream):
                 if self._prefix:
                     data, self._prefix = self._prefix[:max_bytes], self._prefix[max_bytes:]
                     self.positions.on_received(len(data))
+                    self._changed.set()
                     return data
                 try:
                     data = await inner.receive_some(max_bytes)
@@ -391,6 +413,7 @@ class ResumableStream(Stream):
                     continue  # swapped while we waited: those bytes are retransmitted
                 if data:
                     self.positions.on_received(len(data))
+                    self._changed.set()
                     return data
                 if self.peer_sent > self.positions.received:
                     # EOF although the peer said it sent more: the relay turned

@@ -7,17 +7,20 @@ No I/O, no clock, no tasks. This package provides:
 * :class:`FrameType`, the 11-bit frame type codes with the spec's names;
 * the protobuf payload messages (``Hello``, ``OpenStream``, ...), ``MESSAGE_TYPES`` and
   :func:`encode_message` / :func:`decode_message`;
-* the per-stream state machine (:class:`StreamStateMachine`);
+* the consumer's reading of an open's answer (:func:`classify_open_answer`) and the
+  STREAM_REJECT both roles write (:func:`encode_reject`);
 * the error hierarchy rooted at :class:`OrpError`, and the STREAM_REJECT codes
   (:class:`RejectCode`);
 * our negotiated extensions: HELLO capabilities and the stream end codes
-  (:class:`StreamEndCode`).
+  (:class:`StreamEndCode`), and the p2p mode in STREAM_READY (:class:`P2PMode`,
+  :func:`encode_p2p_mode` / :func:`decode_p2p_mode`).
 
 Only the names in ``__all__`` are public; the modules and ``_proto`` are implementation.
 """
 
 from __future__ import annotations
 
+from .answer import OpenAnswer, StreamRejected, classify_open_answer, encode_reject
 from .codec import (
     HEADER_SIZE,
     MAX_PAYLOAD,
@@ -29,7 +32,6 @@ from .codec import (
 )
 from .errors import (
     FrameTooLarge,
-    InvalidTransition,
     LocalProtocolError,
     MalformedPayload,
     OrpError,
@@ -44,7 +46,10 @@ from .extensions import (
     CAP_RESUME_PEER,
     FINAL_CODES,
     RELAY_CAPABILITIES,
+    P2PMode,
     StreamEndCode,
+    decode_p2p_mode,
+    encode_p2p_mode,
     end_code_name,
     is_final,
 )
@@ -74,7 +79,6 @@ from .messages import (
     decode_message,
     encode_message,
 )
-from .state import STREAM_TRANSITIONS, StreamInput, StreamState, StreamStateMachine
 
 __all__ = [
     "CAP_INSTANCE",
@@ -87,7 +91,6 @@ __all__ = [
     "MESSAGE_TYPES",
     "PROTOCOL_VERSION",
     "RELAY_CAPABILITIES",
-    "STREAM_TRANSITIONS",
     "AllocGranted",
     "Candidate",
     "CandidateAnswer",
@@ -99,7 +102,6 @@ __all__ = [
     "Hello",
     "HelloAck",
     "IncomingStream",
-    "InvalidTransition",
     "LocalProtocolError",
     "MalformedPayload",
     "Message",
@@ -107,8 +109,10 @@ __all__ = [
     "MigrateToRelay",
     "ObservedAddrQuery",
     "ObservedAddrResp",
+    "OpenAnswer",
     "OpenStream",
     "OrpError",
+    "P2PMode",
     "Register",
     "RegisterAck",
     "RejectCode",
@@ -116,17 +120,19 @@ __all__ = [
     "StreamAccept",
     "StreamCheckpoint",
     "StreamEndCode",
-    "StreamInput",
     "StreamReady",
     "StreamReject",
+    "StreamRejected",
     "StreamResume",
-    "StreamState",
-    "StreamStateMachine",
     "UnexpectedEOF",
+    "classify_open_answer",
     "decode_frame",
     "decode_message",
+    "decode_p2p_mode",
     "encode_frame",
     "encode_message",
+    "encode_p2p_mode",
+    "encode_reject",
     "end_code_name",
     "is_final",
 ]

@@ -47,6 +47,7 @@ __all__ = [
     "PROTOCOL_VERSION",
     "Frame",
     "FrameDecoder",
+    "could_start_frame",
     "decode_frame",
     "encode_frame",
 ]
@@ -77,6 +78,7 @@ MAX_FLAGS: Final = 0xFFFF
 _HEADER: Final = struct.Struct(">HHI")
 _TYPE_MASK: Final = 0x7FF
 _VERSION_SHIFT: Final = 13  # version is the top 3 bits of the first 16-bit word
+_RESERVED_MASK: Final = 0x1800  # the 2 reserved bits between version and type
 _KNOWN_TYPES: Final[dict[int, FrameType]] = {t.value: t for t in FrameType}
 _REPR_PAYLOAD_MAX: Final = 64
 
@@ -168,6 +170,25 @@ def _parse_header(data: bytes | bytearray, offset: int) -> tuple[int, int, int, 
             length=length,
         )
     return frame_type, first >> _VERSION_SHIFT, flags, length
+
+
+def could_start_frame(
+    data: bytes | bytearray, frame_type: int, *, version: int = PROTOCOL_VERSION
+) -> bool:
+    """Can ``data`` begin a frame of ``frame_type`` and ``version``?
+
+    Only the first header word is looked at (version and type; the reserved bits are
+    ignored, as the decoder ignores them): one byte gives the version and the type's high
+    3 bits, two bytes the whole type. Empty ``data`` can begin anything.
+    """
+    word = (version << _VERSION_SHIFT) | (frame_type & _TYPE_MASK)
+    if len(data) >= 2:
+        first = (data[0] << 8) | data[1]
+        return first >> _VERSION_SHIFT == version and first & _TYPE_MASK == frame_type
+    if len(data) == 1:
+        mask = (0xFFFF & ~_RESERVED_MASK) >> 8
+        return data[0] & mask == (word >> 8) & mask
+    return True
 
 
 def decode_frame(data: bytes | bytearray | memoryview) -> tuple[Frame, bytes]:

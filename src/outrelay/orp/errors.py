@@ -4,7 +4,7 @@ Every exception raised by :mod:`outrelay.orp` derives from :class:`OrpError`, sp
 h11 and wsproto split theirs (STYLE §1, "Errors"):
 
 * :class:`LocalProtocolError`: *we* misused the API (a frame that cannot be encoded, an
-  illegal state transition, data fed after EOF). It is also a :class:`ValueError`. It is a
+  data fed after EOF). It is also a :class:`ValueError`. It is a
   bug in the caller, never something a peer can provoke.
 * :class:`RemoteProtocolError`: the *peer* sent bytes that break spec 01. The usual reaction
   is to close the stream or the session; the subclasses say why.
@@ -20,7 +20,6 @@ from enum import IntEnum
 
 __all__ = [
     "FrameTooLarge",
-    "InvalidTransition",
     "LocalProtocolError",
     "MalformedPayload",
     "OrpError",
@@ -74,28 +73,6 @@ class MalformedPayload(RemoteProtocolError):
     unused types, unknown types). The reference relay closes the stream silently with FIN
     in this case (spec 02 §13).
     """
-
-
-class InvalidTransition(LocalProtocolError):
-    """An input that is not legal in the stream's current state (spec 01, state machine).
-
-    The state machine is left unchanged, as in h11.
-
-    Attributes:
-        state: the state the machine was (and still is) in, or ``None`` if unknown.
-        input: the rejected input, or ``None`` if unknown.
-    """
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        state: object | None = None,
-        input: object | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.state = state
-        self.input = input
 
 
 class RejectCode(IntEnum):

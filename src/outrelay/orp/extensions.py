@@ -31,7 +31,10 @@ __all__ = [
     "CAP_RESUME_PEER",
     "FINAL_CODES",
     "RELAY_CAPABILITIES",
+    "P2PMode",
     "StreamEndCode",
+    "decode_p2p_mode",
+    "encode_p2p_mode",
     "end_code_name",
     "is_final",
 ]
@@ -70,7 +73,36 @@ def end_code_name(code: int | None) -> str:
 
 CAP_P2P_MODE: Final = "p2p-mode"
 """HELLO capability: our relay then tells the pair's p2p mode in STREAM_READY
-(``StreamReady.outrelay_p2p_mode`` = policy P2PMode number + 1)."""
+(``StreamReady.outrelay_p2p_mode``, see :func:`encode_p2p_mode`)."""
+
+
+class P2PMode(IntEnum):
+    """The policy's word on P2P for a stream (spec 02 §6.2.4): the proto ``P2PMode`` numbers."""
+
+    ALLOWED = 0
+    FORBIDDEN = 1
+    REQUIRED = 2
+
+
+def encode_p2p_mode(mode: int) -> int:
+    """``StreamReady.outrelay_p2p_mode`` for ``mode``: its P2PMode number + 1.
+
+    The + 1 keeps 0 (the proto3 default, all a reference relay ever sends) for "not told".
+    """
+    return int(P2PMode(mode)) + 1
+
+
+def decode_p2p_mode(value: int) -> P2PMode | None:
+    """The :class:`P2PMode` carried by ``StreamReady.outrelay_p2p_mode`` (None: not told).
+
+    A value this version does not know also reads as "not told".
+    """
+    try:
+        return P2PMode(value - 1) if value else None
+    except ValueError:
+        return None
+
+
 CAP_P2P_RESUME_V2: Final = "p2p-resume-v2"
 """HELLO capability (spec 03 §7.7 [REC]): this agent migrates symmetrically. A reference
 relay neither reads nor forwards capabilities, so peers also learn it in-band, from a marker

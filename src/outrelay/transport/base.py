@@ -20,6 +20,7 @@ certificate: the agent logs it on every retry, since only a person can fix it.
 from __future__ import annotations
 
 import abc
+import asyncio
 from dataclasses import dataclass, field
 
 from cryptography import x509
@@ -134,6 +135,15 @@ class Stream(abc.ABC):
     @abc.abstractmethod
     def unsent_bytes(self) -> int:
         """Bytes queued but not yet acknowledged by the peer."""
+
+    async def wait_send_buffer_empty(self) -> None:
+        """Wait until :attr:`unsent_bytes` is 0 (bound it with ``asyncio.timeout``).
+
+        No backend reports acknowledgements as an event, so this default looks every
+        20 ms; a backend with such an event may override it.
+        """
+        while self.unsent_bytes:  # noqa: ASYNC110 - no acknowledgement event to wait on
+            await asyncio.sleep(0.02)
 
 
 class Connection(abc.ABC):

@@ -5,8 +5,9 @@ Pure parts, exported here: candidate rules and priorities
 The asyncio shell, :mod:`.promote`, runs with ``--p2p-listen`` (off by
 default); it is imported by the agent directly, not from here, because it
 depends on the session, which depends on this package. :mod:`.interfaces`
-lists the host's addresses for host candidates; :mod:`.swap` moves a stream
-onto a direct connection and keeps its checkpoints flowing there.
+lists the host's addresses for host candidates; :mod:`.connect` runs the
+checks from the shared socket; :mod:`.swap` moves a stream onto a direct
+connection and keeps its checkpoints flowing there.
 """
 
 from __future__ import annotations

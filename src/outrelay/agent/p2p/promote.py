@@ -36,6 +36,7 @@ What runs when enabled:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Coroutine
@@ -51,7 +52,7 @@ from outrelay.agent.p2p.candidates import (
     punch_targets,
     split_capabilities,
 )
-from outrelay.agent.p2p.checks import CheckOutcome, CheckPlan
+from outrelay.agent.p2p.connect import check_candidates
 from outrelay.agent.p2p.interfaces import interface_addresses
 from outrelay.agent.p2p.swap import (
     SWAP_TIMEOUT,
@@ -75,11 +76,11 @@ from outrelay.orp import (
     FrameType,
     MigrateToP2P,
     OrpError,
+    P2PMode,
     StreamResume,
 )
 from outrelay.orp import Candidate as CandidateMessage
 from outrelay.pki import ClientVerifier, load_certificates
-from outrelay.pki.verify import first_uri_san
 from outrelay.resume import ResumeError, retransmit_range
 from outrelay.transport import Connection, QuicTlsConfig, Stream, TransportError
 from outrelay.transport.shared_udp import PUNCH, SharedUdpEndpoint, open_shared_udp
@@ -95,10 +96,11 @@ ANSWER_QUEUE = 64
 """Offers waiting for an answer; more are dropped (the initiator times out)."""
 SRFLX_POLL = 1.0
 """How often the candidate task looks for a new relay connection."""
+REFERENCE_DRAIN = 0.5
+"""Responder to a reference initiator: how long our reader may take what is still in
+flight on the relay stream before we stop reading it."""
 PEER_CAPS_MAX = 4096
 """Streams whose peer capabilities we remember (oldest forgotten first)."""
-MODE_FORBIDDEN = 2  # STREAM_READY outrelay_p2p_mode: policy P2PMode number + 1
-MODE_REQUIRED = 3
 
 
 @dataclass(frozen=True)
@@ -123,12 +125,14 @@ def _from_message(m: CandidateMessage) -> Candidate:
 class P2PService:
     """Listener, auto-answer and promotion for one agent; ``run()`` owns its tasks."""
 
-    def __init__(self, session: RelaySession, tls: QuicTlsConfig, config: P2PConfig) -> None:
-        self.session = session
+    session: RelaySession
+    """The relay session, from :meth:`start` on (it was given this service at construction)."""
+
+    def __init__(self, tls: QuicTlsConfig, config: P2PConfig) -> None:
         self.tls = tls
         self.config = config
-        self._verifier = ClientVerifier(load_certificates(tls.ca_file))
         self.endpoint: SharedUdpEndpoint | None = None
+        """The shared UDP socket once started; the session dials the relay from it."""
         self.address: tuple[str, int] | None = None
         self._answers: dict[int, asyncio.Future[list[Candidate]]] = {}
         self._offers: asyncio.Queue[tuple[int, list[Candidate]]] = asyncio.Queue(ANSWER_QUEUE)
@@ -144,18 +148,20 @@ class P2PService:
         """What we offer and answer now (advertised, srflx, hosts)."""
         return list(self._candidates)
 
-    async def start(self) -> None:
-        """Bind the shared socket, hand it to the session, hook the candidate frames.
+    async def start(self, session: RelaySession) -> None:
+        """Bind the shared socket; from now on ``session`` (built with us) dials from it.
 
         Raises:
             OSError: the listen address could not be bound.
         """
+        self.session = session
+        verifier = ClientVerifier(load_certificates(self.tls.ca_file))
         host, port = self.config.listen
         self.endpoint = await open_shared_udp(
             host,
             port,
             self.tls,
-            verify_client=self._verifier.verify,
+            verify_client=verifier.verify,
             on_connection=self._on_connection,
             on_refused=lambda addr, why: log.warning(
                 "p2p: direct dial refused", extra=kv(remote=f"{addr[0]}:{addr[1]}", reason=why)
@@ -166,8 +172,6 @@ class P2PService:
         addresses = interface_addresses() if bound in ("0.0.0.0", "::") else [bound]
         self._hosts = host_candidates(addresses, self.address[1])
         self._candidates = local_candidates(self._hosts, advertised=self.config.advertise)
-        self.session.on_candidates = self._on_candidates
-        self.session.udp_endpoint = self.endpoint
         log.info(
             "p2p: listening",
             extra=kv(
@@ -185,15 +189,14 @@ class P2PService:
                     conn = await self._incoming.get()
                     tg.create_task(_guard(self._serve_direct(conn), "direct connection"))
         finally:
-            self.session.on_candidates = None
             for conn in list(self._direct):
                 conn.close(0, "")
 
     def close(self) -> None:
         """Close the shared socket (after the session: the relay connection uses it)."""
-        self.session.udp_endpoint = None
-        if self.endpoint is not None:
-            self.endpoint.close()
+        endpoint, self.endpoint = self.endpoint, None
+        if endpoint is not None:
+            endpoint.close()
 
     def _offered(self) -> list[Candidate]:
         """Our candidates, plus markers for a peer of ours: the symmetric swap, and who we are."""
@@ -205,9 +208,9 @@ class P2PService:
             identity_marker(self.session.config.uri),
         ]
 
-    def _mode(self, sid: int) -> int:
-        """The relay's p2p mode for ``sid`` (0: not told; the reference agent never is)."""
-        return 0 if self.config.reference_wire else self.session.p2p_mode(sid)
+    def _mode(self, sid: int) -> P2PMode | None:
+        """The relay's p2p mode for ``sid`` (None: not told; the reference agent never is)."""
+        return None if self.config.reference_wire else self.session.p2p_mode(sid)
 
     async def _srflx_loop(self) -> None:
         """Ask the relay for our srflx address after every (re)connect (spec 03 §7.2)."""
@@ -237,7 +240,8 @@ class P2PService:
 
     # -- responder ---------------------------------------------------------------------
 
-    def _on_candidates(self, frame_type: int, message: object) -> None:
+    def on_candidates(self, frame_type: int, message: CandidateOffer | CandidateAnswer) -> None:
+        """CANDIDATE_OFFER / ANSWER from the session's control reader (never blocks)."""
         if isinstance(message, CandidateOffer):
             offered = [_from_message(c) for c in message.candidates]
             try:
@@ -344,11 +348,9 @@ class P2PService:
             # A reference initiator swapped already and will not retransmit:
             # give our reader a moment to take what is still in flight on the
             # relay stream before we stop reading it.
-            deadline = time.monotonic() + 0.5
-            while target.positions.received < resume.my_position:
-                if time.monotonic() >= deadline:  # (positions move without an event)
-                    break
-                await asyncio.sleep(0.02)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(REFERENCE_DRAIN):
+                    await target.wait_received(resume.my_position)
         old = target.detach()
         if old is None:
             log.info("p2p: stream not migratable now", extra=kv(id=sid))
@@ -405,12 +407,12 @@ class P2PService:
     async def _promote(self, stream: ResumableStream) -> None:
         sid = stream.stream_id
         mode = self._mode(sid)
-        if mode == MODE_FORBIDDEN:
+        if mode == P2PMode.FORBIDDEN:
             log.info("p2p: not promoting", extra=kv(id=sid, reason="p2p_mode forbidden"))
             return
         # REQUIRED: the relay closes the stream 10 s after the open without a
         # MIGRATE_TO_P2P (spec 02 §7.5), so do not wait the usual second.
-        await asyncio.sleep(0.05 if mode == MODE_REQUIRED else PROMOTION_DELAY)
+        await asyncio.sleep(0.05 if mode == P2PMode.REQUIRED else PROMOTION_DELAY)
         if not self._candidates:
             # [REC] §7.5: nothing to offer, nothing to gain from an offer.
             log.info("p2p: not promoting", extra=kv(id=sid, reason="no local candidates"))
@@ -434,17 +436,23 @@ class P2PService:
                             "the peer acknowledges nothing (reference agent): a reference "
                             "swap would lose bytes"
                         )
-                    conn, winner, rtt = await self._check(remote, markers.identity)
+                    if self.endpoint is None:
+                        raise ConnectionError("no shared UDP socket")
+                    conn, winner, rtt = await check_candidates(
+                        self.endpoint, remote, markers.identity
+                    )
                     await self.session.send_control(
                         FrameType.MIGRATE_TO_P2P,
                         MigrateToP2P(stream_id=sid, selected=_to_message(winner)),
                     )
             except Exception as exc:
-                level = logging.WARNING if mode == MODE_REQUIRED else logging.INFO
+                level = logging.WARNING if mode == P2PMode.REQUIRED else logging.INFO
                 log.log(
                     level,
                     "p2p: stayed on relay",
-                    extra=kv(id=sid, reason=str(exc) or repr(exc), required=mode == MODE_REQUIRED),
+                    extra=kv(
+                        id=sid, reason=str(exc) or repr(exc), required=mode == P2PMode.REQUIRED
+                    ),
                 )
                 if conn is not None:
                     conn.close(0, "")
@@ -515,80 +523,9 @@ class P2PService:
         finally:
             self._answers.pop(sid, None)
 
-    async def _check(
-        self, remote: list[Candidate], expect_uri: str = ""
-    ) -> tuple[Connection, Candidate, float]:
-        """Concurrent, staggered checks; the first full QUIC+mTLS handshake wins.
-
-        With ``expect_uri`` (the peer told it through the relay) a handshake
-        with an agent whose certificate names someone else is a failed check:
-        a private address can lead to another agent of the same CA.
-        """
-        loop = asyncio.get_running_loop()
-        endpoint = self.endpoint
-        if endpoint is None:
-            raise ConnectionError("no shared UDP socket")
-        plan = CheckPlan(remote)
-        plan.start(loop.time())
-        dials: dict[asyncio.Task[Any], Candidate] = {}
-        try:
-            while plan.outcome is CheckOutcome.RUNNING:
-                for candidate in plan.poll(loop.time()):
-                    task = loop.create_task(
-                        endpoint.connect(
-                            candidate.ip, candidate.port, handshake_timeout=plan.pair_timeout
-                        )
-                    )
-                    dials[task] = candidate
-                deadline = plan.next_deadline()
-                if deadline is None:
-                    break
-                running = {t for t in dials if not t.done()}
-                if not running:
-                    await asyncio.sleep(max(deadline - loop.time(), 0))
-                    continue
-                done, _ = await asyncio.wait(
-                    running, timeout=max(deadline - loop.time(), 0), return_when="FIRST_COMPLETED"
-                )
-                for task in done:
-                    candidate = dials[task]
-                    if task.exception() is not None:
-                        plan.failed(candidate, loop.time())
-                    elif expect_uri and _server_uri(task.result()) != expect_uri:
-                        log.warning(
-                            "p2p: direct dial reached another agent",
-                            extra=kv(
-                                to=f"{candidate.ip}:{candidate.port}",
-                                got=_server_uri(task.result()),
-                                want=expect_uri,
-                            ),
-                        )
-                        task.result().close(0, "")
-                        del dials[task]
-                        plan.failed(candidate, loop.time())
-                    elif plan.succeeded(candidate, loop.time()):
-                        assert plan.rtt is not None
-                        winner = task.result()
-                        del dials[task]
-                        return winner, candidate, plan.rtt
-                    else:
-                        task.result().close(0, "")
-            raise ConnectionError(f"no direct pair ({plan.outcome.value})")
-        finally:
-            for task in dials:
-                if not task.done():
-                    task.cancel()
-                elif not task.cancelled() and task.exception() is None:
-                    task.result().close(0, "")
-
 
 def _show(candidates: list[Candidate]) -> str:
     return ",".join(f"{c.kind}:{c.ip}:{c.port}/{c.priority}" for c in candidates)
-
-
-def _server_uri(conn: Connection) -> str:
-    certificate = conn.peer.certificate
-    return (first_uri_san(certificate) or "") if certificate is not None else ""
 
 
 async def _guard(coro: Coroutine[Any, Any, None], what: str) -> None:

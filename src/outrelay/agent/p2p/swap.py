@@ -23,7 +23,7 @@ import logging
 from collections.abc import Callable
 
 from outrelay.agent.resumable import ResumableStream, ResumeFailed, exchange_resume, resume_frame
-from outrelay.agent.session import CHECKPOINT_PERIOD
+from outrelay.agent.resume_supervisor import CHECKPOINT_PERIOD
 from outrelay.observe import kv
 from outrelay.orp import Frame, FrameType, OrpError, StreamCheckpoint, encode_message
 from outrelay.resume import ResumeError
@@ -98,8 +98,7 @@ async def swap_reference(stream: ResumableStream, conn: Connection) -> Stream | 
         return None
     try:
         async with asyncio.timeout(ACK_WAIT):
-            while stream.positions.peer_acked < stream.positions.sent:  # noqa: ASYNC110
-                await asyncio.sleep(0.02)  # (checkpoints arrive without an event)
+            await stream.wait_all_acknowledged()
         async with asyncio.timeout(SWAP_TIMEOUT):
             direct = await conn.open_stream()
             await direct.send_all(resume_frame(stream))

@@ -1,4 +1,6 @@
-"""consumer._classify: a STREAM_REJECT + EOF, application data, or undecided (spec 03 §3.5 [REC]).
+"""orp.classify_open_answer: a STREAM_REJECT + EOF, application data, or undecided.
+
+Spec 03 §3.5 [REC], the consumer's reading of its data stream.
 
 Bytes read from the consumer's data stream before any mode signal are either the
 relay's STREAM_REJECT frame followed by EOF, or the first bytes of an inter-relay
@@ -12,19 +14,25 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from outrelay.agent.consumer import Rejected, _classify
 from outrelay.orp import (
     FrameType,
+    OpenAnswer,
+    P2PMode,
     StreamReady,
     StreamReject,
     decode_frame,
+    decode_p2p_mode,
     encode_frame,
     encode_message,
+    encode_p2p_mode,
+    encode_reject,
 )
+from outrelay.orp import StreamRejected as Rejected
+from outrelay.orp import classify_open_answer as classify
 
 pytestmark = pytest.mark.timeout(20)
 
-SPLICE = "splice"
+SPLICE = OpenAnswer.APPLICATION_DATA
 REJECT_404 = encode_message(
     FrameType.STREAM_REJECT, StreamReject(code=404, reason="service not found")
 )
@@ -38,23 +46,23 @@ def test_golden_bytes_of_spec_02_section_0() -> None:
 
 
 def test_complete_reject_and_eof_is_rejected() -> None:
-    assert _classify(REJECT_404, eof=True) == Rejected(404, "service not found")
+    assert classify(REJECT_404, eof=True) == Rejected(404, "service not found")
 
 
 def test_complete_reject_without_eof_is_undecided() -> None:
-    assert _classify(REJECT_404, eof=False) is None
+    assert classify(REJECT_404, eof=False) is None
 
 
 @pytest.mark.parametrize("cut", range(1, len(REJECT_404)))
 def test_partial_reject_is_undecided_until_eof(cut: int) -> None:
-    assert _classify(REJECT_404[:cut], eof=False) is None
-    assert _classify(REJECT_404[:cut], eof=True) == SPLICE
+    assert classify(REJECT_404[:cut], eof=False) is None
+    assert classify(REJECT_404[:cut], eof=True) == SPLICE
 
 
 @pytest.mark.parametrize("extra", [b"x", b"\x00", REJECT_404])
 @pytest.mark.parametrize("eof", [False, True])
 def test_reject_followed_by_more_bytes_is_splice(extra: bytes, eof: bool) -> None:
-    assert _classify(REJECT_404 + extra, eof=eof) == SPLICE
+    assert classify(REJECT_404 + extra, eof=eof) == SPLICE
 
 
 @pytest.mark.parametrize("eof", [False, True])
@@ -70,7 +78,7 @@ def test_reject_followed_by_more_bytes_is_splice(extra: bytes, eof: bool) -> Non
     ],
 )
 def test_bytes_not_starting_like_a_reject_header_are_splice(data: bytes, eof: bool) -> None:
-    assert _classify(data, eof=eof) == SPLICE
+    assert classify(data, eof=eof) == SPLICE
 
 
 @pytest.mark.parametrize(
@@ -87,38 +95,38 @@ def test_bytes_not_starting_like_a_reject_header_are_splice(data: bytes, eof: bo
         (b"\xff", False, SPLICE),
     ],
 )
-def test_one_byte_inputs(byte: bytes, eof: bool, expected: str | None) -> None:
-    assert _classify(byte, eof=eof) == expected
+def test_one_byte_inputs(byte: bytes, eof: bool, expected: OpenAnswer | None) -> None:
+    assert classify(byte, eof=eof) == expected
 
 
 def test_nothing_yet_is_undecided() -> None:
-    assert _classify(b"", eof=False) is None
+    assert classify(b"", eof=False) is None
 
 
 def test_empty_reject_payload_is_a_reject_with_zero_values() -> None:
-    assert _classify(encode_frame(FrameType.STREAM_REJECT), eof=True) == Rejected(0, "")
+    assert classify(encode_frame(FrameType.STREAM_REJECT), eof=True) == Rejected(0, "")
 
 
 def test_reject_header_with_undecodable_payload_is_splice() -> None:
     bogus = encode_frame(FrameType.STREAM_REJECT, b"\xff\xff\xff\xff")
-    assert _classify(bogus, eof=False) is None
-    assert _classify(bogus, eof=True) == SPLICE
+    assert classify(bogus, eof=False) is None
+    assert classify(bogus, eof=True) == SPLICE
 
 
 def test_reject_header_declaring_an_oversize_payload_is_splice() -> None:
     header = bytes([0x20, 0x13]) + b"\x00\x00" + (1 << 24 | 1).to_bytes(4, "big")
-    assert _classify(header, eof=False) == SPLICE
+    assert classify(header, eof=False) == SPLICE
 
 
 def test_another_complete_frame_type_is_splice() -> None:
     ready = encode_message(FrameType.STREAM_READY, StreamReady(stream_id=1))
-    assert _classify(ready, eof=True) == SPLICE
+    assert classify(ready, eof=True) == SPLICE
 
 
 @settings(max_examples=300, deadline=None)
 @given(data=st.binary(max_size=40), eof=st.booleans())
 def test_arbitrary_bytes_rejected_only_for_one_whole_reject_frame(data: bytes, eof: bool) -> None:
-    answer = _classify(data, eof)
+    answer = classify(data, eof)
     assert answer is None or answer == SPLICE or isinstance(answer, Rejected)
     if isinstance(answer, Rejected):
         assert eof
@@ -134,8 +142,21 @@ def test_any_reject_decides_only_when_whole(code: int, reason: str, cut: int) ->
     wire = encode_message(FrameType.STREAM_REJECT, StreamReject(code=code, reason=reason))
     cut = cut % (len(wire) + 1)
     if cut == len(wire):
-        assert _classify(wire, eof=True) == Rejected(code, reason)
-        assert _classify(wire, eof=False) is None
+        assert classify(wire, eof=True) == Rejected(code, reason)
+        assert classify(wire, eof=False) is None
     elif cut:
-        assert _classify(wire[:cut], eof=False) is None
-        assert _classify(wire[:cut], eof=True) == SPLICE
+        assert classify(wire[:cut], eof=False) is None
+        assert classify(wire[:cut], eof=True) == SPLICE
+
+
+def test_encode_reject_is_the_stream_reject_frame() -> None:
+    assert encode_reject(404, "service not found") == REJECT_404
+
+
+def test_p2p_mode_extension_field_is_the_policy_number_plus_one() -> None:
+    """StreamReady.outrelay_p2p_mode: 0 is "not told" (a reference relay), else P2PMode + 1."""
+    assert [encode_p2p_mode(m) for m in P2PMode] == [1, 2, 3]
+    assert decode_p2p_mode(0) is None
+    assert decode_p2p_mode(99) is None
+    for mode in P2PMode:
+        assert decode_p2p_mode(encode_p2p_mode(mode)) is mode
