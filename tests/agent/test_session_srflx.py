@@ -10,7 +10,7 @@ import pytest
 
 from outrelay.agent.session import NotConnected, RelaySession, SessionConfig
 from outrelay.pki import create_ca, issue_agent, issue_relay, write_identity
-from outrelay.relay.server import Relay, RelayConfig
+from outrelay.relay import Relay, RelayConfig
 from outrelay.transport import QuicTlsConfig
 
 

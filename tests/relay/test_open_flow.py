@@ -11,7 +11,6 @@ from outrelay.relay.open_flow import (
     OpenRequest,
     RejectOpen,
     decide_open,
-    stream_ready_p2p_mode,
 )
 from outrelay.relay.policy import Decision, P2PMode, PolicyResult, RelayMode
 
@@ -114,10 +113,6 @@ def test_forward_rule_forwards_only_with_a_plane(plane: bool, mode: RelayMode) -
     decision = decide_open(REQUEST, decide=policy, resolve=found, forward_plane=plane)
     assert isinstance(decision, AdmitOpen)
     assert decision.relay_mode is mode
-
-
-def test_stream_ready_p2p_mode_is_mode_plus_one() -> None:
-    assert [stream_ready_p2p_mode(m) for m in P2PMode] == [1, 2, 3]
 
 
 async def test_statistics_count_agents_pairs_and_refused_frames(pki: Pki) -> None:

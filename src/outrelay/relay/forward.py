@@ -10,23 +10,16 @@ allocations are released.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 
 from outrelay.observe import kv
 from outrelay.orp import AllocGranted, FrameType, RejectCode
 from outrelay.relay.plane import ForwardPlane
 from outrelay.relay.splicing import reject
 from outrelay.relay.state import AgentSession, RelayState, log
-from outrelay.transport import Stream, TransportError
+from outrelay.transport import Stream
+from outrelay.wire import discard
 
 __all__ = ["forward_session"]
-
-
-async def _discard(stream: Stream) -> None:
-    """Read and drop until EOF or an error (spec 02 §6.4 step 5)."""
-    with contextlib.suppress(TransportError):
-        while await stream.receive_some():
-            pass
 
 
 async def forward_session(
@@ -71,7 +64,7 @@ async def forward_session(
         )
         # Under REQUIRED only C's FIN happens here (spec 02 §7.5; armed by the open flow).
         async with asyncio.TaskGroup() as tg:
-            drains = [tg.create_task(_discard(c_stream)), tg.create_task(_discard(p_stream))]
+            drains = [tg.create_task(discard(c_stream)), tg.create_task(discard(p_stream))]
             await asyncio.wait(drains, return_when=asyncio.FIRST_COMPLETED)
             for task in drains:
                 task.cancel()

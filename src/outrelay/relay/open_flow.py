@@ -45,6 +45,7 @@ from outrelay.orp import (
     StreamReady,
     StreamReject,
     encode_message,
+    encode_p2p_mode,
 )
 from outrelay.relay.audit import AuditEvent
 from outrelay.relay.forward import forward_session
@@ -64,7 +65,6 @@ __all__ = [
     "RejectOpen",
     "Resolve",
     "decide_open",
-    "stream_ready_p2p_mode",
 ]
 
 PROVIDER_ANSWER_TIMEOUT = 30.0
@@ -152,12 +152,6 @@ def decide_open(
     if not forward_plane:
         relay_mode = RelayMode.SPLICE  # a forward rule without --listen-forward splices
     return AdmitOpen(provider, p2p_mode, relay_mode)
-
-
-def stream_ready_p2p_mode(mode: P2PMode) -> int:
-    """``StreamReady.outrelay_p2p_mode`` for ``mode``: the P2PMode number + 1, so that 0
-    (unset, what a reference relay sends) means "not told" (``orp.CAP_P2P_MODE``)."""
-    return int(mode) + 1
 
 
 class OpenFlow:
@@ -320,7 +314,7 @@ class OpenFlow:
                 continue
             ready = StreamReady(stream_id=sid)
             if CAP_P2P_MODE in agent.capabilities:
-                ready.outrelay_p2p_mode = stream_ready_p2p_mode(decision.p2p_mode)
+                ready.outrelay_p2p_mode = encode_p2p_mode(decision.p2p_mode)
             if CAP_RESUME_PEER in agent.capabilities:
                 ready.outrelay_peer_uri = provider.uri if agent is consumer else consumer.uri
             await agent.ctrl.send(FrameType.STREAM_READY, ready)

@@ -12,10 +12,8 @@ from __future__ import annotations
 import asyncio
 
 from outrelay.orp import (
-    FrameType,
     StreamEndCode,
-    StreamReject,
-    encode_message,
+    encode_reject,
     is_final,
 )
 from outrelay.relay.pairs import EndedPairs
@@ -38,9 +36,7 @@ async def reject(stream: Stream, code: int, reason: str) -> None:
     consumer's direction untouched.
     """
     try:
-        await stream.send_all(
-            encode_message(FrameType.STREAM_REJECT, StreamReject(code=int(code), reason=reason))
-        )
+        await stream.send_all(encode_reject(code, reason))
         await stream.send_eof()
         async with asyncio.timeout(REJECT_DRAIN_TIMEOUT):
             while await stream.receive_some():
