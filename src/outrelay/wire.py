@@ -25,7 +25,7 @@ from outrelay.orp import (
     decode_message,
     encode_message,
 )
-from outrelay.transport.base import BrokenResourceError, Stream
+from outrelay.transport import BrokenResourceError, Stream
 
 __all__ = ["ControlChannel", "FrameReader", "expect_message", "frame_name"]
 

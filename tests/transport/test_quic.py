@@ -150,7 +150,7 @@ async def test_slow_reader_pushes_back_on_the_writer(pki: Pki, server: Server) -
     assert sent <= bound, f"writer got {sent} bytes out to a reader that reads nothing"
     assert stream.unsent_bytes <= quic_module.SEND_BUFFER + len(chunk)
     # The receiver buffers at most one window beyond what it consumed.
-    assert remote._buffered <= quic_module.STREAM_WINDOW + 1
+    assert remote.statistics().buffered <= quic_module.STREAM_WINDOW + 1
     # Reading releases the writer.
     before = sent
     received = 0
@@ -195,7 +195,7 @@ async def test_slow_client_reader_pushes_back_on_the_server(
         slack = 0 if backend == "aioquic" else window + 64 * quic_module.MAX_DATAGRAM_SIZE
         bound = window + slack + quic_module.SEND_BUFFER + 2 * len(chunk)
         assert sent <= bound, f"server got {sent} bytes out to a client that reads nothing"
-        buffered = stream._buffered  # type: ignore[attr-defined]
+        buffered = stream.statistics().buffered  # type: ignore[attr-defined]
         assert buffered <= window + slack + 1
         # Reading releases the writer.
         before = sent
@@ -231,7 +231,7 @@ async def test_a_held_qh3_connection_resumes_every_stream(pki: Pki, server: Serv
     task = asyncio.create_task(push_big())
     try:
         async with asyncio.timeout(10):
-            while slow._buffered < quic_module.STREAM_WINDOW:  # type: ignore[attr-defined]  # noqa: ASYNC110
+            while slow.statistics().buffered < quic_module.STREAM_WINDOW:  # type: ignore[attr-defined]  # noqa: ASYNC110
                 await asyncio.sleep(0.01)
         await remotes[b"o"].send_all(b"hello")
         await remotes[b"o"].send_eof()

@@ -205,13 +205,13 @@ async def test_slow_reader_pushes_back_on_the_writer(pki: Pki, server: Server) -
     )
     assert stream.unsent_bytes == INITIAL_STREAM_WINDOW
     assert client._protocol.write_buffer_size() < tcp_module.WRITE_BUFFER_HIGH
-    assert remote._buffered <= INITIAL_STREAM_WINDOW  # bounded by the window
+    assert remote.statistics().buffered <= INITIAL_STREAM_WINDOW  # bounded by the window
     # Reading releases the writer; a slow reader never buffers past its window.
     before = sent
     received = 0
     while received < 4 << 20:
         received += len(await remote.receive_some(16384))
-        assert remote._buffered <= peer._core.receive_window(remote.stream_id)
+        assert remote.statistics().buffered <= peer._core.receive_window(remote.stream_id)
     assert sent > before
     task.cancel()
     client.close()

@@ -66,13 +66,14 @@ from outrelay.transport import (
     BrokenResourceError,
     CertificateError,
     Connection,
+    OtherFamily,
     QuicTlsConfig,
+    SharedUdpEndpoint,
     Stream,
     TransportError,
     connect_tcp,
     select_quic_backend,
 )
-from outrelay.transport.shared_udp import OtherFamily, SharedUdpEndpoint
 from outrelay.wire import ControlChannel, FrameReader, frame_name
 
 __all__ = [

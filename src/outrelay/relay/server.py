@@ -87,12 +87,12 @@ from outrelay.transport import (
     RetryMode,
     Stream,
     TcpServerHandle,
+    TokenBucket,
     TransportError,
+    close_phrase,
     serve_quic,
     serve_tcp,
 )
-from outrelay.transport.admission import TokenBucket
-from outrelay.transport.quic import close_phrase
 from outrelay.wire import FrameReader, expect_message, frame_name
 
 __all__ = ["Relay", "RelayConfig"]

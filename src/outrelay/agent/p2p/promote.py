@@ -81,8 +81,15 @@ from outrelay.orp import Candidate as CandidateMessage
 from outrelay.pki import ClientVerifier, load_certificates
 from outrelay.pki.verify import first_uri_san
 from outrelay.resume import ResumeError, retransmit_range
-from outrelay.transport import Connection, QuicTlsConfig, Stream, TransportError
-from outrelay.transport.shared_udp import PUNCH, SharedUdpEndpoint, open_shared_udp
+from outrelay.transport import (
+    PUNCH,
+    Connection,
+    QuicTlsConfig,
+    SharedUdpEndpoint,
+    Stream,
+    TransportError,
+    open_shared_udp,
+)
 from outrelay.wire import FrameReader, expect_message
 
 __all__ = ["P2PConfig", "P2PService"]
