@@ -10,7 +10,6 @@ waiters (openers, writers, pings) in between.
 
 from __future__ import annotations
 
-import abc
 import asyncio
 from collections.abc import Callable
 from typing import Generic, TypeVar
@@ -22,19 +21,36 @@ from outrelay.transport.base import (
     PeerInfo,
     Stream,
 )
+from outrelay.transport.receive_buffer import ReceiveBuffer, StreamStatistics
+from outrelay.transport.send_gate import SendGate
 
-__all__ = ["ConnectionBase", "WakeableStream"]
+__all__ = ["BufferedStream", "ConnectionBase"]
 
 
-class WakeableStream(Stream):
-    """A backend stream its connection can wake when it ends."""
+class BufferedStream(Stream):
+    """A QUIC or yamux stream: a :class:`ReceiveBuffer` and a :class:`SendGate`.
 
-    @abc.abstractmethod
+    The connection feeds ``received`` and wakes the stream when it ends; the
+    backend subclass moves the bytes.
+    """
+
+    def __init__(self, stream_id: int) -> None:
+        self.stream_id = stream_id
+        self.received = ReceiveBuffer()
+        """What arrived and is not read yet (the connection feeds it)."""
+        self.sending = SendGate()
+        """Writer state; ``sending.ready`` wakes a waiting writer."""
+
     def wake(self) -> None:
-        """The connection ended: let waiting readers and writers look again."""
+        """Let waiting readers and writers look again (the connection ended)."""
+        self.received.wake()
+        self.sending.ready.set()
+
+    def statistics(self) -> StreamStatistics:
+        return self.received.statistics(unsent=self.unsent_bytes, eof_sent=self.sending.eof_sent)
 
 
-S = TypeVar("S", bound=WakeableStream)
+S = TypeVar("S", bound=BufferedStream)
 
 
 class ConnectionBase(Connection, Generic[S]):

@@ -8,19 +8,11 @@ the :class:`StreamOwner` interface.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from typing import Protocol
 
-from outrelay.transport.base import (
-    BrokenResourceError,
-    BusyResourceError,
-    ClosedResourceError,
-    SendClosedError,
-)
-from outrelay.transport.connection_base import WakeableStream
+from outrelay.transport.connection_base import BufferedStream
 from outrelay.transport.quic import settings
-from outrelay.transport.receive_buffer import ReceiveBuffer, StreamStatistics
 
 __all__ = ["QuicStream", "StreamOwner"]
 
@@ -65,19 +57,12 @@ class StreamOwner(Protocol):
         """The application took bytes from ``stream``: return credit."""
 
 
-class QuicStream(WakeableStream):
+class QuicStream(BufferedStream):
     """One bidirectional QUIC stream (see the module docstring)."""
 
     def __init__(self, conn: StreamOwner, stream_id: int) -> None:
-        self.stream_id = stream_id
+        super().__init__(stream_id)
         self._conn = conn
-        self.received = ReceiveBuffer()
-        """What arrived and is not read yet (the connection feeds it)."""
-        self._writing = False
-        self._eof_sent = False
-        self._stop_sending_code: int | None = None
-        self._closed = False
-        self._send_ready = asyncio.Event()
 
     # -- events from the connection ---------------------------------------------------
 
@@ -91,22 +76,14 @@ class QuicStream(WakeableStream):
         self.received.feed_reset(f"stream reset by peer (code {code})", code)
 
     def on_stop_sending(self, code: int) -> None:
-        self._stop_sending_code = code
-        self._send_ready.set()
-
-    def wake(self) -> None:
-        self.received.wake()
-        self._send_ready.set()
+        self.sending.break_(f"peer stopped reading (code {code})", code)
 
     def poll_send_ready(self) -> bool:
         """After a transmit: wake the writer if there is room again (or it must fail)."""
-        if self.unsent_bytes < settings.SEND_BUFFER or self._stop_sending_code is not None:
-            self._send_ready.set()
+        if self.unsent_bytes < settings.SEND_BUFFER or self.sending.broken is not None:
+            self.sending.ready.set()
             return True
         return False
-
-    def statistics(self) -> StreamStatistics:
-        return self.received.statistics(unsent=self.unsent_bytes, eof_sent=self._eof_sent)
 
     # -- reading ----------------------------------------------------------------------
 
@@ -122,31 +99,17 @@ class QuicStream(WakeableStream):
     def unsent_bytes(self) -> int:
         return self._conn.unsent_bytes(self.stream_id)
 
-    def _check_writable(self) -> None:
-        if self._closed:
-            raise ClosedResourceError("stream closed")
-        if self._eof_sent:
-            raise SendClosedError("stream already closed for sending")
-        if self._stop_sending_code is not None:
-            raise BrokenResourceError(
-                f"peer stopped reading (code {self._stop_sending_code})",
-                code=self._stop_sending_code,
-            )
-        self._conn.raise_if_terminated()
-
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        if self._writing:
-            raise BusyResourceError("another task is writing this stream")
-        self._writing = True
-        try:
+        gate = self.sending
+        with gate.writing():
             view = memoryview(data).cast("B")
             while True:
-                self._check_writable()
+                gate.check(self._conn.raise_if_terminated)
                 room = settings.SEND_BUFFER - self.unsent_bytes
                 if room <= 0:
-                    self._send_ready.clear()
+                    gate.ready.clear()
                     self._conn.want_send(self)
-                    await self._send_ready.wait()
+                    await gate.ready.wait()
                     continue
                 chunk = view[:room]
                 self._conn.send_data(self.stream_id, chunk)
@@ -154,26 +117,24 @@ class QuicStream(WakeableStream):
                 view = view[len(chunk) :]
                 if not view:
                     return
-        finally:
-            self._writing = False
 
     async def send_eof(self) -> None:
-        if self._eof_sent or self._closed or self._stop_sending_code is not None:
+        gate = self.sending
+        if gate.eof_sent or gate.closed or gate.broken is not None or self._conn.terminated:
             return
-        if self._conn.terminated:
-            return
-        self._eof_sent = True
+        gate.eof_sent = True
         with contextlib.suppress(Exception):
             self._conn.send_fin(self.stream_id)
             self._conn.transmit_soon()
 
     def abort(self, error_code: int = 0) -> None:
-        if self._closed:
+        gate = self.sending
+        if gate.closed:
             return
-        self._closed = True
+        gate.closed = True
         conn = self._conn
         if not conn.terminated:
-            if not self._eof_sent and self._stop_sending_code is None:
+            if not gate.eof_sent and gate.broken is None:
                 with contextlib.suppress(Exception):
                     conn.reset_stream(self.stream_id, error_code)
             if not self.received.eof and self.received.reset is None:
@@ -183,10 +144,10 @@ class QuicStream(WakeableStream):
         self._release()
 
     async def aclose(self) -> None:
-        if self._closed:
+        if self.sending.closed:
             return
         await self.send_eof()
-        self._closed = True
+        self.sending.closed = True
         conn = self._conn
         if not conn.terminated and not self.received.eof and self.received.reset is None:
             with contextlib.suppress(Exception):

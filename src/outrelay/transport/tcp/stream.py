@@ -8,12 +8,8 @@ from typing import TYPE_CHECKING
 
 from outrelay.transport.base import (
     BrokenResourceError,
-    BusyResourceError,
-    ClosedResourceError,
-    SendClosedError,
 )
-from outrelay.transport.connection_base import WakeableStream
-from outrelay.transport.receive_buffer import ReceiveBuffer, StreamStatistics
+from outrelay.transport.connection_base import BufferedStream
 from outrelay.transport.tcp.settings import SEND_CHUNK, WRITE_BUFFER_HIGH
 from outrelay.transport.yamux import YamuxError
 
@@ -23,18 +19,12 @@ if TYPE_CHECKING:
 __all__ = ["TcpStream"]
 
 
-class TcpStream(WakeableStream):
+class TcpStream(BufferedStream):
     """One yamux stream with bounded buffers both ways."""
 
     def __init__(self, conn: TcpConn, stream_id: int) -> None:
-        self.stream_id = stream_id
+        super().__init__(stream_id)
         self._conn = conn
-        self.received = ReceiveBuffer()
-        """What arrived and is not read yet (the connection feeds it)."""
-        self._send_ready = asyncio.Event()
-        self._writing = False
-        self._eof_sent = False
-        self._closed = False
 
     # -- events from the connection ---------------------------------------------
 
@@ -48,17 +38,10 @@ class TcpStream(WakeableStream):
 
     def on_reset(self, reason: str, code: int = 0) -> None:
         self.received.feed_reset(f"stream {reason}", code)
-        self.wake()
+        self.sending.break_(f"stream {reason}", code)
 
     def on_window_update(self) -> None:
-        self._send_ready.set()
-
-    def wake(self) -> None:
-        self.received.wake()
-        self._send_ready.set()
-
-    def statistics(self) -> StreamStatistics:
-        return self.received.statistics(unsent=self.unsent_bytes, eof_sent=self._eof_sent)
+        self.sending.ready.set()
 
     # -- reading ------------------------------------------------------------------
 
@@ -75,65 +58,53 @@ class TcpStream(WakeableStream):
         """Bytes sent that the peer has not credited back (read) yet."""
         return self._conn._core.unacknowledged_bytes(self.stream_id)
 
-    def _check_writable(self) -> None:
-        if self._closed:
-            raise ClosedResourceError("stream closed")
-        if self._eof_sent:
-            raise SendClosedError("stream already closed for sending")
-        if self.received.reset is not None:
-            message, code = self.received.reset
-            raise BrokenResourceError(message, code=code)
-        self._conn.raise_if_terminated()
-
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        if self._writing:
-            raise BusyResourceError("another task is writing this stream")
-        self._writing = True
-        try:
+        gate = self.sending
+        with gate.writing():
             view = memoryview(data).cast("B")
             core = self._conn._core
             since_yield = 0
-            while True:
-                self._check_writable()
-                if not view:
-                    return
-                if not self._conn._writable.is_set():
-                    await self._conn._writable.wait()
-                    continue
-                if core.send_window(self.stream_id) == 0:
-                    self._send_ready.clear()
-                    await self._send_ready.wait()
-                    continue
-                n = core.send_data(self.stream_id, view[:SEND_CHUNK])
-                self._conn._flush()
-                view = view[n:]
-                since_yield += n
-                if since_yield >= WRITE_BUFFER_HIGH and view:
-                    # A fast socket never pauses us; let other tasks run.
-                    since_yield = 0
-                    await asyncio.sleep(0)
-        except YamuxError as exc:  # the stream vanished between checks
-            raise BrokenResourceError(f"stream {self.stream_id} is gone: {exc}") from exc
-        finally:
-            self._writing = False
+            try:
+                while True:
+                    gate.check(self._conn.raise_if_terminated)
+                    if not view:
+                        return
+                    if not self._conn._writable.is_set():
+                        await self._conn._writable.wait()
+                        continue
+                    if core.send_window(self.stream_id) == 0:
+                        gate.ready.clear()
+                        await gate.ready.wait()
+                        continue
+                    n = core.send_data(self.stream_id, view[:SEND_CHUNK])
+                    self._conn._flush()
+                    view = view[n:]
+                    since_yield += n
+                    if since_yield >= WRITE_BUFFER_HIGH and view:
+                        # A fast socket never pauses us; let other tasks run.
+                        since_yield = 0
+                        await asyncio.sleep(0)
+            except YamuxError as exc:  # the stream vanished between checks
+                raise BrokenResourceError(f"stream {self.stream_id} is gone: {exc}") from exc
 
     async def send_eof(self) -> None:
-        if self._eof_sent or self._closed or self.received.reset is not None:
+        gate = self.sending
+        if gate.eof_sent or gate.closed or gate.broken is not None:
             return
-        self._eof_sent = True
+        gate.eof_sent = True
         if self._conn.terminated:
             return
         with contextlib.suppress(YamuxError):
             self._conn._core.end_stream(self.stream_id)
-        self._send_ready.set()
+        gate.ready.set()
         self._conn._flush()
         self._conn._maybe_forget(self)
 
     def abort(self, error_code: int = 0) -> None:
         """Reset both directions (yamux RST, ``error_code`` in its length field)."""
-        if self._closed:
+        if self.sending.closed:
             return
-        self._closed = True
+        self.sending.closed = True
         conn = self._conn
         if not conn.terminated:
             conn._core.reset_stream(self.stream_id, error_code)
@@ -149,10 +120,10 @@ class TcpStream(WakeableStream):
         is discarded and credited back at once, so its writer finishes
         instead of hanging, until its FIN ends the stream.
         """
-        if self._closed:
+        if self.sending.closed:
             return
         await self.send_eof()
-        self._closed = True
+        self.sending.closed = True
         unread = self.received.close()
         self.wake()
         conn = self._conn
