@@ -277,10 +277,6 @@ class YamuxSession:
         """The stream's current receive window target (grows with auto-tuning)."""
         return self._get(stream_id).window
 
-    def receive_credit(self, stream_id: int) -> int:
-        """Bytes the peer may still send on ``stream_id`` before an update."""
-        return self._get(stream_id).credit
-
     def unacknowledged_bytes(self, stream_id: int) -> int:
         """Bytes we sent that the peer has not credited back (read) yet.
 
