@@ -26,7 +26,12 @@ from outrelay.transport.quic.backend import QUIC_BACKENDS, QuicBackend, select_q
 from outrelay.transport.quic.client import PacketEndpoint, connect_quic, connect_quic_on
 from outrelay.transport.quic.connection import close_phrase, describe_close
 from outrelay.transport.quic.protocol import QuicConn
-from outrelay.transport.quic.server import QuicServerHandle, accept_quic_on, serve_quic
+from outrelay.transport.quic.server import (
+    QuicServerHandle,
+    QuicServerStatistics,
+    accept_quic_on,
+    serve_quic,
+)
 from outrelay.transport.quic.settings import (
     HANDSHAKE_TIMEOUT,
     IDLE_TIMEOUT,
@@ -60,6 +65,7 @@ __all__ = [
     "QuicBackend",
     "QuicConn",
     "QuicServerHandle",
+    "QuicServerStatistics",
     "QuicStream",
     "SharedUdpEndpoint",
     "accept_quic_on",

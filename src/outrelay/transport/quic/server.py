@@ -29,6 +29,7 @@ import asyncio
 import logging
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from aioquic._buffer import Buffer
@@ -57,6 +58,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "QuicServerHandle",
+    "QuicServerStatistics",
     "VerifyClient",
     "accept_quic_on",
     "serve_quic",
@@ -66,6 +68,16 @@ __all__ = [
 log = logging.getLogger("outrelay.transport.quic")
 
 VerifyClient = Callable[["x509.Certificate | None", "tuple[x509.Certificate, ...]"], str]
+
+
+@dataclass(frozen=True)
+class QuicServerStatistics:
+    """A snapshot of one QUIC listener (trio-style ``statistics()``)."""
+
+    connections: int
+    """Connections whose protocol is alive (handshaking or established)."""
+    routed_ids: int
+    """Connection IDs the listener routes: what it still holds for its connections."""
 
 
 class QuicServerHandle:
@@ -86,6 +98,11 @@ class QuicServerHandle:
         assert transport is not None
         sock = transport.get_extra_info("sockname")
         return fold_address(sock)
+
+    def statistics(self) -> QuicServerStatistics:
+        return QuicServerStatistics(
+            connections=len(self._protocols), routed_ids=len(self._server.routes)
+        )
 
     def close(self) -> None:
         for protocol in list(self._protocols):
