@@ -19,10 +19,11 @@ from collections.abc import Callable
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
+from aioquic._buffer import Buffer
 from aioquic.asyncio.protocol import QuicConnectionProtocol
 from aioquic.asyncio.server import QuicServer
 from aioquic.quic.connection import QuicConnection, QuicConnectionState
-from aioquic.quic.packet import QuicFrameType, QuicStreamFrame
+from aioquic.quic.packet import QuicFrameType, QuicHeader, QuicStreamFrame, pull_quic_header
 from aioquic.quic.packet_builder import QuicDeliveryState
 
 if TYPE_CHECKING:
@@ -43,6 +44,7 @@ __all__ = [
     "install_patches",
     "is_client",
     "loss_state",
+    "parse_header",
     "peer_certificates",
     "peer_path_address",
     "remote_bidi_stream_limit",
@@ -226,6 +228,15 @@ def peer_certificates(
     leaf: x509.Certificate | None = getattr(tls, "_peer_certificate", None)
     chain = tuple(getattr(tls, "_peer_certificate_chain", ()) or ())
     return leaf, chain
+
+
+def parse_header(data: bytes, cid_length: int) -> QuicHeader:
+    """A packet's header, read with aioquic's buffer (private module ``aioquic._buffer``).
+
+    Raises:
+        ValueError: not a QUIC header.
+    """
+    return pull_quic_header(Buffer(data=data), host_cid_length=cid_length)
 
 
 def still_first_flight(quic: QuicConnection) -> bool:

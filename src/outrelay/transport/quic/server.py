@@ -32,14 +32,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from aioquic._buffer import Buffer
 from aioquic.quic.configuration import SMALLEST_MAX_DATAGRAM_SIZE, QuicConfiguration
 from aioquic.quic.connection import QuicConnection
 from aioquic.quic.packet import (
     QuicPacketType,
     encode_quic_retry,
     encode_quic_version_negotiation,
-    pull_quic_header,
 )
 from aioquic.quic.retry import QuicRetryTokenHandler
 
@@ -200,7 +198,7 @@ class _GuardedServer(_aioquic.ServerBase):
                 self._version_negotiation(data, addr, source, now)
             return
         try:
-            header = pull_quic_header(Buffer(data=data), host_cid_length=self._cid_length)
+            header = _aioquic.parse_header(data, self._cid_length)
         except ValueError:
             return
         if header.packet_type != QuicPacketType.INITIAL:
@@ -286,7 +284,7 @@ class _GuardedServer(_aioquic.ServerBase):
         if not self.admission.allow_reply(source, now):
             return
         try:
-            header = pull_quic_header(Buffer(data=data), host_cid_length=self._cid_length)
+            header = _aioquic.parse_header(data, self._cid_length)
         except ValueError:
             return
         packet = encode_quic_version_negotiation(
