@@ -488,11 +488,10 @@ async def _open_many(
 
 CONCURRENCY_VARIANTS = {
     "baseline": "",
-    "streams1k": "streams1k",
-    "streams1k+ring4k": "streams1k,ring4k",
+    "ring4k": "ring4k",
 }
-"""As shipped; relay and agents patched to allow 1,100 streams per connection; and with
-resume rings starting at 4 KiB (bench/patched.py)."""
+"""As shipped (1,024 streams per connection since 6a0fdff); and with resume rings
+starting at 4 KiB (bench/patched.py)."""
 
 
 def run_concurrency(ctx: Ctx) -> None:
@@ -552,8 +551,8 @@ RESUMED = re.compile(r'msg="session: stream resumed".*?retransmitted=(\d+).*?sta
 LOST = re.compile(r'msg="session: lost; reconnecting".*?reason=("[^"]*"|\S+)')
 
 
-RESUME_VARIANTS = {"baseline": "", "fastdead": "fastdead"}
-"""Resume runs as shipped, then with the agents' ``fastdead`` patch (bench/patched.py)."""
+RESUME_VARIANTS = {"baseline": ""}
+"""Resume runs as shipped (the ``fastdead`` patch is in src since 6a0fdff)."""
 
 
 def run_resume(ctx: Ctx) -> None:
@@ -785,12 +784,10 @@ def _backends_resume(ctx: Ctx, variants: dict[str, tuple[str, list[str], bool]])
 
 VARIANTS = [
     "",
-    "batchrx",
-    "coalesce",
-    "batchrx,coalesce",
-    "batchrx,coalesce,nocopy",
-    "batchrx,coalesce,gso",
+    "nocopy",
+    "gso",
 ]
+"""``batchrx`` and ``coalesce`` are in src (c0d973e, 6a0fdff)."""
 
 
 def _wrap(patch: str, profile_dir: Path | None = None) -> dict[str, list[str]]:
@@ -818,8 +815,8 @@ def run_experiments(ctx: Ctx) -> None:
         for patch in VARIANTS:
             o = setups.start_outrelay(procs, ctx.pki, backend.port, wrap=_wrap(patch))
             paths.append(TcpPath(patch or "baseline", "agent path", o.local_port, o.procs))
-        # The ceiling with and without the transport patch, for the ratio after the change.
-        for patch in ("", "batchrx"):
+        # The ceiling with the shipped transport (batched reads are in src).
+        for patch in ("",):
             name = "ceiling" + (f"+{patch}" if patch else "")
             port = free_port(socket.SOCK_DGRAM)
             server = procs.start(

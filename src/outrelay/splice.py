@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from outrelay.orp import is_final
-from outrelay.transport.base import SendClosedError, Stream, TransportError
+from outrelay.transport import SendClosedError, Stream, TransportError
 
 __all__ = ["DirectionResult", "ResetCode", "SpliceResult", "splice"]
 

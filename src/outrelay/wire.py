@@ -26,7 +26,7 @@ from outrelay.orp import (
     decode_message,
     encode_message,
 )
-from outrelay.transport.base import BrokenResourceError, Stream, TransportError
+from outrelay.transport import BrokenResourceError, Stream, TransportError
 
 __all__ = ["ControlChannel", "FrameReader", "discard", "expect_message", "frame_name"]
 

@@ -131,7 +131,7 @@ BAD_CONSUMER = textwrap.dedent(
     """
     import asyncio, sys
     import outrelay.transport.quic as quic
-    quic.STREAM_WINDOW = 4096  # a tiny receive window: the relay's ctrl writes back up at once
+    quic.settings.STREAM_WINDOW = 4096  # tiny receive window: the relay's ctrl writes back up
     from outrelay.orp import FrameType, Hello, OpenStream, encode_message
     from outrelay.transport import QuicTlsConfig
 

@@ -133,7 +133,7 @@ async def py_send_to_slow_reader(conn: TcpConn, size: int, notes: Notes) -> None
     while chunk := await stream.receive_some(64 * 1024):
         got += chunk
         window = conn._core.receive_window(stream.stream_id)
-        assert stream._buffered <= window  # never more than we granted
+        assert stream.statistics().buffered <= window  # never more than we granted
         notes.receive_window = max(notes.receive_window, window)
         await asyncio.sleep(0.01)
     assert bytes(got) == pattern(size)

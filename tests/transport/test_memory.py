@@ -1,10 +1,10 @@
 """The in-memory backend: the Stream contract of transport/base.py, without sockets.
 
-A small conformance check in the spirit of trio's ``check_two_way_stream``
-(``src/trio/testing/_check_streams.py``): round trips both ways, FIN, a
-"clogged" pair whose sends block until the peer reads, abort seen by the peer
-as :class:`BrokenResourceError`, ``break_`` as a lost connection, and the
-Busy/Closed errors.
+What is particular to the in-memory pair: exact chunking, ``unsent_bytes``,
+``break_`` as a lost connection, wake-ups of parked readers and writers. The
+checks every backend shares (round trips, half-close, abort with its code, a
+"clogged" stream whose sends block, Busy/Closed errors) are in
+``test_stream_conformance.py``, after trio's ``check_two_way_stream``.
 """
 
 from __future__ import annotations
@@ -83,41 +83,6 @@ async def test_large_transfer_through_small_limit_is_exact() -> None:
     assert got.result() == payload
 
 
-async def test_fin_gives_eof_after_data_and_other_direction_still_flows() -> None:
-    a, b = memory_stream_pair(limit=64)
-    async with asyncio.timeout(STEP):
-        await a.send_all(b"last words")
-        await a.send_eof()
-        await a.send_eof()  # idempotent
-        assert await b.receive_some() == b"last words"
-        assert await b.receive_some() == b""
-        assert await b.receive_some() == b""  # EOF is sticky
-        await b.send_all(b"reply")  # half-close: b -> a still open
-        assert await a.receive_some() == b"reply"
-        await b.send_eof()
-        assert await a.receive_some() == b""
-
-
-async def test_send_all_after_send_eof_raises_closed() -> None:
-    a, _b = memory_stream_pair()
-    await a.send_eof()
-    with pytest.raises(ClosedResourceError):
-        await a.send_all(b"x")
-
-
-async def test_aclose_sends_fin_and_closes_locally() -> None:
-    a, b = memory_stream_pair()
-    async with asyncio.timeout(STEP):
-        await a.send_all(b"bye")
-        await a.aclose()
-        await a.aclose()  # idempotent
-        assert await _drain(b) == b"bye"
-        with pytest.raises(ClosedResourceError):
-            await a.receive_some()
-        with pytest.raises(ClosedResourceError):
-            await a.send_all(b"x")
-
-
 async def test_aclose_wakes_a_parked_local_reader() -> None:
     a, _b = memory_stream_pair()
     async with asyncio.timeout(STEP):
@@ -152,33 +117,6 @@ async def test_send_all_blocks_until_peer_reads() -> None:
         assert await b.receive_some(4) == b"0123"
         await sender  # room was made: it finishes
         assert await b.receive_some() == b"456789abc"
-
-
-async def test_clogged_pair_both_directions_are_independent() -> None:
-    """Like trio's clogged check: a blocked send in one direction stalls nothing else."""
-    a, b = memory_stream_pair(limit=4)
-    async with asyncio.timeout(STEP):
-        blocked = asyncio.create_task(a.send_all(b"x" * 9))
-        await _settle()
-        assert not blocked.done()
-        await b.send_all(b"rev")  # the other direction is not clogged
-        assert await a.receive_some() == b"rev"
-        got = bytearray()
-        while len(got) < 9:
-            got += await b.receive_some(2)
-        await blocked
-        assert bytes(got) == b"x" * 9
-
-
-async def test_concurrent_readers_raise_busy() -> None:
-    a, b = memory_stream_pair()
-    async with asyncio.timeout(STEP):
-        first = asyncio.create_task(b.receive_some())
-        await _settle()
-        with pytest.raises(BusyResourceError):
-            await b.receive_some()
-        await a.send_all(b"ok")
-        assert await first == b"ok"
 
 
 async def test_concurrent_writers_raise_busy() -> None:

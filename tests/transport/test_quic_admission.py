@@ -70,8 +70,8 @@ class Server:
         return self.handle.admission
 
     def live_cids(self) -> int:
-        """Entries in aioquic's CID map: what the listener still holds."""
-        return len(self.handle._server._protocols)
+        """Connection IDs the listener routes: what it still holds."""
+        return self.handle.statistics().routed_ids
 
 
 async def _serve(pki: Pki, admission: QuicAdmission) -> Server:

@@ -18,7 +18,7 @@ import pytest
 from outrelay.pki import ClientVerifier, create_ca, issue_agent
 from outrelay.transport import BrokenResourceError, Stream, serve_quic
 from outrelay.transport.quic import QuicConn
-from outrelay.transport.shared_udp import (
+from outrelay.transport.quic.shared_udp import (
     PUNCH,
     OtherFamily,
     SharedUdpEndpoint,

@@ -42,6 +42,7 @@ from outrelay.transport.yamux import (
     YamuxProtocolError,
     YamuxSession,
 )
+from outrelay.transport.yamux import state as yamux_state
 
 # --------------------------------------------------------------------------- helpers
 
@@ -409,13 +410,13 @@ def test_transition_table_is_total_for_legal_inputs_and_raises_otherwise() -> No
     for state in StreamState:
         for event in StreamInput:
             key = (state, event)
-            if key in yamux._TRANSITIONS:
-                assert yamux._next_state(state, event) in StreamState
+            if key in yamux_state.TRANSITIONS:
+                assert yamux_state.next_state(state, event) in StreamState
             else:
-                with pytest.raises(yamux._IllegalTransition):
-                    yamux._next_state(state, event)
+                with pytest.raises(yamux_state.IllegalTransition):
+                    yamux_state.next_state(state, event)
     # No way out of CLOSED or RESET.
-    assert not any(state in yamux._GONE for state, _ in yamux._TRANSITIONS)
+    assert not any(state in yamux_state.GONE for state, _ in yamux_state.TRANSITIONS)
 
 
 # --------------------------------------------------------------------------- session

@@ -36,15 +36,15 @@ from outrelay.transport import (
     BrokenResourceError,
     CertificateError,
     Connection,
+    OtherFamily,
     QuicTlsConfig,
     TransportError,
     connect_tcp,
 )
-from outrelay.transport.shared_udp import OtherFamily
 from outrelay.wire import ControlChannel, FrameReader, frame_name
 
 if TYPE_CHECKING:
-    from outrelay.transport.shared_udp import SharedUdpEndpoint
+    from outrelay.transport import SharedUdpEndpoint
 
 __all__ = [
     "HANDSHAKE_TIMEOUT",
@@ -117,7 +117,7 @@ class SessionConfig:
     """How long a broken stream waits to be resumed before it is dropped."""
     quic_backend: str = "aioquic"
     """QUIC client library for relay connections: ``aioquic``, ``qh3`` or ``auto``
-    (see :mod:`outrelay.transport.quic_backend`)."""
+    (see :mod:`outrelay.transport.quic.backend`)."""
     capabilities: tuple[str, ...] = ()
     """HELLO capabilities (:data:`HELLO_CAPABILITIES` with ``--p2p-listen``); the
     reference sends none, and neither do we without P2P."""

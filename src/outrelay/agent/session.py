@@ -73,7 +73,7 @@ from outrelay.transport import (
 from outrelay.wire import frame_name
 
 if TYPE_CHECKING:
-    from outrelay.transport.shared_udp import SharedUdpEndpoint
+    from outrelay.transport import SharedUdpEndpoint
 
 __all__ = [
     "NotConnected",

@@ -37,9 +37,7 @@ from outrelay.relay.limits import (
 from outrelay.relay.policy import ProvideResult
 from outrelay.relay.registry import RegistrationRejected
 from outrelay.relay.state import AgentSession, RelayState, log, now_ms
-from outrelay.transport import TransportError
-from outrelay.transport.admission import TokenBucket
-from outrelay.transport.quic import close_phrase
+from outrelay.transport import TokenBucket, TransportError, close_phrase
 from outrelay.wire import expect_message, frame_name
 
 __all__ = ["ControlDispatch", "registration_refusal"]

@@ -54,10 +54,10 @@ from outrelay.transport import (
     Stream,
     TcpServerHandle,
     TransportError,
+    close_phrase,
     serve_quic,
     serve_tcp,
 )
-from outrelay.transport.quic import close_phrase
 from outrelay.wire import FrameReader, expect_message, frame_name
 
 __all__ = ["Relay", "RelayConfig"]

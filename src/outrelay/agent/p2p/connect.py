@@ -15,8 +15,7 @@ from outrelay.agent.p2p.candidates import Candidate
 from outrelay.agent.p2p.checks import CheckOutcome, CheckPlan
 from outrelay.observe import kv
 from outrelay.pki.verify import first_uri_san
-from outrelay.transport import Connection
-from outrelay.transport.shared_udp import SharedUdpEndpoint
+from outrelay.transport import Connection, SharedUdpEndpoint
 
 __all__ = ["check_candidates"]
 

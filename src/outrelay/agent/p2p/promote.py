@@ -2,7 +2,7 @@
 
 What runs when enabled:
 
-* the **shared UDP socket** (:mod:`outrelay.transport.shared_udp`) bound at
+* the **shared UDP socket** (:mod:`outrelay.transport.quic.shared_udp`) bound at
   ``--p2p-listen``: the relay connection, the direct-path QUIC listener
   (ALPN ``orp/1``, client certificate required and verified), the checks and
   the warm-up punches all use it, so the srflx address the relay observes is
@@ -82,8 +82,15 @@ from outrelay.orp import (
 from outrelay.orp import Candidate as CandidateMessage
 from outrelay.pki import ClientVerifier, load_certificates
 from outrelay.resume import ResumeError, retransmit_range
-from outrelay.transport import Connection, QuicTlsConfig, Stream, TransportError
-from outrelay.transport.shared_udp import PUNCH, SharedUdpEndpoint, open_shared_udp
+from outrelay.transport import (
+    PUNCH,
+    Connection,
+    QuicTlsConfig,
+    SharedUdpEndpoint,
+    Stream,
+    TransportError,
+    open_shared_udp,
+)
 from outrelay.wire import FrameReader, expect_message
 
 __all__ = ["P2PConfig", "P2PService"]

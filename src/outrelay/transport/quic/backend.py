@@ -3,11 +3,11 @@
 The agent's side of a relay session is a QUIC *client*, and faster client
 stacks than aioquic exist (DESIGN.md, dependency table). This module maps a
 backend name to a connect function with the contract of
-:func:`outrelay.transport.quic.connect_quic`:
+:func:`outrelay.transport.quic.client.connect_quic`:
 
-* ``aioquic``: :mod:`outrelay.transport.quic`, the reference backend (the
+* ``aioquic``: :mod:`outrelay.transport.quic.client`, the reference backend (the
   relay, P2P and forward planes always use it).
-* ``qh3``: :mod:`outrelay.transport.quic_qh3` (optional dependency, Rust core).
+* ``qh3``: :mod:`outrelay.transport.quic.qh3` (optional dependency, Rust core).
 * ``auto``: aioquic for now. qh3 passes the transport, basic and resume
   tests but not e2e ``test_200_concurrent_connections`` (timeout; qh3 admits
   100 relay-opened streams and its backpressure pauses the whole connection),
@@ -26,7 +26,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from outrelay.transport.base import Connection
-from outrelay.transport.quic import HANDSHAKE_TIMEOUT, QuicTlsConfig, connect_quic
+from outrelay.transport.quic.client import connect_quic
+from outrelay.transport.quic.settings import HANDSHAKE_TIMEOUT
+from outrelay.transport.tls import QuicTlsConfig
 
 __all__ = ["QUIC_BACKENDS", "QuicBackend", "QuicConnector", "select_quic_backend"]
 
@@ -35,7 +37,7 @@ AUTO = "aioquic"
 """What ``auto`` means (see the module docstring)."""
 QH3_TESTED = (2,)
 """qh3 major versions the qh3 backend is tested against (it reaches into
-``QuicConnection._drain_core``, a private method)."""
+``QuicConnection._drain_core``, a private method: see ``quic/_qh3.py``)."""
 
 
 class QuicConnector:
@@ -81,7 +83,7 @@ def _qh3() -> QuicBackend:
     major = version.split(".", 1)[0]
     if not major.isdigit() or int(major) not in QH3_TESTED:
         raise ImportError(f"qh3 {version} is not a tested version (want {QH3_TESTED[0]}.x)")
-    module = importlib.import_module("outrelay.transport.quic_qh3")
+    module = importlib.import_module("outrelay.transport.quic.qh3")
     return QuicBackend("qh3", version, QuicConnector(module.connect_quic_qh3))
 
 

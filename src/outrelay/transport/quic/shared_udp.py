@@ -27,26 +27,18 @@ import asyncio
 import logging
 import socket
 from collections.abc import Callable
-from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from aioquic.asyncio.server import QuicServer
 from aioquic.quic.connection import QuicConnection
 
+from outrelay.transport.addresses import bind_udp, fold_address, resolve_udp
 from outrelay.transport.base import BrokenResourceError
-from outrelay.transport.quic import (
-    HANDSHAKE_TIMEOUT,
-    QuicConn,
-    QuicTlsConfig,
-    _configuration,
-    _fold_address,
-    _Protocol,
-    bind_udp,
-    client_handshake,
-    resolve_udp,
-    server_configuration,
-    server_protocol_factory,
-)
+from outrelay.transport.quic import _aioquic
+from outrelay.transport.quic.client import client_handshake, configuration, server_configuration
+from outrelay.transport.quic.protocol import AioquicProtocol, QuicConn
+from outrelay.transport.quic.server import server_protocol_factory
+from outrelay.transport.quic.settings import HANDSHAKE_TIMEOUT
+from outrelay.transport.tls import QuicTlsConfig
 from outrelay.transport.udp import BatchDatagramTransport
 
 if TYPE_CHECKING:
@@ -74,7 +66,7 @@ def is_quic_datagram(data: bytes) -> bool:
     return len(data) >= _MIN_QUIC and bool(data[0] & _FIXED_BIT)
 
 
-class _Demux(QuicServer):
+class _Demux(_aioquic.ServerBase):
     """aioquic's server, taught to drop non-QUIC datagrams and to route to clients too."""
 
     dropped = 0
@@ -85,34 +77,35 @@ class _Demux(QuicServer):
             return
         super().datagram_received(data, addr)
 
-    def add_client(self, protocol: _Protocol) -> None:
+    def add_client(self, protocol: AioquicProtocol) -> None:
         """Route the connection ids of client-role ``protocol`` to it, for its whole life."""
-        quic = protocol._quic
-        for cid in quic._host_cids:
-            self._protocols[cid.cid] = protocol
-        protocol._connection_id_issued_handler = partial(self._issued, protocol=protocol)
-        protocol._connection_id_retired_handler = partial(self._retired, protocol=protocol)
-        protocol._connection_terminated_handler = partial(
-            self._connection_terminated, protocol=protocol
-        )
-        protocol.conn._on_closed.append(partial(self._connection_terminated, protocol))
+        routes = self.routes
+        for cid in protocol.host_cids():
+            routes[cid] = protocol
 
-    def _issued(self, cid: bytes, protocol: _Protocol) -> None:
-        # aioquic may still issue ids while a connection we closed drains:
-        # they must not route datagrams to it again.
-        if not protocol.conn._terminated:
-            self._protocols[cid] = protocol
+        def issued(cid: bytes) -> None:
+            # aioquic may still issue ids while a connection we closed drains:
+            # they must not route datagrams to it again.
+            if not protocol.conn.terminated:
+                routes[cid] = protocol
 
-    def _retired(self, cid: bytes, protocol: Any) -> None:
-        if self._protocols.get(cid) is protocol:
-            del self._protocols[cid]
+        def retired(cid: bytes) -> None:
+            if routes.get(cid) is protocol:
+                del routes[cid]
+
+        self.route(protocol, issued, retired)
+        protocol.conn.add_close_callback(lambda: self.connection_ended(protocol))
 
 
 class SharedUdpEndpoint:
     """The agent's one UDP socket; :meth:`close` ends it and every connection on it."""
 
     def __init__(
-        self, sock: socket.socket, demux: _Demux, tls: QuicTlsConfig, protocols: set[_Protocol]
+        self,
+        sock: socket.socket,
+        demux: _Demux,
+        tls: QuicTlsConfig,
+        protocols: set[AioquicProtocol],
     ) -> None:
         self._sock = sock
         self._demux = demux
@@ -121,7 +114,7 @@ class SharedUdpEndpoint:
         self._closed = False
         loop = asyncio.get_running_loop()
         self._transport = BatchDatagramTransport(loop, sock, demux)
-        self.address: tuple[str, int] = _fold_address(sock.getsockname())
+        self.address: tuple[str, int] = fold_address(sock.getsockname())
         """The bound address (port resolved when 0 was asked)."""
 
     @property
@@ -161,8 +154,8 @@ class SharedUdpEndpoint:
             resolved_family, addr = await resolve_udp(host, port)
             if resolved_family == socket.AF_INET:
                 addr = self._sockaddr(addr[0], addr[1])
-        config = _configuration(tls or self._tls, is_client=True)
-        protocol = _Protocol(QuicConnection(configuration=config))
+        config = configuration(tls or self._tls, is_client=True)
+        protocol = AioquicProtocol(QuicConnection(configuration=config))
         protocol.connection_made(self._transport)
         self._demux.add_client(protocol)
         return await client_handshake(protocol, addr, f"{host}:{port}", handshake_timeout)
@@ -183,8 +176,8 @@ class SharedUdpEndpoint:
         self._closed = True
         for protocol in list(self._server_protocols):
             protocol.conn.close(0, "")
-        for any_protocol in set(self._demux._protocols.values()):
-            if isinstance(any_protocol, _Protocol):
+        for any_protocol in set(self._demux.routes.values()):
+            if isinstance(any_protocol, AioquicProtocol):
                 any_protocol.conn.close(0, "")
         # Let the CONNECTION_CLOSE packets leave before the socket goes.
         asyncio.get_running_loop().call_later(0.1, self._transport.close)
@@ -205,7 +198,7 @@ async def open_shared_udp(
         OSError: the address could not be bound.
     """
     sock = await bind_udp(host, port)
-    protocols: set[_Protocol] = set()
+    protocols: set[AioquicProtocol] = set()
     try:
         demux = _Demux(
             configuration=server_configuration(tls),
