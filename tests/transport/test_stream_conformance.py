@@ -123,6 +123,15 @@ async def _read_all(stream: Stream, max_bytes: int = 65536) -> bytes:
     return bytes(out)
 
 
+async def _read_exactly(stream: Stream, n: int) -> bytes:
+    got = bytearray()
+    while len(got) < n:
+        chunk = await stream.receive_some(65536)
+        assert chunk, "EOF before all bytes arrived"
+        got += chunk
+    return bytes(got)
+
+
 async def test_round_trip_both_ways_and_max_bytes(make_pair: MakePair) -> None:
     a, b = await make_pair()
     async with asyncio.timeout(10):
@@ -229,6 +238,20 @@ async def test_clogged_send_blocks_until_the_peer_reads(make_pair: MakePair) -> 
         writer.cancel()
         with contextlib.suppress(BaseException):
             await writer
+
+
+async def test_wait_send_buffer_empty_returns_once_the_peer_has_everything(
+    make_pair: MakePair,
+) -> None:
+    a, b = await make_pair()
+    data = os.urandom(512 << 10)
+    async with asyncio.timeout(20):
+        reader = asyncio.create_task(_read_exactly(b, len(data)))
+        await a.send_all(data)
+        await a.wait_send_buffer_empty()
+        assert a.unsent_bytes == 0
+        assert await reader == data
+        await a.wait_send_buffer_empty()  # nothing pending: returns at once
 
 
 async def test_concurrent_readers_raise_busy(make_pair: MakePair) -> None:

@@ -8,6 +8,7 @@ the :class:`StreamOwner` interface.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from typing import Protocol
 
@@ -63,6 +64,8 @@ class QuicStream(BufferedStream):
     def __init__(self, conn: StreamOwner, stream_id: int) -> None:
         super().__init__(stream_id)
         self._conn = conn
+        self._drained = asyncio.Event()
+        self._want_drained = False
 
     # -- events from the connection ---------------------------------------------------
 
@@ -79,11 +82,33 @@ class QuicStream(BufferedStream):
         self.sending.break_(f"peer stopped reading (code {code})", code)
 
     def poll_send_ready(self) -> bool:
-        """After a transmit: wake the writer if there is room again (or it must fail)."""
-        if self.unsent_bytes < settings.SEND_BUFFER or self.sending.broken is not None:
+        """After a transmit: wake the writer if there is room again (or it must fail), and
+        :meth:`wait_send_buffer_empty` once everything is acknowledged.
+
+        Returns:
+            True when nobody needs to be called again.
+        """
+        unsent, broken = self.unsent_bytes, self.sending.broken is not None
+        room = unsent < settings.SEND_BUFFER or broken
+        if room:
             self.sending.ready.set()
-            return True
-        return False
+        if self._want_drained and (unsent == 0 or broken):
+            self._want_drained = False
+            self._drained.set()
+        return room and not self._want_drained
+
+    def wake(self) -> None:
+        super().wake()
+        self._drained.set()
+
+    async def wait_send_buffer_empty(self) -> None:
+        """Wait until the peer has acknowledged every byte sent (woken by transmits,
+        not by polling); returns early if the stream or connection breaks."""
+        while self.unsent_bytes and self.sending.broken is None and not self._conn.terminated:
+            self._drained.clear()
+            self._want_drained = True
+            self._conn.want_send(self)
+            await self._drained.wait()
 
     # -- reading ----------------------------------------------------------------------
 
