@@ -37,11 +37,18 @@ from outrelay.orp import (
     OpenStream,
     Register,
     StreamCheckpoint,
+    StreamEndCode,
     StreamResume,
     decode_message,
     encode_message,
 )
-from outrelay.transport import QuicTlsConfig, Stream, TransportError, connect_quic
+from outrelay.transport import (
+    BrokenResourceError,
+    QuicTlsConfig,
+    Stream,
+    TransportError,
+    connect_quic,
+)
 from outrelay.wire import FrameReader
 
 from .harness import Backends, Cluster, Identity, Pki, Relay, child_env, issue_agent
@@ -307,10 +314,11 @@ async def test_frames_naming_another_agents_stream_change_nothing(
                 StreamResume(stream_id=sid, my_position=0, peer_ack_position=0),
             )
         )
-        with pytest.raises(TransportError):
+        with pytest.raises(BrokenResourceError) as refused:
             async with asyncio.timeout(5):
                 while await claim.receive_some():
                     pass  # the relay resets the claim; it never echoes
+        assert refused.value.code == StreamEndCode.REFUSED  # final: no point retrying
         for kind in ("STREAM_CHECKPOINT", "MIGRATE_TO_P2P", "CANDIDATE_OFFER", "STREAM_RESUME"):
             relay.wait_for(
                 "frame for another agent's stream refused", since=since, type=kind, timeout=5

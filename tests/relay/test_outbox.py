@@ -60,3 +60,16 @@ async def test_a_stalled_write_closes_the_agent() -> None:
     box.post_raw(b"x" * 64)
     await asyncio.wait_for(writer, 2)
     assert overflows and "stalled" in overflows[0]
+
+
+async def test_a_control_stream_that_fails_closes_the_agent() -> None:
+    """A reset of the control stream alone must not leave a connected agent deaf."""
+    ours, theirs = memory_stream_pair()
+    overflows: list[str] = []
+    box = ControlOutbox(ours, on_overflow=overflows.append)
+    writer = asyncio.create_task(box.run())
+    theirs.abort()
+    box.post(FrameType.PONG)
+    await asyncio.wait_for(writer, 2)
+    assert overflows and "control stream failed" in overflows[0]
+    assert box.post(FrameType.PONG) is None

@@ -24,7 +24,7 @@ from typing import Final
 from outrelay.agent.dial import Link
 from outrelay.agent.resumable import ResumableStream, ResumeFailed, exchange_resume
 from outrelay.observe import kv, ms
-from outrelay.orp import FrameType, OrpError, StreamCheckpoint
+from outrelay.orp import FrameType, OrpError, StreamCheckpoint, is_final
 from outrelay.resume import ResumeError
 from outrelay.transport import BrokenResourceError, TransportError
 
@@ -35,6 +35,8 @@ log = logging.getLogger("outrelay.agent.session")
 RESUME_SLACK: Final = 5.0
 """A resume gets the stream's window plus this (35 s in all, spec 03 §4.6 [REC])."""
 CHECKPOINT_PERIOD: Final = 0.1  # spec 01 / spec 03 §4.3
+RESUME_RETRY_DELAY: Final = 0.5
+"""Pause before another resume attempt after a link-type failure of the exchange."""
 
 
 class ResumeSupervisor:
@@ -108,7 +110,13 @@ class ResumeSupervisor:
             if link.conn.is_closed:
                 return  # the new connection died too; the next one retries
             code = exc.code if isinstance(exc, BrokenResourceError) else None
-            self._failed(stream, f"resume stream failed: {exc}", code)
+            if is_final(code):
+                self._failed(stream, f"resume stream failed: {exc}", code)
+                return
+            # One more link failure (the peer's link died during the exchange):
+            # try again, until the stream's window runs out.
+            log.info("session: resume attempt failed; retrying", extra=kv(id=sid, err=str(exc)))
+            await asyncio.sleep(RESUME_RETRY_DELAY)
             return
         except (TimeoutError, ResumeFailed, OrpError, ResumeError) as exc:
             reason = str(exc) or "no STREAM_RESUME echo within the resume window"

@@ -50,9 +50,14 @@ class StreamEndCode(IntEnum):
     bytes were still flowing: the stream is over, do not resume."""
     AGENT_GONE = 0x4F02
     """The agent at that end exited or restarted: none of its streams can be resumed."""
+    REFUSED = 0x4F03
+    """The relay refused a resume half: not one of the stream's two agents, or over a
+    per-agent bound. Trying again would only be refused again."""
 
 
-FINAL_CODES: Final = frozenset({StreamEndCode.APPLICATION_CLOSED, StreamEndCode.AGENT_GONE})
+FINAL_CODES: Final = frozenset(
+    {StreamEndCode.APPLICATION_CLOSED, StreamEndCode.AGENT_GONE, StreamEndCode.REFUSED}
+)
 """Codes that end a stream for good; every other code is a link failure."""
 
 

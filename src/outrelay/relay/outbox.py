@@ -144,7 +144,9 @@ class ControlOutbox:
                     self._fail(f"control stream write stalled for {self._write_timeout:g}s")
                     return
                 except TransportError as exc:
-                    self._dead = f"control stream failed: {exc}"
+                    # The control stream alone may fail (a reset, STOP_SENDING): without
+                    # it the agent hears nothing more, so its connection goes too.
+                    self._fail(f"control stream failed: {exc}")
                     return
                 self._queue.popleft()
                 self._bytes -= len(data)

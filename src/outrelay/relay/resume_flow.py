@@ -33,13 +33,14 @@ from outrelay.orp import (
     StreamEndCode,
     StreamResume,
     encode_message,
+    is_final,
 )
 from outrelay.relay.limits import MAX_PARKED_HALVES_PER_AGENT
 from outrelay.relay.pairs import Member
 from outrelay.relay.resume_matcher import Half, HalfKind, ResumeMatcher
 from outrelay.relay.splicing import splice_pair
 from outrelay.relay.state import AgentSession, RelayState, log, now_ms
-from outrelay.transport import Stream, TransportError
+from outrelay.transport import BrokenResourceError, Stream, TransportError
 from outrelay.wire import expect_message
 
 __all__ = ["HalfHandle", "ResumeFlow"]
@@ -118,14 +119,14 @@ class ResumeFlow:
             # Ours: only the stream's own two agents may resume it (spec 02 §7.4
             # pairs any two halves); the owners' streams are left untouched.
             state.not_owner(session, FrameType(frame.type), sid)
-            stream.abort()
+            stream.abort(StreamEndCode.REFUSED)
             return False
         if self._parked[session.uri] >= MAX_PARKED_HALVES_PER_AGENT:
             log.warning(
                 "resume half refused: too many parked halves",
                 extra=kv(stream_id=sid, uri=session.uri, limit=MAX_PARKED_HALVES_PER_AGENT),
             )
-            stream.abort()
+            stream.abort(StreamEndCode.REFUSED)
             return False
         peer_end = state.ended.peer_of(sid, session.uri, now_ms())
         if peer_end is not None and state.instances.is_gone(peer_end):
@@ -202,12 +203,13 @@ class ResumeFlow:
             # Ours: the halves name other peers, so one of them is not the stream's.
             if stale.expected_peer and stale.expected_peer != session.uri:
                 self._state.not_owner(session, FrameType(frame.type), sid)  # the parked one stays
-                stream.abort()
+                stream.abort(StreamEndCode.REFUSED)
                 return False
             # The parked half named nobody, or named us while we name someone
             # else: it is the intruder (or a reference agent's); ours replaces it.
             self._state.not_owner(stale.handle.session, FrameType(frame.type), sid)
             self._matcher.withdraw(stale)
+            stale.handle.end_code = StreamEndCode.REFUSED
             stale.handle.done.set_result(False)
         return True
 
@@ -247,9 +249,13 @@ class ResumeFlow:
             if peer.kind is HalfKind.RESUME:
                 await theirs.stream.send_all(_resume_echo(sid, half))
         except TransportError as exc:
-            log.info("resume echo failed", extra=kv(stream_id=sid, err=str(exc)))
-            mine.stream.abort()
-            theirs.stream.abort()
+            # A half whose agent ended the stream meanwhile passes its final code on;
+            # anything else is one more link failure, and both agents try again.
+            raw = exc.code if isinstance(exc, BrokenResourceError) else None
+            code = raw if raw is not None and is_final(raw) else StreamEndCode.LINK
+            log.info("resume echo failed", extra=kv(stream_id=sid, err=str(exc), code=code))
+            mine.stream.abort(code)
+            theirs.stream.abort(code)
             return
         log.info("stream resumed", extra=kv(stream_id=sid, a=peer.agent_uri, b=half.agent_uri))
         # Ours: keep checkpoints flowing for the resumed stream (the reference
