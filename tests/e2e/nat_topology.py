@@ -53,8 +53,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from devpki import DevPki, Identity
 
-from .harness import AGENT_CMD, LOG_LEVEL, RELAY_CMD, Agent, Cluster, Identity, Pki, Proc, Relay
+from .harness import AGENT_CMD, LOG_LEVEL, RELAY_CMD, Agent, Cluster, Proc, Relay
 
 __all__ = [
     "CMD_TIMEOUT",
@@ -371,7 +372,7 @@ def start_agent(
     name: str,
 ) -> Agent:
     """``outrelay-agent`` inside ``role``'s namespace, dialling the relay on ``pub``."""
-    pki: Pki = cluster.pki
+    pki: DevPki = cluster.pki
     argv = [
         *topo.prefix(role), *AGENT_CMD,
         "--relay", f"{topo.relay_ip}:{relay.port}",

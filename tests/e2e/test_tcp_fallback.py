@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from devpki import DevPki, Identity
 
 from .harness import (
     AGENT_CMD,
@@ -56,13 +57,11 @@ from .harness import (
     Agent,
     Backends,
     Cluster,
-    Identity,
-    Pki,
     Relay,
+    Transfer,
     contains,
     free_tcp_port,
 )
-from .test_resume import Transfer
 
 pytestmark = [pytest.mark.e2e]
 
@@ -263,7 +262,7 @@ def _free_port(host: str, kind: socket.SocketKind) -> int:
         return int(s.getsockname()[1])
 
 
-def _agent_argv(pki: Pki, ident: Identity, relay: str, *extra: str) -> list[str]:
+def _agent_argv(pki: DevPki, ident: Identity, relay: str, *extra: str) -> list[str]:
     return [
         *AGENT_CMD,
         "--relay", relay,
@@ -691,7 +690,7 @@ PARTIAL_CLIENT_HELLO = bytes.fromhex("160301020001000200")
 
 @pytest.mark.timeout(90)
 def test_port_scan_and_certless_tls_do_not_stop_later_tcp_agents(
-    cluster: Cluster, backends: Backends, pki: Pki
+    cluster: Cluster, backends: Backends, pki: DevPki
 ) -> None:
     tcp_port = free_tcp_port()
     relay = cluster.start_relay(args=["--listen-tcp", f"127.0.0.1:{tcp_port}"])

@@ -39,8 +39,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from devpki import DevPki
 
-from .harness import AGENT_CMD, LOG_LEVEL, RELAY_CMD, HttpBackend, Pki, Proc
+from .harness import AGENT_CMD, LOG_LEVEL, RELAY_CMD, HttpBackend, Proc
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 
@@ -244,7 +245,7 @@ def _free_udp_port(host: str) -> int:
         return int(s.getsockname()[1])
 
 
-def _agent_argv(pki: Pki, index: int, relay: str, *extra: str) -> list[str]:
+def _agent_argv(pki: DevPki, index: int, relay: str, *extra: str) -> list[str]:
     ident = pki.agent(index)
     return [
         *AGENT_CMD,
@@ -267,7 +268,7 @@ def _stop(procs: list[Proc]) -> None:
 
 
 @pytest.fixture(scope="module")
-def env(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+def env(pki: DevPki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     logs = tmp_path_factory.mktemp("tproxy-e2e")
     procs: list[Proc] = []
     backend = HttpBackend(BODY)
