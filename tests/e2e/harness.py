@@ -132,17 +132,17 @@ def child_env() -> dict[str, str]:
 # --------------------------------------------------------------------------- ports
 
 
-def free_udp_port() -> int:
-    """A UDP port on 127.0.0.1 that was free a moment ago."""
+def free_udp_port(host: str = "127.0.0.1") -> int:
+    """A UDP port on ``host`` (default 127.0.0.1) that was free a moment ago."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return int(s.getsockname()[1])
 
 
-def free_tcp_port() -> int:
-    """A TCP port on 127.0.0.1 with nothing listening (a "down" backend)."""
+def free_tcp_port(host: str = "127.0.0.1") -> int:
+    """A TCP port on ``host`` (default 127.0.0.1) with nothing listening (a "down" backend)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return int(s.getsockname()[1])
 
 
