@@ -8,6 +8,8 @@
 * When a test fails and its item carries an ``e2e_log_tail`` callable (set by
   the e2e fixtures), the tail of every process log is attached to the failure
   report as an extra section, so a red run shows what the relay and agents said.
+* ``dev_pki``: the one dev PKI of the session (:mod:`devpki`); every layer that needs
+  certificates adapts this one instead of making its own.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable, Generator
 
 import pytest
+from devpki import DevPki, make_dev_pki
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -39,3 +42,9 @@ def pytest_runtest_makereport(
         if text:
             report.sections.append((f"e2e process logs ({report.when})", text))
     return report
+
+
+@pytest.fixture(scope="session")
+def dev_pki(tmp_path_factory: pytest.TempPathFactory) -> DevPki:
+    """``outrelay pki dev`` once per session: CA, relay, two agents, more on demand."""
+    return make_dev_pki(tmp_path_factory.mktemp("dev-pki") / "pki")

@@ -1,6 +1,6 @@
 """Fixtures for the end-to-end tests (real processes on 127.0.0.1).
 
-* ``pki``: one dev PKI per session (``outrelay pki dev``).
+* ``pki``: the session's dev PKI (``dev_pki``, see ``tests/devpki.py``).
 * ``cluster``: a :class:`~e2e.harness.Cluster` for one test; every process it
   started is stopped afterwards (SIGTERM, 5 s, SIGKILL), and on failure the tail
   of every log is attached to the report (see ``tests/conftest.py``).
@@ -13,28 +13,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from devpki import DevPki
 
-from .harness import Backends, Cluster, Pki, make_pki
+from .harness import Backends, Cluster
 
 
 @pytest.fixture(scope="session")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    return make_pki(tmp_path_factory.mktemp("e2e-pki") / "pki")
-
-
-try:
-    import qh3  # noqa: F401
-
-    HAVE_QH3 = True
-except ImportError:  # pragma: no cover - qh3 is a dev dependency
-    HAVE_QH3 = False
-
-QUIC_BACKEND_PARAMS = [
-    "aioquic",
-    pytest.param("qh3", marks=pytest.mark.skipif(not HAVE_QH3, reason="qh3 is not installed")),
-]
-"""For modules that run every agent on each QUIC client backend: override
-``quic_backend`` with ``@pytest.fixture(scope="module", params=QUIC_BACKEND_PARAMS)``."""
+def pki(dev_pki: DevPki) -> DevPki:
+    return dev_pki
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +31,7 @@ def quic_backend() -> str | None:
 
 @pytest.fixture
 def cluster(
-    request: pytest.FixtureRequest, tmp_path: Path, pki: Pki, quic_backend: str | None
+    request: pytest.FixtureRequest, tmp_path: Path, pki: DevPki, quic_backend: str | None
 ) -> Iterator[Cluster]:
     c = Cluster(tmp_path / "procs", pki, quic_backend)
     request.node.e2e_log_tail = c.log_tail

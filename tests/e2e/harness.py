@@ -37,30 +37,37 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pytest
+from devpki import DevPki, Identity
+
 __all__ = [
     "AGENT_CMD",
     "LOG_LEVEL",
     "OUTRELAY_CMD",
+    "QUIC_BACKEND_PARAMS",
     "RELAY_CMD",
     "Agent",
     "Backends",
     "Blaster",
     "Cluster",
     "HttpBackend",
-    "Identity",
-    "Pki",
     "Proc",
     "Relay",
     "RssSampler",
     "TcpBackend",
+    "Transfer",
+    "agent_argv",
     "child_env",
+    "cli_agent_argv",
+    "cli_relay_argv",
     "connect",
     "contains",
     "free_tcp_port",
     "free_udp_port",
     "http_get",
-    "make_pki",
     "read_until_closed",
+    "relay_argv",
+    "run_cli",
     "write_policy",
 ]
 
@@ -75,6 +82,23 @@ AGENT_SHUTDOWN_GRACE = "2"
 """``--shutdown-grace`` for agents unless a test passes its own: a provider whose
 relay stream was cut waits for a resume (up to 30 s) and, on SIGTERM, for the
 grace (default 10 s); teardown should not have to SIGKILL it."""
+
+
+# --------------------------------------------------------------------------- QUIC backends
+
+try:
+    import qh3  # noqa: F401
+
+    HAVE_QH3 = True
+except ImportError:  # pragma: no cover - qh3 is a dev dependency
+    HAVE_QH3 = False
+
+QUIC_BACKEND_PARAMS = [
+    "aioquic",
+    pytest.param("qh3", marks=pytest.mark.skipif(not HAVE_QH3, reason="qh3 is not installed")),
+]
+"""For modules that run every agent on each QUIC client backend: override
+``quic_backend`` with ``@pytest.fixture(scope="module", params=QUIC_BACKEND_PARAMS)``."""
 
 
 # --------------------------------------------------------------------------- commands
@@ -108,85 +132,90 @@ def child_env() -> dict[str, str]:
 # --------------------------------------------------------------------------- ports
 
 
-def free_udp_port() -> int:
-    """A UDP port on 127.0.0.1 that was free a moment ago."""
+def free_udp_port(host: str = "127.0.0.1") -> int:
+    """A UDP port on ``host`` (default 127.0.0.1) that was free a moment ago."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return int(s.getsockname()[1])
 
 
-def free_tcp_port() -> int:
-    """A TCP port on 127.0.0.1 with nothing listening (a "down" backend)."""
+def free_tcp_port(host: str = "127.0.0.1") -> int:
+    """A TCP port on ``host`` (default 127.0.0.1) with nothing listening (a "down" backend)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return int(s.getsockname()[1])
 
 
-# --------------------------------------------------------------------------- PKI
+# --------------------------------------------------------------------------- command lines
 
 
-@dataclass(frozen=True)
-class Identity:
-    name: str
-    uri: str
-    cert: Path
-    key: Path
-
-
-@dataclass(frozen=True)
-class Pki:
-    dir: Path
-    ca_cert: Path
-    relay_cert: Path
-    relay_key: Path
-    agents: tuple[Identity, ...]
-
-    def agent(self, index: int) -> Identity:
-        return self.agents[index]
-
-
-def make_pki(out: Path) -> Pki:
-    """``outrelay pki dev --out OUT`` and the identities it wrote."""
-    proc = subprocess.run(
-        [*OUTRELAY_CMD, "pki", "dev", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=child_env(),
-        check=False,
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"outrelay pki dev failed ({proc.returncode}): {proc.stderr}")
-    data = json.loads((out / "identities.json").read_text())
-    agents = tuple(
-        Identity(name=a["name"], uri=a["uri"], cert=Path(a["cert"]), key=Path(a["key"]))
-        for a in data["agents"]
-    )
-    return Pki(
-        dir=out,
-        ca_cert=out / "ca.crt",
-        relay_cert=out / "relay.crt",
-        relay_key=out / "relay.key",
-        agents=agents,
+def run_cli(argv: Sequence[str], timeout: float = 20) -> subprocess.CompletedProcess[str]:
+    """Run a command to its end (``timeout`` bounds it); output captured as text."""
+    return subprocess.run(
+        list(argv), capture_output=True, text=True, timeout=timeout, env=child_env(), check=False
     )
 
 
-def issue_agent(pki: Pki, name: str, out: Path | None = None) -> Identity:
-    """One more agent identity of tenant acme from the dev CA (``outrelay pki agent``)."""
-    out = out or pki.dir / "extra"
-    where = ["--ca-dir", str(pki.dir), "--out", str(out)]
-    proc = subprocess.run(
-        [*OUTRELAY_CMD, "pki", "agent", *where, "--tenant", "acme", "--name", name, "--force"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=child_env(),
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr
-    uri = proc.stdout.split()[0]
-    assert uri.startswith("outrelay://acme/agent/"), proc.stdout
-    return Identity(name=name, uri=uri, cert=out / f"{name}.crt", key=out / f"{name}.key")
+def cli_agent_argv(pki: DevPki, *extra: str, cert: Path | None = None) -> list[str]:
+    """``outrelay-agent`` with valid identity flags (agent-a) and a relay nobody listens on.
+
+    For command-line checks that end before (or without) any network traffic.
+    """
+    a = pki.agent(0)
+    return [
+        *AGENT_CMD,
+        "--relay", f"127.0.0.1:{free_udp_port()}",
+        "--uri", a.uri,
+        "--cert", str(cert or a.cert),
+        "--key", str(a.key),
+        "--ca", str(pki.ca_cert),
+        *extra,
+    ]  # fmt: skip
+
+
+def cli_relay_argv(pki: DevPki, *, cert: Path | None = None, with_cert: bool = True) -> list[str]:
+    """``outrelay-relay`` on a free loopback port with the dev PKI's flags (for CLI checks)."""
+    argv = [*RELAY_CMD, "--listen", f"127.0.0.1:{free_udp_port()}"]
+    if with_cert:
+        argv += ["--cert", str(cert or pki.relay_cert)]
+    return [*argv, "--key", str(pki.relay_key), "--ca", str(pki.ca_cert)]
+
+
+def agent_argv(pki: DevPki, identity: Identity, relay: str, *extra: str) -> list[str]:
+    """``outrelay-agent`` as ``identity`` dialling ``relay``, JSON logs, 2 s shutdown grace.
+
+    For agents a test starts itself (inside a network namespace, say) rather than
+    through :meth:`Cluster.start_agent`.
+    """
+    return [
+        *AGENT_CMD,
+        "--relay", relay,
+        "--uri", identity.uri,
+        "--cert", str(identity.cert),
+        "--key", str(identity.key),
+        "--ca", str(pki.ca_cert),
+        "--log-format", "json",
+        "--log-level", LOG_LEVEL,
+        "--shutdown-grace", AGENT_SHUTDOWN_GRACE,
+        *extra,
+    ]  # fmt: skip
+
+
+def relay_argv(pki: DevPki, listen: str, *extra: str) -> list[str]:
+    """``outrelay-relay`` on ``listen`` with the dev PKI's relay certificate, JSON logs."""
+    return [
+        *RELAY_CMD,
+        "--listen", listen,
+        "--cert", str(pki.relay_cert),
+        "--key", str(pki.relay_key),
+        "--ca", str(pki.ca_cert),
+        "--log-format", "json",
+        "--log-level", LOG_LEVEL,
+        *extra,
+    ]  # fmt: skip
+
+
+# --------------------------------------------------------------------------- policy
 
 
 def write_policy(path: Path, rules: Sequence[Mapping[str, Any]]) -> Path:
@@ -465,7 +494,7 @@ class Cluster:
     """A pure consumer logs nothing when HELLO_ACK arrives; after the relay's
     ``agent connected`` we give the ACK this long to land."""
 
-    def __init__(self, workdir: Path, pki: Pki, quic_backend: str | None = None) -> None:
+    def __init__(self, workdir: Path, pki: DevPki, quic_backend: str | None = None) -> None:
         self.workdir = workdir
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.pki = pki
@@ -896,6 +925,67 @@ def http_get(port: int, path: str = "/", timeout: float = 15.0) -> tuple[bytes, 
     head, sep, body = data.partition(b"\r\n\r\n")
     assert sep, f"no HTTP header in {data[:200]!r}"
     return head, body
+
+
+class Transfer:
+    """Send ``size`` random bytes through ``port`` while reading the echo back."""
+
+    def __init__(self, port: int, size: int, *, pace: float = 0.0) -> None:
+        self.data = os.urandom(size)
+        self.received = bytearray()
+        self.errors: list[BaseException] = []
+        self.longest_gap = 0.0
+        self._pace = pace
+        self._sock = socket.create_connection(("127.0.0.1", port), timeout=120)
+        self._threads = [
+            threading.Thread(target=self._write, daemon=True),
+            threading.Thread(target=self._read, daemon=True),
+        ]
+        for t in self._threads:
+            t.start()
+
+    def _write(self) -> None:
+        try:
+            view = memoryview(self.data)
+            for i in range(0, len(view), 256 * 1024):
+                self._sock.sendall(view[i : i + 256 * 1024])
+                if self._pace:
+                    time.sleep(self._pace)
+            self._sock.shutdown(socket.SHUT_WR)
+        except BaseException as exc:  # surfaced by wait()
+            self.errors.append(exc)
+
+    def _read(self) -> None:
+        try:
+            last = time.monotonic()
+            while chunk := self._sock.recv(1 << 20):
+                now = time.monotonic()
+                self.longest_gap = max(self.longest_gap, now - last)
+                last = now
+                self.received += chunk
+        except BaseException as exc:
+            self.errors.append(exc)
+
+    def wait_received(self, fraction: float, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        target = int(len(self.data) * fraction)
+        while len(self.received) < target:
+            assert not self.errors, self.errors
+            assert time.monotonic() < deadline, (
+                f"only {len(self.received)} of {target} bytes after {timeout}s"
+            )
+            time.sleep(0.02)
+
+    def wait(self, timeout: float) -> None:
+        for t in self._threads:
+            t.join(timeout)
+            assert not t.is_alive(), "transfer did not finish"
+        self._sock.close()
+
+    def check_exact(self) -> None:
+        assert not self.errors, f"the application saw errors: {self.errors}"
+        assert len(self.received) == len(self.data)
+        assert hashlib.sha256(self.received).digest() == hashlib.sha256(self.data).digest()
 
 
 # --------------------------------------------------------------------------- RSS

@@ -41,100 +41,51 @@ namespaces killed, namespaces deleted, which deletes veths and rules).
 from __future__ import annotations
 
 import contextlib
-import os
-import re
-import secrets
-import shutil
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pytest
+from devpki import Identity
 
-from .harness import AGENT_CMD, LOG_LEVEL, RELAY_CMD, Agent, Cluster, Identity, Pki, Proc, Relay
+from .harness import Agent, Cluster, Proc, Relay, agent_argv, relay_argv
+from .netns import CMD_TIMEOUT, Namespace, Network, free_block, network
 
 __all__ = [
-    "CMD_TIMEOUT",
     "ECHO_SCRIPT",
     "ROLES",
     "TRANSFER_SCRIPT",
     "UDP_PEER_SCRIPT",
     "NatTopology",
-    "Unusable",
     "nat_topology",
     "progress",
-    "skip_reason",
     "start_agent",
     "start_proc",
     "start_relay",
     "start_script",
 ]
 
-CMD_TIMEOUT = 20.0
-"""Every helper command (ip, iptables) is killed after this long."""
 WAIT = 20.0
 """Deadline for a start-up log line."""
 ROLES = ("pub", "natc", "natp", "c", "p")
 
 
-def run(
-    *argv: str, check: bool = True, timeout: float = CMD_TIMEOUT
-) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout, check=False)
-    if check and proc.returncode != 0:
-        raise RuntimeError(
-            f"{' '.join(argv)} failed ({proc.returncode}): {proc.stderr.strip() or proc.stdout}"
-        )
-    return proc
-
-
-def skip_reason() -> str | None:
-    if not sys.platform.startswith("linux"):
-        return "network namespaces are Linux only"
-    if os.geteuid() != 0:
-        return "needs root (network namespaces, veth, iptables NAT)"
-    for tool in ("ip", "iptables"):
-        if shutil.which(tool) is None:
-            return f"{tool} is not installed (.ci/run installs iproute2, iptables)"
-    return None
-
-
-class Unusable(Exception):
-    """The kernel or tools cannot do what the test needs: skip, don't fail."""
-
-
-def _free_octet() -> int:
-    """A second octet N in 210..249 such that no address 10.N.x.y exists anywhere here."""
-    used = run("ip", "-4", "-o", "addr", "show", check=False).stdout
-    # Other namespaces too (a parallel run of these tests).
-    with contextlib.suppress(Exception):
-        used += run("ip", "-all", "netns", "exec", "ip", "-4", "-o", "addr", check=False).stdout
-    taken = {int(m) for m in re.findall(r"inet 10\.(\d+)\.", used)}
-    start = os.getpid() % 40
-    for i in range(40):
-        octet = 210 + (start + i) % 40
-        if octet not in taken:
-            return octet
-    raise RuntimeError("no free 10.N.0.0/16 (N in 210..249) for the NAT topology")
-
-
 @dataclass
 class NatTopology:
-    tag: str
+    net: Network
     octet: int
     full_cone_ports: tuple[int, ...]
-    created: list[str] = field(default_factory=list)
-    """Namespaces created so far (for the finalizer)."""
     cut_rules: list[list[str]] = field(default_factory=list)
 
     # -- names and addresses ------------------------------------------------------------
 
     def ns(self, role: str) -> str:
         assert role in ROLES, role
-        return f"onat-{os.getpid()}-{self.tag}-{role}"
+        return self.net.name(role)
+
+    def space(self, role: str) -> Namespace:
+        return Namespace(self.ns(role))
 
     def _ip(self, third: int, fourth: int) -> str:
         return f"10.{self.octet}.{third}.{fourth}"
@@ -171,56 +122,43 @@ class NatTopology:
 
     def prefix(self, role: str) -> list[str]:
         """argv prefix that runs a command inside the namespace of ``role``."""
-        return ["ip", "netns", "exec", self.ns(role)]
+        return self.space(role).prefix()
 
     def exec(
         self, role: str, *argv: str, check: bool = True, timeout: float = CMD_TIMEOUT
     ) -> subprocess.CompletedProcess[str]:
-        return run(*self.prefix(role), *argv, check=check, timeout=timeout)
+        return self.space(role).exec(*argv, check=check, timeout=timeout)
 
     def iptables(self, role: str, *rule: str) -> None:
-        got = self.exec(role, "iptables", "-w", "5", *rule, check=False)
-        if got.returncode != 0:
-            raise Unusable(
-                f"iptables {' '.join(rule)} not usable in a namespace here: {got.stderr.strip()}"
-            )
+        self.space(role).iptables(*rule)
 
     def iptables_rules(self, role: str, table: str = "filter") -> str:
-        return self.exec(role, "iptables", "-w", "5", "-t", table, "-S").stdout
+        return self.space(role).iptables_rules(table)
 
     # -- set-up ---------------------------------------------------------------------------
 
-    def _link(self, a: str, a_if: str, b: str, b_if: str) -> None:
-        run("ip", "-n", self.ns(a), "link", "add", a_if, "type", "veth",
-            "peer", "name", b_if, "netns", self.ns(b))  # fmt: skip
-
-    def _addr(self, role: str, ifname: str, cidr: str) -> None:
-        run("ip", "-n", self.ns(role), "addr", "add", cidr, "dev", ifname)
-        run("ip", "-n", self.ns(role), "link", "set", ifname, "up")
-
     def setup(self) -> None:
-        for role in ROLES:
-            run("ip", "netns", "add", self.ns(role))
-            self.created.append(role)
-            run("ip", "-n", self.ns(role), "link", "set", "lo", "up")
+        net = self.net
+        spaces = {role: net.namespace(role) for role in ROLES}
+        pub, natc, natp, c, p = (spaces[role] for role in ROLES)
         o = self.octet
-        self._link("pub", "wan-c", "natc", "wan")
-        self._link("pub", "wan-p", "natp", "wan")
-        self._link("natc", "lan", "c", "lan")
-        self._link("natp", "lan", "p", "lan")
-        self._addr("pub", "lo", f"{self.relay_ip}/32")
-        self._addr("pub", "wan-c", f"10.{o}.1.1/24")
-        self._addr("pub", "wan-p", f"10.{o}.2.1/24")
-        self._addr("natc", "wan", f"{self.natc_public}/24")
-        self._addr("natc", "lan", f"{self.natc_lan}/24")
-        self._addr("natp", "wan", f"{self.natp_public}/24")
-        self._addr("natp", "lan", f"{self.natp_lan}/24")
-        self._addr("c", "lan", f"{self.c_ip}/24")
-        self._addr("p", "lan", f"{self.p_ip}/24")
-        run("ip", "-n", self.ns("natc"), "route", "add", "default", "via", f"10.{o}.1.1")
-        run("ip", "-n", self.ns("natp"), "route", "add", "default", "via", f"10.{o}.2.1")
-        run("ip", "-n", self.ns("c"), "route", "add", "default", "via", self.natc_lan)
-        run("ip", "-n", self.ns("p"), "route", "add", "default", "via", self.natp_lan)
+        net.veth(pub, "wan-c", natc, "wan")
+        net.veth(pub, "wan-p", natp, "wan")
+        net.veth(natc, "lan", c, "lan")
+        net.veth(natp, "lan", p, "lan")
+        net.addr(pub, "lo", f"{self.relay_ip}/32")
+        net.addr(pub, "wan-c", f"10.{o}.1.1/24")
+        net.addr(pub, "wan-p", f"10.{o}.2.1/24")
+        net.addr(natc, "wan", f"{self.natc_public}/24")
+        net.addr(natc, "lan", f"{self.natc_lan}/24")
+        net.addr(natp, "wan", f"{self.natp_public}/24")
+        net.addr(natp, "lan", f"{self.natp_lan}/24")
+        net.addr(c, "lan", f"{self.c_ip}/24")
+        net.addr(p, "lan", f"{self.p_ip}/24")
+        net.route(natc, "default", "via", f"10.{o}.1.1")
+        net.route(natp, "default", "via", f"10.{o}.2.1")
+        net.route(c, "default", "via", self.natc_lan)
+        net.route(p, "default", "via", self.natp_lan)
         for role in ("pub", "natc", "natp"):
             self.exec(role, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1")
         for role in ("natc", "natp"):
@@ -265,55 +203,19 @@ class NatTopology:
                 total += int(cols[0])
         return total
 
-    # -- teardown --------------------------------------------------------------------------
-
-    def pids(self, role: str) -> list[int]:
-        out = run("ip", "netns", "pids", self.ns(role), check=False).stdout
-        return [int(x) for x in out.split() if x.isdigit()]
-
-    def teardown(self) -> list[str]:
-        """Kill what still runs inside, delete the namespaces; returns errors (never raises)."""
-        errors: list[str] = []
-        for role in self.created:
-            with contextlib.suppress(Exception):
-                for pid in self.pids(role):  # all started by this test, in its own namespace
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGCONT)
-                        os.kill(pid, signal.SIGKILL)
-        for role in reversed(self.created):
-            try:
-                got = run("ip", "netns", "del", self.ns(role), check=False)
-                if got.returncode != 0:
-                    errors.append(f"ip netns del {self.ns(role)}: {got.stderr.strip()}")
-            except Exception as exc:
-                errors.append(f"ip netns del {self.ns(role)}: {exc}")
-        left = run("ip", "netns", "list", check=False).stdout
-        errors += [f"namespace left: {n}" for n in (self.ns(r) for r in self.created) if n in left]
-        return errors
-
 
 @contextlib.contextmanager
 def nat_topology(full_cone_ports: Sequence[int] = ()) -> Iterator[NatTopology]:
     """Build the topology; skip (with the reason) where it cannot be built; always remove it."""
-    reason = skip_reason()
-    if reason:
-        pytest.skip(reason)
-    topo = NatTopology(
-        tag=secrets.token_hex(2), octet=_free_octet(), full_cone_ports=tuple(full_cone_ports)
-    )
-    try:
-        try:
-            topo.setup()
-        except Unusable as exc:
-            pytest.skip(str(exc))
-        except (RuntimeError, subprocess.TimeoutExpired) as exc:
-            if not topo.created:
-                pytest.skip(f"cannot create a network namespace here: {exc}")
-            raise
+
+    def build(net: Network) -> NatTopology:
+        octet = free_block("10.{}.", range(210, 250))
+        topo = NatTopology(net, octet, tuple(full_cone_ports))
+        topo.setup()
+        return topo
+
+    with network("nat", build) as topo:
         yield topo
-    finally:
-        errors = topo.teardown()
-        assert not errors, f"NAT topology teardown failed: {errors}"
 
 
 # --------------------------------------------------------------------------- processes
@@ -345,13 +247,7 @@ def start_script(
 def start_relay(
     cluster: Cluster, topo: NatTopology, port: int, *, policy: Path | None = None
 ) -> Relay:
-    pki = cluster.pki
-    argv = [
-        *topo.prefix("pub"), *RELAY_CMD,
-        "--listen", f"{topo.relay_ip}:{port}",
-        "--cert", str(pki.relay_cert), "--key", str(pki.relay_key), "--ca", str(pki.ca_cert),
-        "--log-format", "json", "--log-level", LOG_LEVEL,
-    ]  # fmt: skip
+    argv = [*topo.prefix("pub"), *relay_argv(cluster.pki, f"{topo.relay_ip}:{port}")]
     if policy is not None:
         argv += ["--policy", str(policy)]
     unique, path = _log_path(cluster, "relay")
@@ -371,16 +267,8 @@ def start_agent(
     name: str,
 ) -> Agent:
     """``outrelay-agent`` inside ``role``'s namespace, dialling the relay on ``pub``."""
-    pki: Pki = cluster.pki
-    argv = [
-        *topo.prefix(role), *AGENT_CMD,
-        "--relay", f"{topo.relay_ip}:{relay.port}",
-        "--uri", ident.uri,
-        "--cert", str(ident.cert), "--key", str(ident.key), "--ca", str(pki.ca_cert),
-        "--log-format", "json", "--log-level", LOG_LEVEL,
-        "--shutdown-grace", "2",
-        *extra,
-    ]  # fmt: skip
+    relay_addr = f"{topo.relay_ip}:{relay.port}"
+    argv = [*topo.prefix(role), *agent_argv(cluster.pki, ident, relay_addr, *extra)]
     unique, path = _log_path(cluster, name)
     agent = Agent(unique, argv, path, ident, ident.uri)
     cluster.procs.append(agent)

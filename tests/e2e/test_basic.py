@@ -28,26 +28,28 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from devpki import DevPki
 
 import outrelay
 
-from .conftest import QUIC_BACKEND_PARAMS
 from .harness import (
     AGENT_CMD,
+    QUIC_BACKEND_PARAMS,
     RELAY_CMD,
     Agent,
     Backends,
     Cluster,
     HttpBackend,
-    Pki,
     Relay,
     TcpBackend,
-    child_env,
+    cli_agent_argv,
+    cli_relay_argv,
     connect,
     free_tcp_port,
     free_udp_port,
     http_get,
     read_until_closed,
+    run_cli,
     write_policy,
 )
 
@@ -91,7 +93,7 @@ class Stack:
 
 @pytest.fixture(scope="module")
 def shared(
-    tmp_path_factory: pytest.TempPathFactory, pki: Pki, quic_backend: str
+    tmp_path_factory: pytest.TempPathFactory, pki: DevPki, quic_backend: str
 ) -> Iterator[Stack]:
     backends = Backends()
     cluster = Cluster(tmp_path_factory.mktemp("e2e-basic"), pki, quic_backend)
@@ -428,7 +430,7 @@ class PolicyStack:
 
 
 @pytest.fixture
-def policy_stack(cluster: Cluster, backends: Backends, tmp_path: Path, pki: Pki) -> PolicyStack:
+def policy_stack(cluster: Cluster, backends: Backends, tmp_path: Path, pki: DevPki) -> PolicyStack:
     http = backends.http(HTTP_BODY)
     policy = write_policy(tmp_path / "policy.json", DENY_WEB_POLICY)
     audit = tmp_path / "audit.jsonl"
@@ -498,7 +500,7 @@ def test_policy_allow_flows_and_audits_both_sides(policy_stack: PolicyStack) -> 
 
 @pytest.mark.timeout(60)
 def test_policy_without_callee_rule_denies_callee_side(
-    cluster: Cluster, backends: Backends, tmp_path: Path, pki: Pki
+    cluster: Cluster, backends: Backends, tmp_path: Path, pki: DevPki
 ) -> None:
     """Only a caller-side allow: the callee-side check finds no rule and denies (02 §6.2)."""
     http = backends.http(HTTP_BODY)
@@ -549,7 +551,7 @@ def test_policy_reload_on_sighup(policy_stack: PolicyStack, tmp_path: Path) -> N
 
 
 @pytest.mark.timeout(60)
-def test_relay_drops_connection_that_never_sends_hello(cluster: Cluster, pki: Pki) -> None:
+def test_relay_drops_connection_that_never_sends_hello(cluster: Cluster, pki: DevPki) -> None:
     """mTLS handshake done, no HELLO: the relay closes the connection after its timeout."""
     from outrelay.transport import QuicTlsConfig, connect_quic
 
@@ -578,7 +580,7 @@ def test_relay_drops_connection_that_never_sends_hello(cluster: Cluster, pki: Pk
 
 @pytest.mark.timeout(90)
 def test_agent_without_relay_keeps_retrying_then_connects(
-    cluster: Cluster, backends: Backends, pki: Pki
+    cluster: Cluster, backends: Backends, pki: DevPki
 ) -> None:
     http = backends.http(HTTP_BODY)
     port = free_udp_port()
@@ -597,7 +599,7 @@ def test_agent_without_relay_keeps_retrying_then_connects(
 
 @pytest.mark.timeout(90)
 def test_relay_restart_agents_reconnect_and_reregister(
-    cluster: Cluster, backends: Backends, pki: Pki
+    cluster: Cluster, backends: Backends, pki: DevPki
 ) -> None:
     http = backends.http(HTTP_BODY)
     relay = cluster.start_relay()
@@ -634,7 +636,7 @@ def test_relay_restart_agents_reconnect_and_reregister(
 
 @pytest.mark.timeout(90)
 def test_killed_provider_restarts_and_stale_connection_does_not_deregister_it(
-    cluster: Cluster, backends: Backends, pki: Pki
+    cluster: Cluster, backends: Backends, pki: DevPki
 ) -> None:
     """SIGKILL (no CONNECTION_CLOSE), restart at once with the same identity: the old
     connection idles out ~10 s later and must not take the new registration along
@@ -658,7 +660,7 @@ def test_killed_provider_restarts_and_stale_connection_does_not_deregister_it(
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("silent_first", [True, False], ids=["silent-first", "silent-last"])
 def test_silent_relay_endpoint_does_not_hang_startup(
-    cluster: Cluster, backends: Backends, pki: Pki, silent_first: bool
+    cluster: Cluster, backends: Backends, pki: DevPki, silent_first: bool
 ) -> None:
     """``--relay`` with a UDP port that never answers: start-up is delayed at most by
     the handshake bound (the agent prefers endpoints in list order) and never hangs."""
@@ -683,88 +685,56 @@ def test_silent_relay_endpoint_does_not_hang_startup(
 # --------------------------------------------------------------------------- CLI
 
 
-def _run(argv: list[str], timeout: float = 20) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        argv, capture_output=True, text=True, timeout=timeout, env=child_env(), check=False
-    )
-
-
-def _agent_argv(pki: Pki, *extra: str, cert: Path | None = None) -> list[str]:
-    """outrelay-agent with valid identity flags (agent-a) and a relay nobody listens on."""
-    a = pki.agent(0)
-    return [
-        *AGENT_CMD,
-        "--relay",
-        f"127.0.0.1:{free_udp_port()}",
-        "--uri",
-        a.uri,
-        "--cert",
-        str(cert or a.cert),
-        "--key",
-        str(a.key),
-        "--ca",
-        str(pki.ca_cert),
-        *extra,
-    ]
-
-
-def _relay_argv(pki: Pki, *, cert: Path | None = None, with_cert: bool = True) -> list[str]:
-    argv = [*RELAY_CMD, "--listen", f"127.0.0.1:{free_udp_port()}"]
-    if with_cert:
-        argv += ["--cert", str(cert or pki.relay_cert)]
-    return [*argv, "--key", str(pki.relay_key), "--ca", str(pki.ca_cert)]
-
-
 @pytest.mark.timeout(60)
 def test_cli_help_and_version() -> None:
     for cmd in (AGENT_CMD, RELAY_CMD):
-        helped = _run([*cmd, "--help"])
+        helped = run_cli([*cmd, "--help"])
         assert helped.returncode == 0, helped.stderr
         assert "usage" in helped.stdout.lower()
-        version = _run([*cmd, "--version"])
+        version = run_cli([*cmd, "--version"])
         assert version.returncode == 0, version.stderr
         assert version.stdout.strip() == outrelay.__version__
         assert re.fullmatch(r"v?\d+\.\d+\.\d+\S*", version.stdout.strip()), version.stdout
 
 
 @pytest.mark.timeout(60)
-def test_cli_agent_missing_flags_exit_2(pki: Pki) -> None:
-    bare = _run([*AGENT_CMD])
+def test_cli_agent_missing_flags_exit_2(pki: DevPki) -> None:
+    bare = run_cli([*AGENT_CMD])
     assert bare.returncode == 2, bare.stderr
     assert "missing required flags" in bare.stderr
     a = pki.agent(0)
-    no_uri = _run([*AGENT_CMD, "--cert", str(a.cert), "--key", str(a.key), "--ca", str(a.cert)])
+    no_uri = run_cli([*AGENT_CMD, "--cert", str(a.cert), "--key", str(a.key), "--ca", str(a.cert)])
     assert no_uri.returncode == 2, no_uri.stderr
     assert "--uri" in no_uri.stderr
-    unknown = _run([*AGENT_CMD, "--no-such-flag"])
+    unknown = run_cli([*AGENT_CMD, "--no-such-flag"])
     assert unknown.returncode == 2, unknown.stderr
 
 
 @pytest.mark.timeout(60)
-def test_cli_relay_flag_errors(pki: Pki, tmp_path: Path) -> None:
-    no_cert = _run(_relay_argv(pki, with_cert=False))
+def test_cli_relay_flag_errors(pki: DevPki, tmp_path: Path) -> None:
+    no_cert = run_cli(cli_relay_argv(pki, with_cert=False))
     assert no_cert.returncode == 2, no_cert.stderr
     assert "--cert" in no_cert.stderr
 
     garbage = tmp_path / "garbage.crt"
     garbage.write_text("not a certificate\n")
     for bad in (tmp_path / "does-not-exist.crt", garbage):
-        unreadable = _run(_relay_argv(pki, cert=bad))
+        unreadable = run_cli(cli_relay_argv(pki, cert=bad))
         assert unreadable.returncode == 1, (bad, unreadable.stderr)
         assert "load tls" in unreadable.stderr
 
 
 @pytest.mark.timeout(60)
-def test_cli_agent_unreadable_cert_exit_1(pki: Pki, tmp_path: Path) -> None:
-    proc = _run(_agent_argv(pki, cert=tmp_path / "missing.crt"))
+def test_cli_agent_unreadable_cert_exit_1(pki: DevPki, tmp_path: Path) -> None:
+    proc = run_cli(cli_agent_argv(pki, cert=tmp_path / "missing.crt"))
     assert proc.returncode == 1, proc.stderr
     assert "load tls" in proc.stderr
 
 
 @pytest.mark.timeout(30)
-def test_cli_expose_service_without_target_exits_2_before_network(pki: Pki) -> None:
+def test_cli_expose_service_without_target_exits_2_before_network(pki: DevPki) -> None:
     t0 = time.monotonic()
-    proc = _run(_agent_argv(pki, "--expose-service", "x"), timeout=15)
+    proc = run_cli(cli_agent_argv(pki, "--expose-service", "x"), timeout=15)
     elapsed = time.monotonic() - t0
     assert proc.returncode == 2, proc.stderr
     assert "--expose-service requires --expose-target" in proc.stderr
@@ -782,7 +752,7 @@ def test_cli_expose_service_without_target_exits_2_before_network(pki: Pki) -> N
     ids=["consumer-SIGTERM", "provider-SIGTERM", "consumer-SIGINT"],
 )
 def test_sigterm_lets_in_flight_stream_finish_and_exits_0(
-    cluster: Cluster, backends: Backends, pki: Pki, victim: str, sig: int
+    cluster: Cluster, backends: Backends, pki: DevPki, victim: str, sig: int
 ) -> None:
     ticks = 30
     ticker = backends.ticker(ticks, 0.1)  # a 3 s response, trickled
@@ -819,7 +789,7 @@ def test_sigterm_lets_in_flight_stream_finish_and_exits_0(
 
 
 def _sigterm_during_endless_stream(
-    cluster: Cluster, backends: Backends, pki: Pki
+    cluster: Cluster, backends: Backends, pki: DevPki
 ) -> tuple[Agent, int, float, str]:
     """SIGTERM a consumer (grace 2 s) whose stream never ends; (agent, code, seconds, how)."""
     ticker = backends.ticker(100_000, 0.1)  # never finishes on its own
@@ -839,7 +809,7 @@ def _sigterm_during_endless_stream(
 
 
 @pytest.mark.timeout(60)
-def test_sigterm_grace_is_bounded(cluster: Cluster, backends: Backends, pki: Pki) -> None:
+def test_sigterm_grace_is_bounded(cluster: Cluster, backends: Backends, pki: DevPki) -> None:
     consumer, code, elapsed, how = _sigterm_during_endless_stream(cluster, backends, pki)
     assert code == 0, f"exit code {code}\n{consumer.tail()}"
     assert elapsed >= 1.5, f"exited after {elapsed:.1f}s: did not wait for the in-flight stream"
@@ -848,7 +818,7 @@ def test_sigterm_grace_is_bounded(cluster: Cluster, backends: Backends, pki: Pki
 
 @pytest.mark.timeout(60)
 def test_sigterm_grace_expiry_logs_no_traceback(
-    cluster: Cluster, backends: Backends, pki: Pki
+    cluster: Cluster, backends: Backends, pki: DevPki
 ) -> None:
     consumer, code, _, _ = _sigterm_during_endless_stream(cluster, backends, pki)
     assert code == 0

@@ -27,17 +27,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
+from devpki import DevPki
 
-from .harness import (
-    Agent,
-    Backends,
-    Cluster,
-    Pki,
-    RssSampler,
-    TcpBackend,
-    free_tcp_port,
-    stream_forever,
-)
+from .harness import Agent, Backends, Cluster, RssSampler, TcpBackend, free_tcp_port, stream_forever
 
 pytestmark = [pytest.mark.e2e]
 
@@ -58,7 +50,7 @@ class Pair:
         return self.consumer.port("svc")
 
 
-def _start_pair(cluster: Cluster, pki: Pki, backend: TcpBackend, transport: str) -> Pair:
+def _start_pair(cluster: Cluster, pki: DevPki, backend: TcpBackend, transport: str) -> Pair:
     relay_args: list[str] = []
     agent_args: list[str] = []
     if transport == "tcp":
@@ -111,7 +103,7 @@ def streamer(backends: Backends) -> Iterator[TcpBackend]:
 @pytest.mark.parametrize("transport", ["quic", "tcp"])
 @pytest.mark.parametrize("how", ["reset", "close"])
 def test_application_abort_closes_the_backend_within_a_second(
-    cluster: Cluster, pki: Pki, streamer: TcpBackend, transport: str, how: str
+    cluster: Cluster, pki: DevPki, streamer: TcpBackend, transport: str, how: str
 ) -> None:
     pair = _start_pair(cluster, pki, streamer, transport)
     sock = _download_some(pair.port)
@@ -135,7 +127,7 @@ def test_application_abort_closes_the_backend_within_a_second(
 
 @pytest.mark.timeout(240)
 def test_200_aborts_in_a_row_leave_no_backend_connections_behind(
-    cluster: Cluster, pki: Pki, streamer: TcpBackend
+    cluster: Cluster, pki: DevPki, streamer: TcpBackend
 ) -> None:
     pair = _start_pair(cluster, pki, streamer, "quic")
     peak_open = 0
@@ -170,7 +162,7 @@ def _reset_after(greeting: bytes):  # type: ignore[no-untyped-def]
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("transport", ["quic", "tcp"])
 def test_backend_reset_resets_the_application(
-    cluster: Cluster, pki: Pki, backends: Backends, transport: str
+    cluster: Cluster, pki: DevPki, backends: Backends, transport: str
 ) -> None:
     backend = backends.tcp(_reset_after(b"partial answer"), name="resetter")
     pair = _start_pair(cluster, pki, backend, transport)
@@ -191,7 +183,7 @@ def test_backend_reset_resets_the_application(
 
 @pytest.mark.timeout(60)
 def test_backend_half_close_lets_the_application_finish(
-    cluster: Cluster, pki: Pki, backends: Backends
+    cluster: Cluster, pki: DevPki, backends: Backends
 ) -> None:
     """FIN is not a close: the backend answers after the application's FIN."""
     backend = backends.reply_after_eof()
@@ -219,7 +211,7 @@ def _expect_reset(sock: socket.socket, timeout: float) -> float:
 
 @pytest.mark.timeout(90)
 def test_provider_restart_resets_the_consumers_application_at_once(
-    cluster: Cluster, pki: Pki, streamer: TcpBackend
+    cluster: Cluster, pki: DevPki, streamer: TcpBackend
 ) -> None:
     pair = _start_pair(cluster, pki, streamer, "quic")
     relay = cluster.procs[0]
@@ -244,7 +236,7 @@ def test_provider_restart_resets_the_consumers_application_at_once(
 
 @pytest.mark.timeout(90)
 def test_provider_sigterm_ends_its_streams(
-    cluster: Cluster, pki: Pki, streamer: TcpBackend
+    cluster: Cluster, pki: DevPki, streamer: TcpBackend
 ) -> None:
     pair = _start_pair(cluster, pki, streamer, "quic")
     sock = _download_some(pair.port)
@@ -263,7 +255,7 @@ def test_provider_sigterm_ends_its_streams(
 
 @pytest.mark.timeout(120)
 def test_provider_restart_ends_a_parked_resume_half(
-    cluster: Cluster, pki: Pki, streamer: TcpBackend
+    cluster: Cluster, pki: DevPki, streamer: TcpBackend
 ) -> None:
     """The relay saw the provider die first: the consumer's half is parked, waiting
     to resume. The provider's new process ends it at once, not after 30 s."""

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from devpki import DevPki, Identity
 
 from outrelay.agent.agent import Agent as InProcessAgent
 from outrelay.agent.agent import AgentConfig
@@ -31,17 +32,17 @@ from outrelay.agent.session import SessionConfig
 from outrelay.pki import Issued, create_ca, issue_agent, issue_relay, load_ca, write_identity
 from outrelay.transport import QuicTlsConfig
 
-from .conftest import QUIC_BACKEND_PARAMS
 from .harness import (
+    QUIC_BACKEND_PARAMS,
     Backends,
     Cluster,
-    Identity,
-    Pki,
+    cli_agent_argv,
+    cli_relay_argv,
     connect,
     contains,
     free_udp_port,
+    run_cli,
 )
-from .test_basic import _agent_argv, _relay_argv, _run
 
 pytestmark = pytest.mark.e2e
 
@@ -78,7 +79,7 @@ def _assert_all_json(text: str, who: str) -> list[dict[str, Any]]:
 # --------------------------------------------------------------------------- self-check
 
 
-def _expired(pki: Pki, out: Path) -> tuple[Identity, Path, str]:
+def _expired(pki: DevPki, out: Path) -> tuple[Identity, Path, str]:
     ident = _identity(
         out,
         "expired",
@@ -89,7 +90,7 @@ def _expired(pki: Pki, out: Path) -> tuple[Identity, Path, str]:
     return ident, ident.key, "certificate expired (notAfter"
 
 
-def _not_yet_valid(pki: Pki, out: Path) -> tuple[Identity, Path, str]:
+def _not_yet_valid(pki: DevPki, out: Path) -> tuple[Identity, Path, str]:
     start = _now() + dt.timedelta(days=1)
     ident = _identity(
         out, "future", load_ca(pki.dir), not_before=start, not_after=start + dt.timedelta(days=30)
@@ -97,22 +98,22 @@ def _not_yet_valid(pki: Pki, out: Path) -> tuple[Identity, Path, str]:
     return ident, ident.key, "certificate not yet valid (notBefore"
 
 
-def _uri_mismatch(pki: Pki, out: Path) -> tuple[Identity, Path, str]:
+def _uri_mismatch(pki: DevPki, out: Path) -> tuple[Identity, Path, str]:
     a, b = pki.agent(0), pki.agent(1)
     return Identity("mismatch", b.uri, a.cert, a.key), a.key, f"is not --uri {b.uri}"
 
 
-def _other_ca(pki: Pki, out: Path) -> tuple[Identity, Path, str]:
+def _other_ca(pki: DevPki, out: Path) -> tuple[Identity, Path, str]:
     ident = _identity(out, "foreign", create_ca("Other CA"))
     return ident, ident.key, "chain does not verify against CA"
 
 
-def _key_mismatch(pki: Pki, out: Path) -> tuple[Identity, Path, str]:
+def _key_mismatch(pki: DevPki, out: Path) -> tuple[Identity, Path, str]:
     a = pki.agent(0)
     return a, pki.agent(1).key, "does not match the certificate"
 
 
-def _garbage(pki: Pki, out: Path) -> tuple[Identity, Path, str]:
+def _garbage(pki: DevPki, out: Path) -> tuple[Identity, Path, str]:
     out.mkdir(parents=True, exist_ok=True)
     crt = out / "garbage.crt"
     crt.write_text("-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydA==\n-----END CERTIFICATE-----\n")
@@ -127,12 +128,12 @@ def _garbage(pki: Pki, out: Path) -> tuple[Identity, Path, str]:
     ids=["expired", "not-yet-valid", "uri-mismatch", "other-ca", "key-mismatch", "garbage"],
 )
 def test_self_check_exits_1_with_the_reason_before_dialling(
-    pki: Pki, tmp_path: Path, make: Callable[[Pki, Path], tuple[Identity, Path, str]]
+    pki: DevPki, tmp_path: Path, make: Callable[[DevPki, Path], tuple[Identity, Path, str]]
 ) -> None:
     identity, key, reason = make(pki, tmp_path / "certs")
-    argv = _agent_argv(pki, "--uri", identity.uri, "--key", str(key), cert=identity.cert)
+    argv = cli_agent_argv(pki, "--uri", identity.uri, "--key", str(key), cert=identity.cert)
     t0 = time.monotonic()
-    proc = _run(argv)
+    proc = run_cli(argv)
     elapsed = time.monotonic() - t0
     assert proc.returncode == 1, proc.stderr
     errors = [line for line in proc.stderr.splitlines() if "level=ERROR" in line]
@@ -142,7 +143,7 @@ def test_self_check_exits_1_with_the_reason_before_dialling(
     assert elapsed < 10, f"took {elapsed:.1f}s: did it dial first?"
 
 
-def test_self_check_accepts_the_dev_identities(pki: Pki) -> None:
+def test_self_check_accepts_the_dev_identities(pki: DevPki) -> None:
     """The control: the same check passes the material ``outrelay pki dev`` wrote."""
     from outrelay.pki import check_own_identity
 
@@ -162,7 +163,7 @@ def _no_retry_after_refusal(records: list[dict[str, Any]]) -> None:
 
 @pytest.mark.timeout(60)
 def test_relay_refuses_other_ca_agent_and_the_agent_says_why(
-    cluster: Cluster, pki: Pki, tmp_path: Path
+    cluster: Cluster, pki: DevPki, tmp_path: Path
 ) -> None:
     """The agent trusts both CAs (its self-check passes), the relay only the dev CA."""
     other_ca = create_ca("Other CA")
@@ -186,7 +187,7 @@ def test_relay_refuses_other_ca_agent_and_the_agent_says_why(
 
 @pytest.mark.timeout(90)
 def test_relay_refuses_agent_whose_certificate_expired_meanwhile(
-    cluster: Cluster, pki: Pki, tmp_path: Path
+    cluster: Cluster, pki: DevPki, tmp_path: Path
 ) -> None:
     """Valid at start-up (self-check passes), expired by the time a relay answers."""
     ttl = 6.0
@@ -211,7 +212,7 @@ def test_relay_refuses_agent_whose_certificate_expired_meanwhile(
 @pytest.mark.timeout(60)
 def test_relay_refuses_hello_uri_mismatch_and_the_agent_says_why(
     cluster: Cluster,
-    pki: Pki,
+    pki: DevPki,
     caplog: pytest.LogCaptureFixture,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -263,7 +264,7 @@ def test_reference_relay_empty_close_still_says_something() -> None:
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("backend", QUIC_BACKEND_PARAMS)
 def test_relay_certificate_from_other_ca_reason_on_every_retry_all_json(
-    cluster: Cluster, pki: Pki, tmp_path: Path, backend: str
+    cluster: Cluster, pki: DevPki, tmp_path: Path, backend: str
 ) -> None:
     """Each failed dial says why, past the first three (which are always logged),
     and with ``--log-format json`` every line is JSON, aioquic's/qh3's included."""
@@ -321,13 +322,13 @@ BAD_RELAY_FLAGS = [
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("json_logs", [False, True], ids=["text", "json"])
-def test_bad_flag_values_exit_2_with_the_reason(pki: Pki, json_logs: bool) -> None:
-    cases = [("agent", _agent_argv(pki, *flags), why) for flags, why in BAD_AGENT_FLAGS]
-    cases += [("relay", [*_relay_argv(pki), *flags], why) for flags, why in BAD_RELAY_FLAGS]
+def test_bad_flag_values_exit_2_with_the_reason(pki: DevPki, json_logs: bool) -> None:
+    cases = [("agent", cli_agent_argv(pki, *flags), why) for flags, why in BAD_AGENT_FLAGS]
+    cases += [("relay", [*cli_relay_argv(pki), *flags], why) for flags, why in BAD_RELAY_FLAGS]
     for who, argv, why in cases:
         if json_logs and "--log-format" not in argv:
             argv = [*argv, "--log-format", "json"]
-        proc = _run(argv)
+        proc = run_cli(argv)
         assert proc.returncode == 2, (who, argv, proc.returncode, proc.stderr)
         assert why in proc.stderr, (who, argv, proc.stderr)
         assert "Traceback" not in proc.stderr, proc.stderr
@@ -341,7 +342,7 @@ def test_bad_flag_values_exit_2_with_the_reason(pki: Pki, json_logs: bool) -> No
 
 @pytest.mark.timeout(60)
 def test_sighup_is_logged_and_the_agent_keeps_serving(
-    cluster: Cluster, backends: Backends, pki: Pki
+    cluster: Cluster, backends: Backends, pki: DevPki
 ) -> None:
     echo = backends.echo()
     relay = cluster.start_relay()

@@ -30,11 +30,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from devpki import Identity
 
 from outrelay.pki import issue_agent, load_ca, write_identity
 from outrelay.transport.tcp import HANDSHAKE_TIMEOUT, MAX_TLS_HANDSHAKES_PER_SOURCE
 
-from .harness import Agent, Backends, Cluster, Identity, Relay, RssSampler, connect, free_tcp_port
+from .harness import Agent, Backends, Cluster, Relay, RssSampler, connect, free_tcp_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 

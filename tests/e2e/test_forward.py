@@ -24,12 +24,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from devpki import DevPki
 
 from .harness import (
     Agent,
     Backends,
     Cluster,
-    Pki,
     Relay,
     connect,
     free_udp_port,
@@ -65,7 +65,9 @@ class ForwardStack:
 
 
 @pytest.fixture
-def forward_stack(cluster: Cluster, backends: Backends, tmp_path: Path, pki: Pki) -> ForwardStack:
+def forward_stack(
+    cluster: Cluster, backends: Backends, tmp_path: Path, pki: DevPki
+) -> ForwardStack:
     http = backends.http(BODY)
 
     def smtp_like(conn: socket.socket) -> None:
@@ -202,7 +204,7 @@ def test_forward_mode_curl_and_server_first_only_ciphertext(
 
 @pytest.mark.timeout(60)
 def test_forward_rule_without_plane_is_spliced(
-    cluster: Cluster, backends: Backends, tmp_path: Path, pki: Pki
+    cluster: Cluster, backends: Backends, tmp_path: Path, pki: DevPki
 ) -> None:
     """No ``--listen-forward``: a forward rule falls back to splice (STREAM_READY)."""
     http = backends.http(BODY)
@@ -217,7 +219,7 @@ def test_forward_rule_without_plane_is_spliced(
 
 @pytest.mark.timeout(60)
 def test_app_closing_mid_stream_frees_both_allocations(
-    cluster: Cluster, backends: Backends, tmp_path: Path, pki: Pki
+    cluster: Cluster, backends: Backends, tmp_path: Path, pki: DevPki
 ) -> None:
     """The application hangs up while the backend still talks: the session ends on both
     agents and the relay reclaims both allocations (spec 02 §6.4 step 6)."""

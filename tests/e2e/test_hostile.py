@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import pytest
+from devpki import DevPki, Identity
 
 from outrelay.orp import (
     Candidate,
@@ -51,7 +52,7 @@ from outrelay.transport import (
 )
 from outrelay.wire import FrameReader
 
-from .harness import Backends, Cluster, Identity, Pki, Relay, child_env, issue_agent
+from .harness import Backends, Cluster, Relay, child_env
 
 pytestmark = [pytest.mark.e2e]
 
@@ -237,13 +238,13 @@ class RawProvider:
 
 @pytest.mark.timeout(120)
 async def test_a_consumer_that_never_reads_its_control_stream_stalls_nobody(
-    cluster: Cluster, pki: Pki
+    cluster: Cluster, pki: DevPki
 ) -> None:
     relay = cluster.start_relay()
     provider = RawProvider(await RawAgent.connect(relay, pki.agent(0), pki.ca_cert))
     await provider.agent.send_ctrl(FrameType.REGISTER, Register(service_name="svc"))
     observer = await RawAgent.connect(relay, pki.agent(1), pki.ca_cert)
-    bad_ident = issue_agent(pki, "bad-consumer")
+    bad_ident = pki.issue_agent("bad-consumer")
     bad_sid = secrets.randbits(63) | 1
     try:
         await asyncio.sleep(0.5)  # REGISTER handled
@@ -289,13 +290,13 @@ async def test_a_consumer_that_never_reads_its_control_stream_stalls_nobody(
 
 @pytest.mark.timeout(60)
 async def test_frames_naming_another_agents_stream_change_nothing(
-    cluster: Cluster, pki: Pki, backends: Backends
+    cluster: Cluster, pki: DevPki, backends: Backends
 ) -> None:
     relay = cluster.start_relay()
     echo = backends.echo()
     cluster.start_agent(pki.agent(0), relay, expose={"svc": echo.addr})
     owner = await RawAgent.connect(relay, pki.agent(1), pki.ca_cert)
-    squatter = await RawAgent.connect(relay, issue_agent(pki, "squatter"), pki.ca_cert)
+    squatter = await RawAgent.connect(relay, pki.issue_agent("squatter"), pki.ca_cert)
     try:
         sid, stream = await owner.open("svc")
         await echo_loop(stream, 0.5)
@@ -333,7 +334,7 @@ async def test_frames_naming_another_agents_stream_change_nothing(
 
 @pytest.mark.timeout(90)
 async def test_a_squatter_cannot_claim_a_stream_after_a_relay_restart(
-    cluster: Cluster, pki: Pki, backends: Backends
+    cluster: Cluster, pki: DevPki, backends: Backends
 ) -> None:
     """The restarted relay has no record of the stream; our agents name their peer in
     STREAM_RESUME, so a half from anyone else is never paired with theirs."""
@@ -341,7 +342,7 @@ async def test_a_squatter_cannot_claim_a_stream_after_a_relay_restart(
     echo = backends.echo()
     cluster.start_agent(pki.agent(0), relay, expose={"svc": echo.addr})
     consumer = cluster.start_agent(pki.agent(1), relay, consume=["svc"])
-    squatter_ident = issue_agent(pki, "squatter-2")
+    squatter_ident = pki.issue_agent("squatter-2")
     reader, writer = await asyncio.open_connection("127.0.0.1", consumer.port("svc"))
     try:
         writer.write(b"before")

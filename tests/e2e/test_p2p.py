@@ -27,9 +27,17 @@ from outrelay.orp import FrameType, StreamResume, encode_message
 from outrelay.pki import issue_agent, load_ca, write_identity
 from outrelay.transport import QuicTlsConfig, TransportError, connect_quic
 
-from .harness import Agent, Backends, Cluster, Relay, free_udp_port, write_policy
-from .test_basic import _agent_argv, _run
-from .test_resume import Transfer
+from .harness import (
+    Agent,
+    Backends,
+    Cluster,
+    Relay,
+    Transfer,
+    cli_agent_argv,
+    free_udp_port,
+    run_cli,
+    write_policy,
+)
 
 pytestmark = [pytest.mark.e2e]
 
@@ -288,17 +296,19 @@ def test_reference_wire_peer_gets_the_asymmetric_swap(
 def test_bad_p2p_flags_are_refused_before_the_network(cluster: Cluster) -> None:
     """Usage errors exit 2 with the reason; an address that cannot be bound exits 1."""
     pki = cluster.pki
-    lone = _run(_agent_argv(pki, "--p2p-reference-wire"))
+    lone = run_cli(cli_agent_argv(pki, "--p2p-reference-wire"))
     assert lone.returncode == 2, lone.stderr
     assert "need --p2p-listen" in lone.stderr
-    nonsense = _run(_agent_argv(pki, "--p2p-listen", "nonsense"))
+    nonsense = run_cli(cli_agent_argv(pki, "--p2p-listen", "nonsense"))
     assert nonsense.returncode == 2, nonsense.stderr
     assert "--p2p-listen" in nonsense.stderr
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
         taken.bind(("127.0.0.1", 0))
         port = taken.getsockname()[1]
-        busy = _run(
-            _agent_argv(pki, "--consume", "echo@127.0.0.1:0", "--p2p-listen", f"127.0.0.1:{port}")
+        busy = run_cli(
+            cli_agent_argv(
+                pki, "--consume", "echo@127.0.0.1:0", "--p2p-listen", f"127.0.0.1:{port}"
+            )
         )
     assert busy.returncode == 1, busy.stderr
     assert "cannot listen for --p2p-listen" in busy.stderr

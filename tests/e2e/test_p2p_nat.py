@@ -39,10 +39,11 @@ from pathlib import Path
 from typing import Any, cast
 
 import pytest
+from devpki import DevPki
 
 from outrelay.pki import issue_agent, load_ca, write_identity
 
-from .harness import Agent, Cluster, Pki, Proc, Relay, contains, write_policy
+from .harness import Agent, Cluster, Proc, Relay, contains, write_policy
 from .nat_topology import (
     ECHO_SCRIPT,
     ROLES,
@@ -92,7 +93,7 @@ def topo(cluster: Cluster) -> Iterator[NatTopology]:
 @pytest.fixture
 def bare(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[Cluster, NatTopology]]:
     """The topology and a process list, without the session PKI (the UDP test needs none)."""
-    procs = Cluster(tmp_path / "procs", cast(Pki, None))
+    procs = Cluster(tmp_path / "procs", cast(DevPki, None))
     request.node.e2e_log_tail = procs.log_tail
     with _topology(procs) as t:
         yield procs, t

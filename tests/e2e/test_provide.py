@@ -26,17 +26,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from devpki import DevPki, Identity
 
 from .harness import (
     Agent,
     Backends,
     Cluster,
     Handler,
-    Identity,
-    Pki,
     Relay,
     connect,
-    issue_agent,
     read_until_closed,
     write_policy,
 )
@@ -76,9 +74,9 @@ def ask(consumer: Agent, payload: bytes = b"ping") -> bytes:
 
 
 @pytest.fixture(scope="module")
-def taker_identity(tmp_path_factory: pytest.TempPathFactory, pki: Pki) -> Identity:
+def taker_identity(tmp_path_factory: pytest.TempPathFactory, pki: DevPki) -> Identity:
     """A third agent of tenant acme, issued by the session's dev CA."""
-    taker = issue_agent(pki, "taker", tmp_path_factory.mktemp("taker-pki"))
+    taker = pki.issue_agent("taker", out=tmp_path_factory.mktemp("taker-pki"))
     assert taker.uri not in {a.uri for a in pki.agents}
     return taker
 
@@ -90,7 +88,7 @@ class Topology:
         self,
         cluster: Cluster,
         backends: Backends,
-        pki: Pki,
+        pki: DevPki,
         taker: Identity,
         policy: Path | None = None,
         audit: Path | None = None,
@@ -139,7 +137,7 @@ def read_audit(
 
 @pytest.mark.timeout(90)
 def test_takeover_without_provide_rule_then_the_original_serves_again(
-    cluster: Cluster, backends: Backends, pki: Pki, taker_identity: Identity
+    cluster: Cluster, backends: Backends, pki: DevPki, taker_identity: Identity
 ) -> None:
     top = Topology(cluster, backends, pki, taker_identity)
     top.assert_served_by(b"original")
@@ -165,7 +163,7 @@ def test_takeover_without_provide_rule_then_the_original_serves_again(
 
 @pytest.mark.timeout(90)
 def test_provide_rule_refuses_the_taker_and_the_original_keeps_serving(
-    cluster: Cluster, backends: Backends, pki: Pki, taker_identity: Identity, tmp_path: Path
+    cluster: Cluster, backends: Backends, pki: DevPki, taker_identity: Identity, tmp_path: Path
 ) -> None:
     rules = [
         *ALLOW_OPENS,
@@ -214,7 +212,7 @@ def test_provide_rule_refuses_the_taker_and_the_original_keeps_serving(
 
 @pytest.mark.timeout(120)
 def test_provide_rules_reload_on_sighup(
-    cluster: Cluster, backends: Backends, pki: Pki, taker_identity: Identity, tmp_path: Path
+    cluster: Cluster, backends: Backends, pki: DevPki, taker_identity: Identity, tmp_path: Path
 ) -> None:
     policy = write_policy(tmp_path / "policy.json", ALLOW_OPENS)
     audit = tmp_path / "audit.jsonl"

@@ -7,17 +7,13 @@ duplicated" is checked with sha256 over everything each side received.
 
 from __future__ import annotations
 
-import hashlib
-import os
 import signal
 import socket
-import threading
 import time
 
 import pytest
 
-from .conftest import QUIC_BACKEND_PARAMS
-from .harness import Agent, Backends, Cluster, Relay
+from .harness import QUIC_BACKEND_PARAMS, Agent, Backends, Cluster, Relay, Transfer
 
 pytestmark = [pytest.mark.e2e]
 
@@ -29,67 +25,6 @@ def quic_backend(request: pytest.FixtureRequest) -> str:
 
 
 MiB = 1 << 20
-
-
-class Transfer:
-    """Send ``size`` random bytes through ``port`` while reading the echo back."""
-
-    def __init__(self, port: int, size: int, *, pace: float = 0.0) -> None:
-        self.data = os.urandom(size)
-        self.received = bytearray()
-        self.errors: list[BaseException] = []
-        self.longest_gap = 0.0
-        self._pace = pace
-        self._sock = socket.create_connection(("127.0.0.1", port), timeout=120)
-        self._threads = [
-            threading.Thread(target=self._write, daemon=True),
-            threading.Thread(target=self._read, daemon=True),
-        ]
-        for t in self._threads:
-            t.start()
-
-    def _write(self) -> None:
-        try:
-            view = memoryview(self.data)
-            for i in range(0, len(view), 256 * 1024):
-                self._sock.sendall(view[i : i + 256 * 1024])
-                if self._pace:
-                    time.sleep(self._pace)
-            self._sock.shutdown(socket.SHUT_WR)
-        except BaseException as exc:  # surfaced by wait()
-            self.errors.append(exc)
-
-    def _read(self) -> None:
-        try:
-            last = time.monotonic()
-            while chunk := self._sock.recv(1 << 20):
-                now = time.monotonic()
-                self.longest_gap = max(self.longest_gap, now - last)
-                last = now
-                self.received += chunk
-        except BaseException as exc:
-            self.errors.append(exc)
-
-    def wait_received(self, fraction: float, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        target = int(len(self.data) * fraction)
-        while len(self.received) < target:
-            assert not self.errors, self.errors
-            assert time.monotonic() < deadline, (
-                f"only {len(self.received)} of {target} bytes after {timeout}s"
-            )
-            time.sleep(0.02)
-
-    def wait(self, timeout: float) -> None:
-        for t in self._threads:
-            t.join(timeout)
-            assert not t.is_alive(), "transfer did not finish"
-        self._sock.close()
-
-    def check_exact(self) -> None:
-        assert not self.errors, f"the application saw errors: {self.errors}"
-        assert len(self.received) == len(self.data)
-        assert hashlib.sha256(self.received).digest() == hashlib.sha256(self.data).digest()
 
 
 def _pair(

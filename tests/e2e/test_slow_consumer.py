@@ -15,8 +15,9 @@ import time
 from collections.abc import Callable
 
 import pytest
+from devpki import DevPki
 
-from .harness import Backends, Cluster, Pki, RssSampler, connect
+from .harness import Backends, Cluster, RssSampler, connect
 
 pytestmark = pytest.mark.e2e
 
@@ -55,7 +56,7 @@ def read_slowly(sock: socket.socket, rate: int, seconds: float) -> int:
 
 @pytest.mark.timeout(60)
 def test_slow_consumer_keeps_relay_and_agent_rss_bounded(
-    cluster: Cluster, backends: Backends, pki: Pki, record_property: Callable
+    cluster: Cluster, backends: Backends, pki: DevPki, record_property: Callable
 ) -> None:
     backend, blaster = backends.blaster(BACKEND_TOTAL)
     relay = cluster.start_relay()

@@ -18,7 +18,7 @@ Topology of the namespace tests (root only; skipped with a reason otherwise)::
     echo/http backends 127.0.0.1 <- provider --+
     relay 10.201.N.1:P (UDP, QUIC) <- provider |
     relay 10.201.N.1:T (TCP, TLS+yamux) <------+---- consumer --transport auto
-          veth ortfXXXXXh 10.201.N.1/30 -------+---- veth ortfXXXXXn 10.201.N.2/30
+          veth orttfXXXXXh 10.201.N.1/30 ------+---- veth orttfXXXXXn 10.201.N.2/30
                                                |     iptables: UDP in/out on the veth DROPped
                                                |     app (curl, transfer script) -> 127.0.0.1:L
 
@@ -35,8 +35,6 @@ import contextlib
 import ipaddress
 import json
 import os
-import secrets
-import shutil
 import socket
 import ssl
 import subprocess
@@ -48,86 +46,40 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from devpki import DevPki
 
 from .harness import (
-    AGENT_CMD,
-    LOG_LEVEL,
-    RELAY_CMD,
     Agent,
     Backends,
     Cluster,
-    Identity,
-    Pki,
     Relay,
+    Transfer,
+    agent_argv,
     contains,
     free_tcp_port,
+    free_udp_port,
+    relay_argv,
 )
-from .test_resume import Transfer
+from .netns import CMD_TIMEOUT, LinkedNamespace, Network, free_block, network, run
 
 pytestmark = [pytest.mark.e2e]
 
 MiB = 1 << 20
-CMD_TIMEOUT = 20.0
-"""Every helper command (ip, iptables, curl) is killed after this long."""
 WAIT = 20.0
 """Deadline for a log line (start-up, registration)."""
 FALLBACK_LINE = "agent on TCP+TLS fallback (UDP/QUIC unreachable)"
 BODY = b"".join(b"tcp fallback e2e line %05d\n" % i for i in range(4000))  # ~110 KiB
 
 
-# --------------------------------------------------------------------------- commands
-
-
-def run(
-    *argv: str, check: bool = True, timeout: float = CMD_TIMEOUT
-) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
-    proc = subprocess.run(
-        list(argv), capture_output=True, text=True, timeout=timeout, check=False, env=env
-    )
-    if check and proc.returncode != 0:
-        raise RuntimeError(
-            f"{' '.join(argv)} failed ({proc.returncode}): {proc.stderr.strip() or proc.stdout}"
-        )
-    return proc
-
-
-def _skip_reason() -> str | None:
-    if not sys.platform.startswith("linux"):
-        return "network namespaces are Linux only"
-    if os.geteuid() != 0:
-        return "needs root (network namespaces, veth, iptables)"
-    for tool in ("ip", "iptables", "curl"):
-        if shutil.which(tool) is None:
-            return f"{tool} is not installed (.ci/run installs iproute2, iptables, curl)"
-    return None
-
-
 # --------------------------------------------------------------------------- the namespace
 
 
-class _Unusable(Exception):
-    """The kernel or tools cannot do what the test needs: skip, don't fail."""
+@dataclass(frozen=True)
+class UdpBlockedNetns(LinkedNamespace):
+    """The namespace whose veth drops UDP both ways (iptables inside it)."""
 
-
-@dataclass
-class UdpBlockedNetns:
-    name: str
-    host_if: str
-    ns_if: str
-    subnet: ipaddress.IPv4Network
-    created: list[str] = field(default_factory=list)
-    """What exists so far, for the finalizer: "netns", "veth", "rules"."""
     extra_rules: list[list[str]] = field(default_factory=list)
-    """Rules a test added (see :meth:`add_rule`), also removed by the finalizer."""
-
-    @property
-    def host_ip(self) -> str:
-        return str(self.subnet.network_address + 1)
-
-    @property
-    def ns_ip(self) -> str:
-        return str(self.subnet.network_address + 2)
+    """Rules a test added (see :meth:`add_rule`); they go with the namespace."""
 
     @property
     def rules(self) -> list[list[str]]:
@@ -137,11 +89,6 @@ class UdpBlockedNetns:
             ["INPUT", "-i", self.ns_if, "-p", "udp", "-j", "DROP"],
         ]
 
-    def exec(
-        self, *argv: str, check: bool = True, timeout: float = CMD_TIMEOUT
-    ) -> subprocess.CompletedProcess[str]:
-        return run("ip", "netns", "exec", self.name, *argv, check=check, timeout=timeout)
-
     def add_rule(self, *rule: str) -> None:
         self.extra_rules.append(list(rule))
         self.exec("iptables", "-A", *rule)
@@ -149,9 +96,6 @@ class UdpBlockedNetns:
     def allow_udp(self) -> None:
         for rule in self.rules:
             self.exec("iptables", "-D", *rule)
-
-    def exists(self) -> bool:
-        return self.name in run("ip", "netns", "list", check=False).stdout.split()
 
     def dropped_udp_packets(self) -> int:
         """Packets counted by the OUTPUT DROP rule (QUIC attempts that never left)."""
@@ -164,84 +108,19 @@ class UdpBlockedNetns:
         return total
 
 
-def _free_subnet() -> ipaddress.IPv4Network:
-    """A /30 in 10.201.0.0/16 that no local interface uses (pid-derived start)."""
-    used = run("ip", "-4", "-o", "addr", "show", check=False).stdout
-    start = os.getpid() % 256
-    for i in range(256):
-        third = (start + i) % 256
-        if f"inet 10.201.{third}." not in used:
-            return ipaddress.IPv4Network(f"10.201.{third}.0/30")
-    raise RuntimeError("no free /30 in 10.201.0.0/16 for the test veth")
-
-
-def _setup(ns: UdpBlockedNetns) -> None:
-    run("ip", "netns", "add", ns.name)
-    ns.created.append("netns")
-    run("ip", "link", "add", ns.host_if, "type", "veth", "peer", "name", ns.ns_if)
-    ns.created.append("veth")
-    run("ip", "link", "set", ns.ns_if, "netns", ns.name)
-    run("ip", "addr", "add", f"{ns.host_ip}/30", "dev", ns.host_if)
-    run("ip", "link", "set", ns.host_if, "up")
-    run("ip", "-n", ns.name, "link", "set", "lo", "up")
-    run("ip", "-n", ns.name, "addr", "add", f"{ns.ns_ip}/30", "dev", ns.ns_if)
-    run("ip", "-n", ns.name, "link", "set", ns.ns_if, "up")
-    ns.created.append("rules")
+def _build(net: Network) -> UdpBlockedNetns:
+    third = free_block("10.201.{}.", range(256))
+    ns = net.linked_namespace(ipaddress.IPv4Network(f"10.201.{third}.0/30"), UdpBlockedNetns)
     for rule in ns.rules:
-        added = ns.exec("iptables", "-A", *rule, check=False)
-        if added.returncode != 0:
-            raise _Unusable(f"iptables not usable in a namespace here: {added.stderr.strip()}")
-
-
-def _teardown(ns: UdpBlockedNetns) -> list[str]:
-    """Undo everything :func:`_setup` did; returns the errors (never raises)."""
-    errors: list[str] = []
-    if "rules" in ns.created:
-        for rule in [*ns.rules, *ns.extra_rules]:  # they die with the namespace anyway
-            with contextlib.suppress(Exception):
-                ns.exec("iptables", "-D", *rule, check=False)
-    if "veth" in ns.created:
-        for argv in (
-            ("ip", "link", "del", ns.host_if),
-            ("ip", "-n", ns.name, "link", "del", ns.ns_if),
-        ):
-            with contextlib.suppress(Exception):
-                if run(*argv, check=False).returncode == 0:
-                    break
-    if "netns" in ns.created:
-        try:
-            run("ip", "netns", "del", ns.name, check=False)
-        except Exception as exc:
-            errors.append(f"ip netns del {ns.name}: {exc}")
-    return errors
+        ns.iptables("-A", *rule)
+    return ns
 
 
 @contextlib.contextmanager
 def udp_blocked_namespace() -> Iterator[UdpBlockedNetns]:
     """A fresh namespace + veth whose UDP is dropped both ways; always removed."""
-    reason = _skip_reason()
-    if reason:
-        pytest.skip(reason)
-    tag = secrets.token_hex(3)[:5]
-    ns = UdpBlockedNetns(
-        name=f"ortf-{os.getpid()}-{tag}",
-        host_if=f"ortf{tag}h",
-        ns_if=f"ortf{tag}n",
-        subnet=_free_subnet(),
-    )
-    try:
-        try:
-            _setup(ns)
-        except _Unusable as exc:
-            pytest.skip(str(exc))
-        except (RuntimeError, subprocess.TimeoutExpired) as exc:
-            if "netns" not in ns.created:
-                pytest.skip(f"cannot create a network namespace here: {exc}")
-            raise
+    with network("tf", _build, tools=("ip", "iptables", "curl")) as ns:
         yield ns
-    finally:
-        errors = _teardown(ns)
-        assert not errors, f"namespace teardown failed: {errors}"
 
 
 @pytest.fixture
@@ -257,50 +136,15 @@ def udp_blocked_ns(cluster: Cluster) -> Iterator[UdpBlockedNetns]:
 # --------------------------------------------------------------------------- processes
 
 
-def _free_port(host: str, kind: socket.SocketKind) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-def _agent_argv(pki: Pki, ident: Identity, relay: str, *extra: str) -> list[str]:
-    return [
-        *AGENT_CMD,
-        "--relay", relay,
-        "--uri", ident.uri,
-        "--cert", str(ident.cert),
-        "--key", str(ident.key),
-        "--ca", str(pki.ca_cert),
-        "--log-format", "json",
-        "--log-level", LOG_LEVEL,
-        "--shutdown-grace", "2",
-        *extra,
-    ]  # fmt: skip
-
-
 def _start_relay_on(
     cluster: Cluster, host: str, udp: int | None = None, tcp: int | None = None
 ) -> tuple[Relay, int]:
     """A relay with QUIC on ``host``:P and TLS+yamux on ``host``:T; returns it and T."""
-    udp = udp or _free_port(host, socket.SOCK_DGRAM)
-    tcp = tcp or _free_port(host, socket.SOCK_STREAM)
+    udp = udp or free_udp_port(host)
+    tcp = tcp or free_tcp_port(host)
     name = "relay" if not any(isinstance(p, Relay) for p in cluster.procs) else "relay-restarted"
-    pki = cluster.pki
-    relay = Relay(
-        name,
-        [
-            *RELAY_CMD,
-            "--listen", f"{host}:{udp}",
-            "--listen-tcp", f"{host}:{tcp}",
-            "--cert", str(pki.relay_cert),
-            "--key", str(pki.relay_key),
-            "--ca", str(pki.ca_cert),
-            "--log-format", "json",
-            "--log-level", LOG_LEVEL,
-        ],
-        cluster.workdir / f"{name}.log",
-        udp,
-    )  # fmt: skip
+    argv = relay_argv(cluster.pki, f"{host}:{udp}", "--listen-tcp", f"{host}:{tcp}")
+    relay = Relay(name, argv, cluster.workdir / f"{name}.log", udp)
     cluster.procs.append(relay)
     relay.wait_for("relay listening", addr=f"{host}:{udp}", tcp=f"{host}:{tcp}", timeout=WAIT)
     return relay, tcp
@@ -427,7 +271,7 @@ def _start_fallback(cluster: Cluster, ns: UdpBlockedNetns, expose: dict[str, str
         "consumer",
         [
             "ip", "netns", "exec", ns.name,
-            *_agent_argv(
+            *agent_argv(
                 pki, pki.agent(1), quic_addr,
                 "--transport", "auto", "--relay-tcp", tcp_addr, *consume,
             ),
@@ -691,7 +535,7 @@ PARTIAL_CLIENT_HELLO = bytes.fromhex("160301020001000200")
 
 @pytest.mark.timeout(90)
 def test_port_scan_and_certless_tls_do_not_stop_later_tcp_agents(
-    cluster: Cluster, backends: Backends, pki: Pki
+    cluster: Cluster, backends: Backends, pki: DevPki
 ) -> None:
     tcp_port = free_tcp_port()
     relay = cluster.start_relay(args=["--listen-tcp", f"127.0.0.1:{tcp_port}"])

@@ -5,7 +5,7 @@ Topology (root only; skipped with a reason otherwise)::
     host                                   |  namespace NS (made here)
     backend 127.0.0.1:B  <-tcp- provider --+
     relay   10.200.N.1:R (UDP, QUIC)  <----+---- consumer agent --intercept tproxy
-           veth ortpXXXXXh 10.200.N.1/30 --+--  veth ortpXXXXXn 10.200.N.2/30
+           veth orttpXXXXXh 10.200.N.1/30 --+--  veth orttpXXXXXn 10.200.N.2/30
                                            |   lo: DNS 127.0.0.1:53, tproxy 127.0.0.1:15001
                                            |   iptables -t nat OUTPUT 100.64.0.0/10 REDIRECT 15001
                                            |   route 100.64.0.0/10 dev lo src 127.0.0.1
@@ -28,194 +28,45 @@ import contextlib
 import ipaddress
 import os
 import re
-import secrets
-import shutil
-import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
 import pytest
+from devpki import DevPki
 
-from .harness import AGENT_CMD, LOG_LEVEL, RELAY_CMD, HttpBackend, Pki, Proc
+from .harness import HttpBackend, Proc, agent_argv, free_udp_port, relay_argv
+from .netns import CMD_TIMEOUT, LinkedNamespace, Network, free_block, network, run
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 
-CMD_TIMEOUT = 20.0
-"""Every helper command (ip, iptables, dig, curl) is killed after this long."""
 WAIT = 20.0
 """Deadline for a log line (start-up, registration)."""
-NETNS_DIR = Path("/etc/netns")
 TPROXY_PORT = 15001
 BODY = b"".join(b"tproxy e2e line %05d\n" % i for i in range(2000))  # ~44 KiB
 
 
-def _skip_reason() -> str | None:
-    if not sys.platform.startswith("linux"):
-        return "transparent capture is Linux only"
-    if os.geteuid() != 0:
-        return "needs root (network namespaces, veth, iptables)"
-    for tool in ("ip", "iptables", "dig", "curl"):
-        if shutil.which(tool) is None:
-            return f"{tool} is not installed (.ci/run installs iproute2, iptables, dnsutils, curl)"
-    return None
-
-
-def run(
-    *argv: str, check: bool = True, timeout: float = CMD_TIMEOUT
-) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
-    proc = subprocess.run(
-        list(argv), capture_output=True, text=True, timeout=timeout, check=False, env=env
-    )
-    if check and proc.returncode != 0:
-        raise RuntimeError(
-            f"{' '.join(argv)} failed ({proc.returncode}): {proc.stderr.strip() or proc.stdout}"
-        )
-    return proc
-
-
-# --------------------------------------------------------------------------- the namespace
-
-
-@dataclass
-class Netns:
-    name: str
-    host_if: str
-    ns_if: str
-    subnet: ipaddress.IPv4Network
-    created: list[str] = field(default_factory=list)
-    """What exists so far, for the finalizer: "netns", "veth", "etc"."""
-    made_netns_dir: bool = False
-
-    @property
-    def host_ip(self) -> str:
-        return str(self.subnet.network_address + 1)
-
-    @property
-    def ns_ip(self) -> str:
-        return str(self.subnet.network_address + 2)
-
-    @property
-    def etc_dir(self) -> Path:
-        return NETNS_DIR / self.name
-
-    def exec(
-        self, *argv: str, check: bool = True, timeout: float = CMD_TIMEOUT
-    ) -> subprocess.CompletedProcess[str]:
-        return run("ip", "netns", "exec", self.name, *argv, check=check, timeout=timeout)
-
-    def exists(self) -> bool:
-        listed = run("ip", "netns", "list", check=False).stdout.split()
-        return self.name in listed
-
-
-def _free_subnet() -> ipaddress.IPv4Network:
-    """A /30 in 10.200.0.0/16 that no local interface uses.
-
-    The search starts at a pid-derived /24 so that two runs at once rarely race
-    for the same one."""
-    used = run("ip", "-4", "-o", "addr", "show", check=False).stdout
-    start = os.getpid() % 256
-    for i in range(256):
-        third = (start + i) % 256
-        subnet = ipaddress.IPv4Network(f"10.200.{third}.0/30")
-        if f"inet 10.200.{third}." not in used:
-            return subnet
-    raise RuntimeError("no free /30 in 10.200.0.0/16 for the test veth")
-
-
-def _setup(ns: Netns) -> None:
-    run("ip", "netns", "add", ns.name)
-    ns.created.append("netns")
-    run("ip", "link", "add", ns.host_if, "type", "veth", "peer", "name", ns.ns_if)
-    ns.created.append("veth")
-    run("ip", "link", "set", ns.ns_if, "netns", ns.name)
-    run("ip", "addr", "add", f"{ns.host_ip}/30", "dev", ns.host_if)
-    run("ip", "link", "set", ns.host_if, "up")
-    run("ip", "-n", ns.name, "link", "set", "lo", "up")
-    run("ip", "-n", ns.name, "addr", "add", f"{ns.ns_ip}/30", "dev", ns.ns_if)
-    run("ip", "-n", ns.name, "link", "set", ns.ns_if, "up")
-    run("ip", "-n", ns.name, "route", "add", "100.64.0.0/10", "dev", "lo", "src", "127.0.0.1")
-    rule = ns.exec(
-        "iptables", "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-d", "100.64.0.0/10",
+def _build(net: Network) -> LinkedNamespace:
+    """The namespace, its veth, the REDIRECT rule, the VIP route and resolv.conf."""
+    third = free_block("10.200.{}.", range(256))
+    ns = net.linked_namespace(ipaddress.IPv4Network(f"10.200.{third}.0/30"))
+    ns.ip("route", "add", "100.64.0.0/10", "dev", "lo", "src", "127.0.0.1")
+    ns.iptables(
+        "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-d", "100.64.0.0/10",
         "-j", "REDIRECT", "--to-port", str(TPROXY_PORT),
-        check=False,
     )  # fmt: skip
-    if rule.returncode != 0:
-        raise _Unusable(f"iptables nat REDIRECT not usable here: {rule.stderr.strip()}")
-    if not NETNS_DIR.exists():
-        NETNS_DIR.mkdir(mode=0o755)
-        ns.made_netns_dir = True
-    ns.etc_dir.mkdir(mode=0o755)
-    ns.created.append("etc")
     # `ip netns exec` bind-mounts this over /etc/resolv.conf for commands it runs.
-    (ns.etc_dir / "resolv.conf").write_text("nameserver 127.0.0.1\noptions timeout:2 attempts:2\n")
-
-
-def _teardown(ns: Netns) -> list[str]:
-    """Undo everything :func:`_setup` did; returns the errors (never raises)."""
-    errors: list[str] = []
-    if "veth" in ns.created:
-        # Deleting one end deletes the pair; whichever end still exists.
-        for argv in (
-            ("ip", "link", "del", ns.host_if),
-            ("ip", "-n", ns.name, "link", "del", ns.ns_if),
-        ):
-            with contextlib.suppress(Exception):
-                if run(*argv, check=False).returncode == 0:
-                    break
-    if "netns" in ns.created:
-        try:
-            run("ip", "netns", "del", ns.name, check=False)
-        except Exception as exc:
-            errors.append(f"ip netns del {ns.name}: {exc}")
-    if "etc" in ns.created:
-        try:
-            shutil.rmtree(ns.etc_dir, ignore_errors=False)
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            errors.append(f"rm {ns.etc_dir}: {exc}")
-    if ns.made_netns_dir:
-        with contextlib.suppress(OSError):
-            NETNS_DIR.rmdir()  # only if empty: another test run may be using it
-    return errors
-
-
-class _Unusable(Exception):
-    """The kernel or tools cannot do what the test needs: skip, don't fail."""
+    net.resolv_conf(ns, "nameserver 127.0.0.1\noptions timeout:2 attempts:2\n")
+    return ns
 
 
 @contextlib.contextmanager
-def network_namespace() -> Iterator[Netns]:
+def network_namespace() -> Iterator[LinkedNamespace]:
     """A fresh namespace + veth + REDIRECT rule + resolv.conf, always removed."""
-    reason = _skip_reason()
-    if reason:
-        pytest.skip(reason)
-    tag = secrets.token_hex(3)[:5]
-    ns = Netns(
-        name=f"ortp-{os.getpid()}-{tag}",
-        host_if=f"ortp{tag}h",
-        ns_if=f"ortp{tag}n",
-        subnet=_free_subnet(),
-    )
-    try:
-        try:
-            _setup(ns)
-        except _Unusable as exc:
-            pytest.skip(str(exc))
-        except (RuntimeError, subprocess.TimeoutExpired) as exc:
-            if "netns" not in ns.created:
-                pytest.skip(f"cannot create a network namespace here: {exc}")
-            raise
+    with network("tp", _build, tools=("ip", "iptables", "dig", "curl")) as ns:
         yield ns
-    finally:
-        errors = _teardown(ns)
-        assert not errors, f"namespace teardown failed: {errors}"
 
 
 # --------------------------------------------------------------------------- processes
@@ -223,7 +74,7 @@ def network_namespace() -> Iterator[Netns]:
 
 @dataclass
 class Env:
-    ns: Netns
+    ns: LinkedNamespace
     relay: Proc
     provider: Proc
     consumer: Proc
@@ -238,28 +89,6 @@ class Env:
         return "\n".join(parts)
 
 
-def _free_udp_port(host: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-def _agent_argv(pki: Pki, index: int, relay: str, *extra: str) -> list[str]:
-    ident = pki.agent(index)
-    return [
-        *AGENT_CMD,
-        "--relay", relay,
-        "--uri", ident.uri,
-        "--cert", str(ident.cert),
-        "--key", str(ident.key),
-        "--ca", str(pki.ca_cert),
-        "--log-format", "json",
-        "--log-level", LOG_LEVEL,
-        "--shutdown-grace", "2",
-        *extra,
-    ]  # fmt: skip
-
-
 def _stop(procs: list[Proc]) -> None:
     for proc in reversed(procs):  # consumer, provider, relay
         with contextlib.suppress(Exception):
@@ -267,34 +96,23 @@ def _stop(procs: list[Proc]) -> None:
 
 
 @pytest.fixture(scope="module")
-def env(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+def env(pki: DevPki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     logs = tmp_path_factory.mktemp("tproxy-e2e")
     procs: list[Proc] = []
     backend = HttpBackend(BODY)
     try:
         with network_namespace() as ns:
             try:
-                port = _free_udp_port(ns.host_ip)
-                relay_addr = f"{ns.host_ip}:{port}"
-                relay = Proc(
-                    "relay",
-                    [
-                        *RELAY_CMD,
-                        "--listen", relay_addr,
-                        "--cert", str(pki.relay_cert),
-                        "--key", str(pki.relay_key),
-                        "--ca", str(pki.ca_cert),
-                        "--log-format", "json",
-                        "--log-level", LOG_LEVEL,
-                    ],
-                    logs / "relay.log",
-                )  # fmt: skip
+                relay_addr = f"{ns.host_ip}:{free_udp_port(ns.host_ip)}"
+                relay = Proc("relay", relay_argv(pki, relay_addr), logs / "relay.log")
                 procs.append(relay)
                 relay.wait_for("relay listening", addr=relay_addr, timeout=WAIT)
 
                 provider = Proc(
                     "provider",
-                    _agent_argv(pki, 0, relay_addr, "--expose", f"svc-web={backend.addr}"),
+                    agent_argv(
+                        pki, pki.agent(0), relay_addr, "--expose", f"svc-web={backend.addr}"
+                    ),
                     logs / "provider.log",
                 )
                 procs.append(provider)
@@ -304,8 +122,8 @@ def env(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
                     "consumer",
                     [
                         "ip", "netns", "exec", ns.name,
-                        *_agent_argv(
-                            pki, 1, relay_addr,
+                        *agent_argv(
+                            pki, pki.agent(1), relay_addr,
                             "--intercept", "tproxy",
                             "--consume", "svc-web",
                             "--tproxy-listen", f"127.0.0.1:{TPROXY_PORT}",
@@ -433,7 +251,7 @@ def test_unallocated_vip_is_closed_cleanly_and_logged(env: Env) -> None:
 
 
 def test_namespace_teardown_survives_a_failing_body() -> None:
-    seen: Netns | None = None
+    seen: LinkedNamespace | None = None
     with pytest.raises(RuntimeError, match="boom"), network_namespace() as ns:
         seen = ns
         assert ns.exists()

@@ -7,10 +7,7 @@ No iptables here: the original destination is faked (see ``test_tproxy.py``);
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import io
 import ipaddress
-import json
 import socket
 import sys
 from pathlib import Path
@@ -19,6 +16,7 @@ from typing import Any
 import dns.message
 import dns.rcode
 import pytest
+from devpki import DevPki
 
 import outrelay.agent.intercept.tproxy as tproxy_module
 from outrelay.agent import agent as agent_module
@@ -33,7 +31,7 @@ from outrelay.agent.intercept import (
     parse_dns_upstream,
 )
 from outrelay.agent.session import SessionConfig
-from outrelay.transport import QuicTlsConfig, SocketStream
+from outrelay.transport import SocketStream
 
 from .conftest import Records
 
@@ -214,28 +212,22 @@ async def test_upstream_auto_without_another_nameserver_refuses(
 # -- the Agent -----------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from outrelay.cli import main as outrelay_main
-
-    out = tmp_path_factory.mktemp("intercept-pki") / "pki"
-    with contextlib.redirect_stdout(io.StringIO()):
-        assert outrelay_main(["pki", "dev", "--out", str(out)]) == 0
-    return out
+@pytest.fixture
+def pki(dev_pki: DevPki) -> DevPki:
+    return dev_pki
 
 
-def agent_uri(pki: Path) -> str:
-    return str(json.loads((pki / "identities.json").read_text())["agents"][1]["uri"])
+def agent_uri(pki: DevPki) -> str:
+    return pki.agent(1).uri
 
 
-def session_config(pki: Path) -> SessionConfig:
-    tls = QuicTlsConfig(str(pki / "agent-b.crt"), str(pki / "agent-b.key"), str(pki / "ca.crt"))
+def session_config(pki: DevPki) -> SessionConfig:
     # Nothing listens on the discard port: the session keeps retrying in the background.
-    return SessionConfig(relays=(("127.0.0.1", 9),), uri=agent_uri(pki), tls=tls)
+    return SessionConfig(relays=(("127.0.0.1", 9),), uri=agent_uri(pki), tls=pki.tls(pki.agent(1)))
 
 
 async def test_agent_hands_intercepted_connections_to_the_consumer_path(
-    pki: Path, monkeypatch: pytest.MonkeyPatch
+    pki: DevPki, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(tproxy_module, "original_dst", lambda sock: ("100.64.0.2", 8443))
     calls: list[str] = []
@@ -262,7 +254,7 @@ async def test_agent_hands_intercepted_connections_to_the_consumer_path(
     assert agent.capture.listener is None
 
 
-async def test_agent_start_fails_cleanly_when_tproxy_cannot_bind(pki: Path) -> None:
+async def test_agent_start_fails_cleanly_when_tproxy_cannot_bind(pki: DevPki) -> None:
     with socket.create_server(("127.0.0.1", 0)) as busy:
         port = busy.getsockname()[1]
         agent = Agent(
@@ -281,18 +273,18 @@ async def test_agent_start_fails_cleanly_when_tproxy_cannot_bind(pki: Path) -> N
 # -- CLI -----------------------------------------------------------------------------------------
 
 
-def base_argv(pki: Path) -> list[str]:
+def base_argv(pki: DevPki) -> list[str]:
     return [
         "--relay",
         "127.0.0.1:9",
         "--uri",
         agent_uri(pki),
         "--cert",
-        str(pki / "agent-b.crt"),
+        str(pki.agent(1).cert),
         "--key",
-        str(pki / "agent-b.key"),
+        str(pki.agent(1).key),
         "--ca",
-        str(pki / "ca.crt"),
+        str(pki.ca_cert),
     ]
 
 
@@ -301,7 +293,7 @@ def build(argv: list[str]) -> AgentConfig:
     return agent_cli._build_config(parser.parse_args(argv))
 
 
-def test_cli_builds_the_tproxy_config(pki: Path) -> None:
+def test_cli_builds_the_tproxy_config(pki: DevPki) -> None:
     cfg = build(
         [
             *base_argv(pki),
@@ -331,7 +323,7 @@ def test_cli_builds_the_tproxy_config(pki: Path) -> None:
     )
 
 
-def test_cli_defaults(pki: Path) -> None:
+def test_cli_defaults(pki: DevPki) -> None:
     cfg = build([*base_argv(pki), "--intercept", "tproxy", "--consume", "svc-web"])
     assert cfg.tproxy == TproxyConfig(services=("svc-web",))
     assert cfg.tproxy.listen == ("127.0.0.1", 15001)
@@ -340,11 +332,11 @@ def test_cli_defaults(pki: Path) -> None:
     assert cfg.tproxy.dns_upstream == "auto"
 
 
-def test_cli_tproxy_without_consume_starts_nothing(pki: Path) -> None:
+def test_cli_tproxy_without_consume_starts_nothing(pki: DevPki) -> None:
     assert build([*base_argv(pki), "--intercept", "tproxy"]).tproxy is None
 
 
-def test_cli_go_style_spellings(pki: Path) -> None:
+def test_cli_go_style_spellings(pki: DevPki) -> None:
     argv = [*base_argv(pki), "-intercept=tproxy", "-consume=svc-web", "-dns-listen=127.0.0.1:53"]
     parser = agent_cli.build_parser()
     args = parser.parse_args(agent_cli.go_style_argv(argv, parser))
@@ -353,7 +345,7 @@ def test_cli_go_style_spellings(pki: Path) -> None:
 
 
 def test_cli_not_linux_exits_1(
-    pki: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    pki: DevPki, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setattr(sys, "platform", "darwin")
     code = agent_cli.main([*base_argv(pki), "--intercept", "tproxy", "--consume", "svc-web"])
@@ -363,25 +355,25 @@ def test_cli_not_linux_exits_1(
 
 @pytest.mark.parametrize("flag", ["--tproxy-listen", "--dns-listen"])
 def test_cli_malformed_tproxy_addresses_exit_2(
-    pki: Path, capsys: pytest.CaptureFixture[str], flag: str
+    pki: DevPki, capsys: pytest.CaptureFixture[str], flag: str
 ) -> None:
     argv = [*base_argv(pki), "--intercept", "tproxy", "--consume", "a", flag, "x"]
     assert agent_cli.main(argv) == 2
     assert f"{flag} 'x' is not host:port" in capsys.readouterr().err
 
 
-def test_cli_bad_dns_upstream_exits_2(pki: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_bad_dns_upstream_exits_2(pki: DevPki, capsys: pytest.CaptureFixture[str]) -> None:
     argv = [*base_argv(pki), "--intercept", "tproxy", "--consume", "a", "--dns-upstream", "x.y"]
     assert agent_cli.main(argv) == 2
     assert "--dns-upstream" in capsys.readouterr().err
 
 
-def test_cli_unknown_mode_exits_2(pki: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_unknown_mode_exits_2(pki: DevPki, capsys: pytest.CaptureFixture[str]) -> None:
     assert agent_cli.main([*base_argv(pki), "--intercept", "TPROXY", "--consume", "a"]) == 2
     assert "argument --intercept: invalid choice: 'TPROXY'" in capsys.readouterr().err
 
 
-def test_cli_tproxy_listen_in_use_exits_1(pki: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_tproxy_listen_in_use_exits_1(pki: DevPki, capsys: pytest.CaptureFixture[str]) -> None:
     with socket.create_server(("127.0.0.1", 0)) as busy:
         port = busy.getsockname()[1]
         argv = [

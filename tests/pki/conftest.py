@@ -1,27 +1,20 @@
-"""Shared fixtures for the PKI tests: a dev CA, a foreign CA, and a subprocess env."""
+"""Shared fixtures for the PKI tests: the session's dev CA, a foreign CA, and a subprocess env."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
 from pathlib import Path
 
 import pytest
+from devpki import DevPki
 
-# Until the package is installed in the venv (pip install -e .), import it from
-# the source tree. Harmless once it is installed.
-_SRC = Path(__file__).resolve().parents[2] / "src"
-if importlib.util.find_spec("outrelay") is None:  # pragma: no cover - depends on the venv
-    sys.path.insert(0, str(_SRC))
-
-from outrelay.pki import Issued, create_ca  # noqa: E402
+from outrelay.pki import Issued, create_ca
 
 
 @pytest.fixture(scope="session")
-def ca() -> Issued:
-    """The dev CA most tests issue from (EC keys are cheap; one per session is enough)."""
-    return create_ca()
+def ca(dev_pki: DevPki) -> Issued:
+    """The dev CA most tests issue from: the session's (``tests/devpki.py``)."""
+    return dev_pki.ca
 
 
 @pytest.fixture(scope="session")

@@ -43,7 +43,8 @@ def _days(cert: x509.Certificate) -> float:
     return (cert.not_valid_after_utc - cert.not_valid_before_utc).total_seconds() / 86400
 
 
-def test_ca_shape(ca: Issued) -> None:
+def test_ca_shape() -> None:
+    ca = create_ca()
     cert = ca.cert
     assert isinstance(ca.key, ec.EllipticCurvePrivateKey)
     assert isinstance(ca.key.curve, ec.SECP256R1)

@@ -18,7 +18,9 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from outrelay.pki import Issued, issue_agent, write_identity
+from devpki import DevPki
+
+from outrelay.pki import Issued
 from outrelay.relay import Relay, RelayConfig
 from outrelay.relay.policy import PolicyService, load_policy_file
 from outrelay.transport import QuicTlsConfig, Stream, TransportError, connect_quic
@@ -285,18 +287,36 @@ class RawAgent:
 # -- PKI, relay, pairs --------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(frozen=True)
 class Pki:
-    dir: Path
-    ca: Issued
-    relay_crt: str
-    relay_key: str
-    ca_file: str
+    """The session's dev PKI (``tests/devpki.py``) as the relay tests use it."""
+
+    dev: DevPki
+
+    @property
+    def dir(self) -> Path:
+        return self.dev.dir
+
+    @property
+    def ca(self) -> Issued:
+        return self.dev.ca
+
+    @property
+    def relay_crt(self) -> str:
+        return str(self.dev.relay_cert)
+
+    @property
+    def relay_key(self) -> str:
+        return str(self.dev.relay_key)
+
+    @property
+    def ca_file(self) -> str:
+        return str(self.dev.ca_cert)
 
     def agent(self, tenant: str = "acme") -> tuple[QuicTlsConfig, str]:
-        issued, uri = issue_agent(self.ca, tenant=tenant)
-        crt, key = write_identity(self.dir, f"agent-{uuid.uuid4().hex}", issued)
-        return QuicTlsConfig(str(crt), str(key), self.ca_file), uri
+        """A fresh agent identity of ``tenant``: its TLS config and URI."""
+        identity = self.dev.issue_agent(tenant=tenant)
+        return self.dev.tls(identity), identity.uri
 
 
 @dataclass
