@@ -51,6 +51,8 @@ class QuicConnBase(ConnectionBase[QuicStream]):
 
     _events: Any = events
     """The QUIC library's event classes."""
+    _quic: Any
+    """The library's connection core (aioquic's or qh3's), set by the subclass."""
 
     def __init__(self, protocol: Any) -> None:
         super().__init__()
@@ -79,6 +81,26 @@ class QuicConnBase(ConnectionBase[QuicStream]):
     @abc.abstractmethod
     def _is_new_peer_stream(self, stream_id: int) -> bool:
         """Data arrived on a peer stream we do not know: is it a new one to accept?"""
+
+    @abc.abstractmethod
+    def _remote_bidi_limit(self) -> int:
+        """How many bidirectional streams the peer lets us open (its MAX_STREAMS)."""
+
+    async def _new_stream(self) -> QuicStream:
+        """Take the next stream id, waiting while the peer's stream limit is reached.
+
+        The caller holds ``_open_lock`` and makes the library allocate the id.
+        """
+        while True:
+            self.raise_if_terminated()
+            stream_id = int(self._quic.get_next_available_stream_id())
+            if stream_id // 4 < self._remote_bidi_limit():
+                break
+            self._streams_available.clear()
+            await self._streams_available.wait()
+        stream = QuicStream(self, stream_id)
+        self._streams[stream_id] = stream
+        return stream
 
     @abc.abstractmethod
     def unsent_bytes(self, stream_id: int) -> int: ...

@@ -59,15 +59,8 @@ class QuicConn(QuicConnBase):
 
     async def open_stream(self) -> Stream:
         async with self._open_lock:
-            while True:
-                self.raise_if_terminated()
-                stream_id = self._quic.get_next_available_stream_id()
-                if stream_id // 4 < _aioquic.remote_bidi_stream_limit(self._quic):
-                    break
-                self._streams_available.clear()
-                await self._streams_available.wait()
-            stream = QuicStream(self, stream_id)
-            self._streams[stream_id] = stream
+            stream = await self._new_stream()
+            stream_id = stream.stream_id
             # Sending nothing allocates the stream id in aioquic; the peer sees
             # the stream with our first bytes.
             self._quic.send_stream_data(stream_id, b"", False)
@@ -124,6 +117,9 @@ class QuicConn(QuicConnBase):
 
     def _is_client(self) -> bool:
         return _aioquic.is_client(self._quic)
+
+    def _remote_bidi_limit(self) -> int:
+        return _aioquic.remote_bidi_stream_limit(self._quic)
 
     def _is_new_peer_stream(self, stream_id: int) -> bool:
         if _aioquic.has_stream(self._quic, stream_id) and self._terminated:

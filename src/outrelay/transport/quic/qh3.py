@@ -90,15 +90,8 @@ class Qh3Conn(QuicConnBase):
 
     async def open_stream(self) -> Stream:
         async with self._open_lock:
-            while True:
-                self.raise_if_terminated()
-                stream_id = self._quic.get_next_available_stream_id()
-                if stream_id // 4 < self._quic.max_concurrent_bidi_streams:
-                    break
-                self._streams_available.clear()
-                await self._streams_available.wait()
-            stream = QuicStream(self, stream_id)
-            self._streams[stream_id] = stream
+            stream = await self._new_stream()
+            stream_id = stream.stream_id
             # Allocates the id; the peer sees the stream with our first bytes.
             try:
                 self._quic.send_stream_data(stream_id, b"", False)
@@ -172,6 +165,9 @@ class Qh3Conn(QuicConnBase):
 
     def _is_client(self) -> bool:
         return True
+
+    def _remote_bidi_limit(self) -> int:
+        return int(self._quic.max_concurrent_bidi_streams)
 
     def _is_new_peer_stream(self, stream_id: int) -> bool:
         return not self._terminated and stream_id not in self._done
