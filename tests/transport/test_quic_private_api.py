@@ -70,8 +70,10 @@ def test_aioquic_connection_privates(pki: Pki) -> None:
             _need(limit, "value", "aioquic")
             _need(limit, "sent", "aioquic")
         loss = quic._loss
-        for name in ("_rtt_smoothed", "_rtt_initialized", "bytes_in_flight", "get_probe_timeout"):
+        for name in ("_rtt_smoothed", "_rtt_initialized", "spaces", "get_probe_timeout"):
             _need(loss, name, "aioquic")
+        for space in loss.spaces:
+            _need(space, "ack_eliciting_in_flight", "aioquic")
     _need_params(
         QuicConnection._write_stream_limits,
         ["self", "builder", "space", "stream"],

@@ -210,9 +210,19 @@ def rtt(quic: QuicConnection) -> float | None:
 
 
 def loss_state(quic: QuicConnection) -> tuple[int, float]:
-    """``(bytes in flight, probe timeout)`` from the private loss recovery."""
+    """``(ack-eliciting packets awaiting an ACK, probe timeout)`` from the private loss recovery.
+
+    Counted per packet space (``spaces[].ack_eliciting_in_flight``), not with
+    the congestion controller's ``bytes_in_flight``: aioquic 1.7 leaves the
+    first Initial's bytes in that counter when a server answers with Retry,
+    so after a Retry the connection looked busy forever and the keep-alive's
+    busy-silence rule closed it at a keep-alive tick (measured: 518 bytes
+    "in flight" on an idle connection; agents joining during a flood dropped
+    with "peer silent for 3.0s").
+    """
     loss = quic._loss
-    return int(loss.bytes_in_flight), float(loss.get_probe_timeout())
+    in_flight = sum(space.ack_eliciting_in_flight for space in loss.spaces)
+    return int(in_flight), float(loss.get_probe_timeout())
 
 
 def peer_path_address(quic: QuicConnection) -> Any:

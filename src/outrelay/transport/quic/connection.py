@@ -69,6 +69,11 @@ class QuicConnBase(ConnectionBase[QuicStream]):
         return self._peer_close_code
 
     @property
+    def awaiting_ack(self) -> bool:
+        """Packets the peer must acknowledge are in flight (what keep-alive's busy rule sees)."""
+        return self._protocol.probe_timeout_in_flight() is not None
+
+    @property
     def close_code(self) -> int | None:
         """The code of the CONNECTION_CLOSE that ended the connection (either side), if any."""
         return self._close_code

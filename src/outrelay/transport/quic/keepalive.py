@@ -6,6 +6,12 @@ packet means it is gone. With bytes in flight a live peer acknowledges
 within a few PTOs, so we give up sooner: a relay that was killed shows no
 sign at all (aioquic sends no stateless reset), and every second here is a
 second the application's stream stalls.
+
+The busy rule counts from the later of the last packet received and the
+moment bytes went in flight (``busy_since``): an idle connection heard
+its peer last at the previous keep-alive, ~3 s ago, and a PING or the first
+bytes after a pause must not find it "silent for 3 s" at once. A relay that
+is merely slow (a flood, a loaded host) then has the full floor to answer.
 """
 
 from __future__ import annotations
@@ -55,6 +61,8 @@ class KeepAlive:
         self._keepalive: asyncio.TimerHandle | None = None
         self._liveness: asyncio.TimerHandle | None = None
         self.last_rx = loop.time()
+        self.busy_since: float | None = None
+        """When bytes went in flight after none were (None: nothing in flight)."""
 
     def received(self) -> None:
         """A datagram arrived."""
@@ -62,7 +70,7 @@ class KeepAlive:
 
     def start(self) -> None:
         """The handshake completed: ping every ``interval``."""
-        self._keepalive = self._loop.call_later(self._interval, self._send_keepalive)
+        self._keepalive = self._loop.call_later(self._interval, self.on_keepalive_timer)
 
     def stop(self) -> None:
         for handle in (self._keepalive, self._liveness):
@@ -70,12 +78,15 @@ class KeepAlive:
                 handle.cancel()
         self._keepalive = self._liveness = None
 
-    def _send_keepalive(self) -> None:
+    def on_keepalive_timer(self) -> None:
+        """The keep-alive timer fired: PING (bytes go in flight) and re-arm."""
         self._keepalive = None
         if self._pinger.terminated or self.peer_gone():
             return
         self._pinger.send_ping()
-        self._keepalive = self._loop.call_later(self._interval, self._send_keepalive)
+        if self.busy_since is None:
+            self.busy_since = self._loop.time()
+        self._keepalive = self._loop.call_later(self._interval, self.on_keepalive_timer)
         if self._liveness is None:
             self._liveness = self._loop.call_later(settings.LIVENESS_CHECK, self._check_liveness)
 
@@ -87,13 +98,23 @@ class KeepAlive:
 
     def peer_gone(self) -> bool:
         """Close if the peer has been silent too long; True if we did."""
-        silent = self._loop.time() - self.last_rx
-        limit = self._silence_timeout
+        now = self._loop.time()
+        silent = now - self.last_rx
         pto = self._pinger.probe_timeout_in_flight() if self._pinger.connected else None
-        if pto is not None:
-            limit = min(limit, max(settings.BUSY_SILENCE_FLOOR, 4 * pto))
-        if silent <= limit:
-            return False
-        log.debug("QUIC peer silent; closing", extra={"attrs": {"silent": f"{silent:.1f}s"}})
+        if pto is None:
+            self.busy_since = None
+        elif self.busy_since is None:
+            self.busy_since = now  # noticed at a check: at most LIVENESS_CHECK late
+        if silent <= self._silence_timeout:
+            if pto is None or self.busy_since is None:
+                return False
+            busy_silent = now - max(self.last_rx, self.busy_since)
+            if busy_silent <= max(settings.BUSY_SILENCE_FLOOR, 4 * pto):
+                return False
+        busy = "-" if self.busy_since is None else f"{now - self.busy_since:.2f}s"
+        log.debug(
+            "QUIC peer silent; closing",
+            extra={"attrs": {"silent": f"{silent:.2f}s", "busy_for": busy, "pto": pto}},
+        )
         self._pinger.close_silent(f"peer silent for {silent:.1f}s")
         return True
