@@ -16,11 +16,9 @@ import struct
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from devpki import DevPki
 
-from outrelay.pki import Issued
 from outrelay.relay import Relay, RelayConfig
 from outrelay.relay.policy import PolicyService, load_policy_file
 from outrelay.transport import QuicTlsConfig, Stream, TransportError, connect_quic
@@ -293,26 +291,6 @@ class Pki:
 
     dev: DevPki
 
-    @property
-    def dir(self) -> Path:
-        return self.dev.dir
-
-    @property
-    def ca(self) -> Issued:
-        return self.dev.ca
-
-    @property
-    def relay_crt(self) -> str:
-        return str(self.dev.relay_cert)
-
-    @property
-    def relay_key(self) -> str:
-        return str(self.dev.relay_key)
-
-    @property
-    def ca_file(self) -> str:
-        return str(self.dev.ca_cert)
-
     def agent(self, tenant: str = "acme") -> tuple[QuicTlsConfig, str]:
         """A fresh agent identity of ``tenant``: its TLS config and URI."""
         identity = self.dev.issue_agent(tenant=tenant)
@@ -373,12 +351,13 @@ async def running_relay(
 ) -> AsyncIterator[Harness]:
     policy = None
     if rules is not None:
-        path = pki.dir / f"policy-{uuid.uuid4().hex}.json"
+        path = pki.dev.dir / f"policy-{uuid.uuid4().hex}.json"
         path.write_text(json.dumps({"rules": rules}))
         policy = PolicyService()
         policy.load_rules(load_policy_file(str(path)))
+    tls = pki.dev.relay_tls()
     config = RelayConfig(
-        pki.relay_crt, pki.relay_key, pki.ca_file, listen_host=listen_host, listen_port=0
+        tls.cert_file, tls.key_file, tls.ca_file, listen_host=listen_host, listen_port=0
     )
     config.policy = policy
     if required_timeout is not None:

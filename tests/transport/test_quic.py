@@ -29,7 +29,7 @@ from outrelay.transport import (
 from outrelay.transport import quic as quic_module
 from outrelay.transport.quic import QuicConn
 
-from .conftest import Pki
+from .tlspki import Pki
 
 pytestmark = pytest.mark.timeout(60)
 

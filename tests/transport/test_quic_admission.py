@@ -23,7 +23,7 @@ from outrelay.transport import QuicServerHandle, RetryMode, select_quic_backend,
 from outrelay.transport.admission import QuicAdmission
 from outrelay.transport.quic import HANDSHAKE_TIMEOUT, QuicConn
 
-from .conftest import Pki
+from .tlspki import Pki
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -26,7 +26,7 @@ from outrelay.transport.quic.shared_udp import (
     open_shared_udp,
 )
 
-from .conftest import Pki
+from .tlspki import Pki
 
 pytestmark = pytest.mark.timeout(60)
 

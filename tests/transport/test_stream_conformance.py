@@ -33,7 +33,7 @@ from outrelay.transport import (
 )
 from outrelay.transport.memory import memory_stream_pair
 
-from .conftest import Pki
+from .tlspki import Pki
 
 try:
     import qh3  # noqa: F401

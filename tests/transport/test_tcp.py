@@ -30,7 +30,7 @@ from outrelay.transport.tcp import (
 )
 from outrelay.transport.yamux import INITIAL_STREAM_WINDOW, MAX_INCOMING_STREAMS
 
-from .conftest import Pki
+from .tlspki import Pki
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -17,7 +17,7 @@ from outrelay.pki import ClientVerifier
 from outrelay.transport import BrokenResourceError, TcpServerHandle, serve_tcp
 from outrelay.transport.tcp import TcpConn, connect_tcp
 
-from .conftest import Pki
+from .tlspki import Pki
 
 pytestmark = pytest.mark.timeout(60)
 
