@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 from devpki import DevPki, Identity
+from quicbackends import QUIC_BACKEND_PARAMS
 
 from outrelay.agent.agent import Agent as InProcessAgent
 from outrelay.agent.agent import AgentConfig
@@ -33,7 +34,6 @@ from outrelay.pki import Issued, create_ca, issue_agent, issue_relay, load_ca, w
 from outrelay.transport import QuicTlsConfig
 
 from .harness import (
-    QUIC_BACKEND_PARAMS,
     Backends,
     Cluster,
     cli_agent_argv,

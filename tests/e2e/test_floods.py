@@ -17,10 +17,8 @@ Figures are printed (run with ``-s`` to see them).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import socket
-import ssl
 import subprocess
 import sys
 import threading
@@ -30,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from clienthello import client_hello
 from devpki import Identity
 
 from outrelay.pki import issue_agent, load_ca, write_identity
@@ -240,24 +239,14 @@ def _closed_within(sock: socket.socket, limit: float) -> bool:
         return True
 
 
-def _client_hello_half() -> bytes:
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.set_alpn_protocols(["orp/1"])
-    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    obj = ctx.wrap_bio(incoming, outgoing, server_hostname="localhost")
-    with contextlib.suppress(ssl.SSLWantReadError):
-        obj.do_handshake()
-    hello = outgoing.read()
-    return hello[: len(hello) // 2]
-
-
 def test_tcp_half_open_handshakes_are_bounded(cluster: Cluster, backends: Backends) -> None:
     tcp_port = free_tcp_port()
     relay = cluster.start_relay(args=["--listen-tcp", f"127.0.0.1:{tcp_port}"])
     echo = backends.echo()
     cluster.start_agent(cluster.pki.agent(0), relay, expose={"echo": echo.addr})
     count = 200
-    partial = _client_hello_half()
+    hello = client_hello()
+    partial = hello[: len(hello) // 2]
     socks: list[socket.socket] = []
     try:
         started = time.monotonic()
