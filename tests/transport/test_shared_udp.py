@@ -174,7 +174,7 @@ async def test_a_cancelled_dial_leaves_no_live_connection(
     with pytest.raises(asyncio.CancelledError):
         await dial
     await asyncio.sleep(1.5)
-    assert not a.endpoint._demux._protocols  # every id of the dial is unrouted
+    assert a.endpoint.routed_ids == 0  # every id of the dial is unrouted
     while not b.inbound.empty():  # the peer may have completed its side: it must be closed
         conn = b.inbound.get_nowait()
         await asyncio.wait_for(conn.wait_closed(), 5)

@@ -94,14 +94,14 @@ async def test_slow_reader_pushes_back_on_the_writer(pki: Pki, server: Server) -
         f"writer got {sent} bytes out to a reader that reads nothing"
     )
     assert stream.unsent_bytes == INITIAL_STREAM_WINDOW
-    assert client._protocol.write_buffer_size() < tcp_module.WRITE_BUFFER_HIGH
+    assert client.write_buffer_size < tcp_module.WRITE_BUFFER_HIGH
     assert remote.statistics().buffered <= INITIAL_STREAM_WINDOW  # bounded by the window
     # Reading releases the writer; a slow reader never buffers past its window.
     before = sent
     received = 0
     while received < 4 << 20:
         received += len(await remote.receive_some(16384))
-        assert remote.statistics().buffered <= peer._core.receive_window(remote.stream_id)
+        assert remote.statistics().buffered <= peer.receive_window(remote.stream_id)
     assert sent > before
     task.cancel()
     client.close()
@@ -119,7 +119,7 @@ async def test_aclose_lets_a_still_sending_peer_finish(pki: Pki, server: Server)
         await remote.send_all(b"z" * (2 << 20))
         await remote.send_eof()
     await asyncio.sleep(0.1)
-    assert stream.stream_id not in client._streams
+    assert not client.has_stream(stream.stream_id)
     client.close()
 
 
@@ -219,7 +219,7 @@ async def test_one_stream_throughput(
         print(
             f"\n[tcp] one yamux stream over TLS 1.3, loopback, one process: "
             f"{got >> 20} MiB in {elapsed:.2f}s = {gbits:.2f} Gbit/s "
-            f"(receive window {peer._core.receive_window(remote.stream_id) >> 10} KiB)"
+            f"(receive window {peer.receive_window(remote.stream_id) >> 10} KiB)"
         )
     client.close()
 

@@ -25,6 +25,7 @@ from outrelay.transport.yamux import (
     StreamEnded,
     StreamOpened,
     StreamReset,
+    StreamState,
     WindowUpdated,
     YamuxConfig,
     YamuxError,
@@ -133,6 +134,23 @@ class TcpConn(ConnectionBase[TcpStream]):
 
     def statistics(self) -> YamuxStatistics:
         return self._core.statistics()
+
+    def stream_state(self, stream_id: int) -> StreamState | None:
+        """The yamux state of the stream, or ``None`` once it is closed, reset or unknown."""
+        return self._core.stream_state(stream_id)
+
+    def receive_window(self, stream_id: int) -> int:
+        """The stream's receive window now (grows with auto-tuning).
+
+        Raises:
+            YamuxError: the stream is closed, reset or unknown.
+        """
+        return self._core.receive_window(stream_id)
+
+    @property
+    def write_buffer_size(self) -> int:
+        """Bytes written to the socket that the kernel has not taken yet (TLS records)."""
+        return self._protocol.write_buffer_size()
 
     # -- StreamOwner: what TcpStream calls ------------------------------------------
 
