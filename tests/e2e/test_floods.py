@@ -29,9 +29,7 @@ from pathlib import Path
 
 import pytest
 from clienthello import client_hello
-from devpki import Identity
 
-from outrelay.pki import issue_agent, load_ca, write_identity
 from outrelay.transport.tcp import HANDSHAKE_TIMEOUT, MAX_TLS_HANDSHAKES_PER_SOURCE
 
 from .harness import Agent, Backends, Cluster, Relay, RssSampler, connect, free_tcp_port
@@ -52,12 +50,6 @@ ECHO_TIMEOUT = 10.0
 """One application echo may take this long (QUIC retransmits lost packets)."""
 NEW_AGENTS = 4
 DISCONNECT_LINES = ("session: lost; reconnecting", "session: no PONG from the relay; reconnecting")
-
-
-def _identity(cluster: Cluster, name: str) -> Identity:
-    issued, uri = issue_agent(load_ca(cluster.pki.dir), tenant="acme")
-    crt, key = write_identity(cluster.workdir, name, issued)
-    return Identity(name, uri, crt, key)
 
 
 @dataclass
@@ -152,7 +144,7 @@ def test_quic_flood_hurts_nobody(
     _one_echo(port)  # warm: the first stream, HELLOs, imports all done
     time.sleep(1.0)
     since = relay.count()
-    newcomers = [_identity(cluster, f"new{i}") for i in range(NEW_AGENTS)]
+    newcomers = [cluster.pki.issue_agent(f"new{i}", out=cluster.workdir) for i in range(NEW_AGENTS)]
 
     with RssSampler([relay], interval=0.25) as rss, EchoLoop(port) as loop:
         baseline = rss.baseline[relay.name]
