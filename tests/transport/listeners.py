@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -21,10 +22,13 @@ from outrelay.transport.tcp import TcpConn, TcpServerHandle, serve_tcp
 from .tlspki import Pki
 
 __all__ = [
+    "Flood",
     "Listener",
     "dial_quic",
     "listen_quic",
     "listen_tcp",
+    "open_and_accept",
+    "ping_pong",
     "raw_tls_exchange",
     "read_all",
 ]
@@ -129,3 +133,55 @@ async def raw_tls_exchange(port: int, ctx: ssl.SSLContext) -> str:
         return f"error: {exc}"
     finally:
         writer.close()
+
+
+async def open_and_accept(
+    client: Connection, peer: Connection, first: bytes = b"x"
+) -> tuple[Stream, Stream]:
+    """Open a stream at ``client``, send ``first`` (a QUIC peer sees a stream with its
+    first bytes); that stream and the one ``peer`` accepted."""
+    stream = await client.open_stream()
+    await stream.send_all(first)
+    return stream, await peer.accept_stream()
+
+
+async def ping_pong(stream: Stream, accept: Callable[[], Awaitable[Stream]]) -> Stream:
+    """``ping`` and FIN on ``stream``; the side ``accept`` returns reads it all, then
+    answers ``pong`` and FIN: our FIN closed one direction only. Returns that side."""
+    await stream.send_all(b"ping")
+    await stream.send_eof()
+    remote = await accept()
+    assert await read_all(remote) == b"ping"
+    # Our FIN did not close the other direction.
+    await remote.send_all(b"pong")
+    await remote.send_eof()
+    assert await read_all(stream) == b"pong"
+    return remote
+
+
+class Flood:
+    """A task writing ``chunk`` to ``stream`` until cancelled; ``sent``: the bytes that got out."""
+
+    def __init__(self, stream: Stream, chunk: bytes = b"y" * 65536) -> None:
+        self.stream = stream
+        self.chunk = chunk
+        self.sent = 0
+        self.task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            await self.stream.send_all(self.chunk)
+            self.sent += len(self.chunk)
+
+    async def released_by_reading(
+        self, reader: Stream, max_bytes: int = 65536, check: Callable[[], None] | None = None
+    ) -> None:
+        """Read 4 MiB from ``reader`` (``check()`` after each read): the writer must have
+        got more out meanwhile."""
+        before = self.sent
+        received = 0
+        while received < 4 << 20:
+            received += len(await reader.receive_some(max_bytes))
+            if check is not None:
+                check()
+        assert self.sent > before

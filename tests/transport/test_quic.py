@@ -21,7 +21,15 @@ from outrelay.transport import BrokenResourceError, Connection, QuicTlsConfig, T
 from outrelay.transport import quic as quic_module
 from outrelay.transport.quic import QuicConn
 
-from .listeners import Listener, dial_quic, listen_quic, read_all
+from .listeners import (
+    Flood,
+    Listener,
+    dial_quic,
+    listen_quic,
+    open_and_accept,
+    ping_pong,
+    read_all,
+)
 from .tlspki import Pki
 
 pytestmark = pytest.mark.timeout(60)
@@ -51,47 +59,26 @@ async def test_identity_and_echo_with_half_close(pki: Pki, server: Server, backe
     client, peer = await _pair(pki, server, backend)
     assert peer.identity == pki.agent_uri
     assert peer.peer.address[0] == "127.0.0.1"
-    stream = await client.open_stream()
-    await stream.send_all(b"ping")
-    await stream.send_eof()
-    remote = await peer.accept_stream()
-    assert await read_all(remote) == b"ping"
-    # Our FIN did not close the other direction.
-    await remote.send_all(b"pong")
-    await remote.send_eof()
-    assert await read_all(stream) == b"pong"
+    await ping_pong(await client.open_stream(), peer.accept_stream)
     client.close()
 
 
 async def test_slow_reader_pushes_back_on_the_writer(pki: Pki, server: Server) -> None:
     client, peer = await _pair(pki, server)
-    stream = await client.open_stream()
-    await stream.send_all(b"x")
-    remote = await peer.accept_stream()
-    sent = 0
-    chunk = b"y" * 65536
-
-    async def flood() -> None:
-        nonlocal sent
-        while True:
-            await stream.send_all(chunk)
-            sent += len(chunk)
-
-    task = asyncio.create_task(flood())
+    stream, remote = await open_and_accept(client, peer)
+    flood = Flood(stream)
+    chunk = flood.chunk
     await asyncio.sleep(1.0)
-    assert not task.done()
+    assert not flood.task.done()
     bound = quic_module.STREAM_WINDOW + quic_module.SEND_BUFFER + 2 * len(chunk)
+    sent = flood.sent
     assert sent <= bound, f"writer got {sent} bytes out to a reader that reads nothing"
     assert stream.unsent_bytes <= quic_module.SEND_BUFFER + len(chunk)
     # The receiver buffers at most one window beyond what it consumed.
     assert remote.statistics().buffered <= quic_module.STREAM_WINDOW + 1
     # Reading releases the writer.
-    before = sent
-    received = 0
-    while received < 4 << 20:
-        received += len(await remote.receive_some())
-    assert sent > before
-    task.cancel()
+    await flood.released_by_reading(remote)
+    flood.task.cancel()
     client.close()
 
 
@@ -106,39 +93,26 @@ async def test_slow_client_reader_pushes_back_on_the_server(
     that reads nothing caps what the writer gets out.
     """
     client, peer = await _pair(pki, server, backend)
-    stream = await client.open_stream()
-    await stream.send_all(b"x")
-    remote = await peer.accept_stream()
+    stream, remote = await open_and_accept(client, peer)
     assert await remote.receive_some() == b"x"
-    sent = 0
-    chunk = b"y" * 65536
-
-    async def flood() -> None:
-        nonlocal sent
-        while True:
-            await remote.send_all(chunk)
-            sent += len(chunk)
-
-    task = asyncio.create_task(flood())
+    flood = Flood(remote)
+    chunk = flood.chunk
     try:
         await asyncio.sleep(1.0)
-        assert not task.done()
+        assert not flood.task.done()
         window = quic_module.STREAM_WINDOW
         # qh3: one more window may wait in its core, plus one read batch popped
         # before the hold (64 datagrams of at most 1350 bytes).
         slack = 0 if backend == "aioquic" else window + 64 * quic_module.MAX_DATAGRAM_SIZE
         bound = window + slack + quic_module.SEND_BUFFER + 2 * len(chunk)
+        sent = flood.sent
         assert sent <= bound, f"server got {sent} bytes out to a client that reads nothing"
         buffered = stream.statistics().buffered  # type: ignore[attr-defined]
         assert buffered <= window + slack + 1
         # Reading releases the writer.
-        before = sent
-        received = 0
-        while received < 4 << 20:
-            received += len(await stream.receive_some())
-        assert sent > before
+        await flood.released_by_reading(stream)
     finally:
-        task.cancel()
+        flood.task.cancel()
         client.close()
 
 
@@ -206,9 +180,7 @@ async def test_opening_past_the_peer_stream_limit_waits(
 
 async def test_connection_loss_breaks_streams(pki: Pki, server: Server, backend: str) -> None:
     client, peer = await _pair(pki, server, backend)
-    stream = await client.open_stream()
-    await stream.send_all(b"a")
-    remote = await peer.accept_stream()
+    _stream, remote = await open_and_accept(client, peer, b"a")
     await remote.receive_some()
     reader = asyncio.create_task(remote.receive_some())
     client.close()

@@ -21,7 +21,16 @@ from outrelay.transport import tcp as tcp_module
 from outrelay.transport.tcp import IncompleteClientHello, TcpConn, client_hello_alpn, connect_tcp
 from outrelay.transport.yamux import INITIAL_STREAM_WINDOW, MAX_INCOMING_STREAMS
 
-from .listeners import YAMUX_SYN, Listener, listen_tcp, raw_tls_exchange, read_all
+from .listeners import (
+    YAMUX_SYN,
+    Flood,
+    Listener,
+    listen_tcp,
+    open_and_accept,
+    ping_pong,
+    raw_tls_exchange,
+    read_all,
+)
 from .tlspki import Pki
 
 pytestmark = pytest.mark.timeout(60)
@@ -52,14 +61,7 @@ async def test_identity_and_echo_with_half_close(pki: Pki, server: Server) -> No
     assert client.peer.certificate is not None  # the relay's
     stream = await client.open_stream()
     assert stream.stream_id == 1  # spec 02 §9.2: the agent's first stream (ctrl) is 1
-    await stream.send_all(b"ping")
-    await stream.send_eof()
-    remote = await peer.accept_stream()
-    assert await read_all(remote) == b"ping"
-    # Our FIN did not close the other direction.
-    await remote.send_all(b"pong")
-    await remote.send_eof()
-    assert await read_all(stream) == b"pong"
+    await ping_pong(stream, peer.accept_stream)
     # Relay-opened streams are even.
     down = await peer.open_stream()
     assert down.stream_id % 2 == 0
@@ -73,23 +75,13 @@ async def test_identity_and_echo_with_half_close(pki: Pki, server: Server) -> No
 
 async def test_slow_reader_pushes_back_on_the_writer(pki: Pki, server: Server) -> None:
     client, peer = await _pair(pki, server)
-    stream = await client.open_stream()
-    await stream.send_all(b"x")
-    remote = await peer.accept_stream()
+    stream, remote = await open_and_accept(client, peer)
     assert await remote.receive_some() == b"x"
-    sent = 0
-    chunk = b"y" * 65536
-
-    async def flood() -> None:
-        nonlocal sent
-        while True:
-            await stream.send_all(chunk)
-            sent += len(chunk)
-
-    task = asyncio.create_task(flood())
+    flood = Flood(stream)
     await asyncio.sleep(0.5)
-    assert not task.done()
+    assert not flood.task.done()
     # Nothing was read, so no credit came back: one window is all that left.
+    sent = flood.sent
     assert sent <= INITIAL_STREAM_WINDOW, (
         f"writer got {sent} bytes out to a reader that reads nothing"
     )
@@ -97,21 +89,18 @@ async def test_slow_reader_pushes_back_on_the_writer(pki: Pki, server: Server) -
     assert client.write_buffer_size < tcp_module.WRITE_BUFFER_HIGH
     assert remote.statistics().buffered <= INITIAL_STREAM_WINDOW  # bounded by the window
     # Reading releases the writer; a slow reader never buffers past its window.
-    before = sent
-    received = 0
-    while received < 4 << 20:
-        received += len(await remote.receive_some(16384))
+
+    def within_window() -> None:
         assert remote.statistics().buffered <= peer.receive_window(remote.stream_id)
-    assert sent > before
-    task.cancel()
+
+    await flood.released_by_reading(remote, 16384, within_window)
+    flood.task.cancel()
     client.close()
 
 
 async def test_aclose_lets_a_still_sending_peer_finish(pki: Pki, server: Server) -> None:
     client, peer = await _pair(pki, server)
-    stream = await client.open_stream()
-    await stream.send_all(b"hi")
-    remote = await peer.accept_stream()
+    stream, remote = await open_and_accept(client, peer, b"hi")
     await stream.aclose()  # FIN, and stop reading
     assert await read_all(remote) == b"hi"
     # The peer keeps writing well past one window: discarded, credited, no hang.
@@ -163,9 +152,7 @@ async def test_go_away_and_ping(pki: Pki, server: Server) -> None:
 
 async def test_dead_socket_breaks_every_waiter(pki: Pki, server: Server) -> None:
     client, peer = await _pair(pki, server)
-    stream = await client.open_stream()
-    await stream.send_all(b"x")
-    remote = await peer.accept_stream()
+    stream, remote = await open_and_accept(client, peer)
     await remote.receive_some()
     reader = asyncio.create_task(stream.receive_some())
     acceptor = asyncio.create_task(client.accept_stream())
