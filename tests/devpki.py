@@ -3,7 +3,8 @@
 ``tests/conftest.py`` offers it as the session fixture ``dev_pki``; the layers adapt it
 to what their tests expect (``tests/e2e``: ``pki`` is the :class:`DevPki` itself;
 ``tests/relay``: ``rawagent.Pki``, whose ``agent(tenant)`` returns a TLS config and a
-URI; ``tests/pki``: ``ca`` is :attr:`DevPki.ca`).
+URI; ``tests/transport``: ``tlspki.Pki``, the relay's and an agent's TLS configs;
+``tests/pki``: ``ca`` is :attr:`DevPki.ca`).
 
 What it holds:
 

@@ -47,6 +47,16 @@ def test_no_test_module_imports_another() -> None:
     )
 
 
+def test_no_module_imports_a_conftest() -> None:
+    """A conftest holds fixtures; a type or helper tests name lives in a helper module."""
+    offenders = []
+    for path in sorted(TESTS.rglob("*.py")):
+        for line, name in _imported_modules(ast.parse(path.read_text())):
+            if name.lstrip(".").split(".")[-1] == "conftest":
+                offenders.append(f"{path.relative_to(TESTS)} line {line}: {name}")
+    assert not offenders, "modules import a conftest:\n" + "\n".join(offenders)
+
+
 def test_the_check_sees_every_spelling() -> None:
     assert _test_module_imports("from .test_basic import _run") == ["line 1: .test_basic"]
     assert _test_module_imports("from . import test_resume") == ["line 1: .test_resume"]

@@ -37,14 +37,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pytest
 from devpki import DevPki, Identity
 
 __all__ = [
     "AGENT_CMD",
     "LOG_LEVEL",
     "OUTRELAY_CMD",
-    "QUIC_BACKEND_PARAMS",
     "RELAY_CMD",
     "Agent",
     "Backends",
@@ -82,23 +80,6 @@ AGENT_SHUTDOWN_GRACE = "2"
 """``--shutdown-grace`` for agents unless a test passes its own: a provider whose
 relay stream was cut waits for a resume (up to 30 s) and, on SIGTERM, for the
 grace (default 10 s); teardown should not have to SIGKILL it."""
-
-
-# --------------------------------------------------------------------------- QUIC backends
-
-try:
-    import qh3  # noqa: F401
-
-    HAVE_QH3 = True
-except ImportError:  # pragma: no cover - qh3 is a dev dependency
-    HAVE_QH3 = False
-
-QUIC_BACKEND_PARAMS = [
-    "aioquic",
-    pytest.param("qh3", marks=pytest.mark.skipif(not HAVE_QH3, reason="qh3 is not installed")),
-]
-"""For modules that run every agent on each QUIC client backend: override
-``quic_backend`` with ``@pytest.fixture(scope="module", params=QUIC_BACKEND_PARAMS)``."""
 
 
 # --------------------------------------------------------------------------- commands

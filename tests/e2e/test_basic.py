@@ -29,12 +29,12 @@ from pathlib import Path
 
 import pytest
 from devpki import DevPki
+from quicbackends import QUIC_BACKEND_PARAMS
 
 import outrelay
 
 from .harness import (
     AGENT_CMD,
-    QUIC_BACKEND_PARAMS,
     RELAY_CMD,
     Agent,
     Backends,

@@ -25,15 +25,15 @@ from typing import Any
 
 import pytest
 from devpki import DevPki, Identity
+from quicbackends import QUIC_BACKEND_PARAMS
 
 from outrelay.agent.agent import Agent as InProcessAgent
 from outrelay.agent.agent import AgentConfig
 from outrelay.agent.session import SessionConfig
-from outrelay.pki import Issued, create_ca, issue_agent, issue_relay, load_ca, write_identity
+from outrelay.pki import create_ca, issue_relay
 from outrelay.transport import QuicTlsConfig
 
 from .harness import (
-    QUIC_BACKEND_PARAMS,
     Backends,
     Cluster,
     cli_agent_argv,
@@ -52,13 +52,6 @@ REFUSED = "dial relay: refused"
 
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
-
-
-def _identity(out: Path, name: str, ca: Issued, **kwargs: Any) -> Identity:
-    """An agent identity issued by ``ca`` (``load_ca(pki.dir)``: the dev CA)."""
-    issued, uri = issue_agent(ca, tenant="acme", **kwargs)
-    crt, key = write_identity(out, name, issued)
-    return Identity(name, uri, crt, key)
 
 
 def _assert_all_json(text: str, who: str) -> list[dict[str, Any]]:
@@ -80,10 +73,9 @@ def _assert_all_json(text: str, who: str) -> list[dict[str, Any]]:
 
 
 def _expired(pki: DevPki, out: Path) -> tuple[Identity, Path, str]:
-    ident = _identity(
-        out,
+    ident = pki.issue_agent(
         "expired",
-        load_ca(pki.dir),
+        out=out,
         not_before=_now() - dt.timedelta(days=10),
         not_after=_now() - dt.timedelta(days=1),
     )
@@ -92,8 +84,8 @@ def _expired(pki: DevPki, out: Path) -> tuple[Identity, Path, str]:
 
 def _not_yet_valid(pki: DevPki, out: Path) -> tuple[Identity, Path, str]:
     start = _now() + dt.timedelta(days=1)
-    ident = _identity(
-        out, "future", load_ca(pki.dir), not_before=start, not_after=start + dt.timedelta(days=30)
+    ident = pki.issue_agent(
+        "future", out=out, not_before=start, not_after=start + dt.timedelta(days=30)
     )
     return ident, ident.key, "certificate not yet valid (notBefore"
 
@@ -104,7 +96,7 @@ def _uri_mismatch(pki: DevPki, out: Path) -> tuple[Identity, Path, str]:
 
 
 def _other_ca(pki: DevPki, out: Path) -> tuple[Identity, Path, str]:
-    ident = _identity(out, "foreign", create_ca("Other CA"))
+    ident = pki.issue_agent("foreign", out=out, ca=create_ca("Other CA"))
     return ident, ident.key, "chain does not verify against CA"
 
 
@@ -167,7 +159,7 @@ def test_relay_refuses_other_ca_agent_and_the_agent_says_why(
 ) -> None:
     """The agent trusts both CAs (its self-check passes), the relay only the dev CA."""
     other_ca = create_ca("Other CA")
-    foreign = _identity(tmp_path / "certs", "foreign", other_ca)
+    foreign = pki.issue_agent("foreign", out=tmp_path / "certs", ca=other_ca)
     bundle = tmp_path / "both-cas.crt"
     bundle.write_bytes(pki.ca_cert.read_bytes() + other_ca.cert_pem())
     relay = cluster.start_relay()
@@ -193,7 +185,7 @@ def test_relay_refuses_agent_whose_certificate_expired_meanwhile(
     ttl = 6.0
     expires = time.monotonic() + ttl
     not_after = _now() + dt.timedelta(seconds=ttl)
-    expiring = _identity(tmp_path / "certs", "expiring", load_ca(pki.dir), not_after=not_after)
+    expiring = pki.issue_agent("expiring", out=tmp_path / "certs", not_after=not_after)
     port = free_udp_port()
     agent = cluster.start_agent(expiring, f"127.0.0.1:{port}", name="expiring", wait=False)
     agent.wait_for(RETRYING, timeout=ttl)  # it passed its self-check and dials: nobody there
@@ -269,7 +261,7 @@ def test_relay_certificate_from_other_ca_reason_on_every_retry_all_json(
     """Each failed dial says why, past the first three (which are always logged),
     and with ``--log-format json`` every line is JSON, aioquic's/qh3's included."""
     other = issue_relay(create_ca("Other CA"))
-    crt, key = write_identity(tmp_path / "certs", "relay-other", other)
+    crt, key = pki.write("relay-other", other, tmp_path / "certs")
     relay = cluster.start_relay(args=["--cert", str(crt), "--key", str(key)])
     agent = cluster.start_agent(
         pki.agent(0), relay, args=["--quic-backend", backend], name="agent", wait=False

@@ -17,10 +17,8 @@ Figures are printed (run with ``-s`` to see them).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import socket
-import ssl
 import subprocess
 import sys
 import threading
@@ -30,9 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from devpki import Identity
+from clienthello import client_hello
 
-from outrelay.pki import issue_agent, load_ca, write_identity
 from outrelay.transport.tcp import HANDSHAKE_TIMEOUT, MAX_TLS_HANDSHAKES_PER_SOURCE
 
 from .harness import Agent, Backends, Cluster, Relay, RssSampler, connect, free_tcp_port
@@ -53,12 +50,6 @@ ECHO_TIMEOUT = 10.0
 """One application echo may take this long (QUIC retransmits lost packets)."""
 NEW_AGENTS = 4
 DISCONNECT_LINES = ("session: lost; reconnecting", "session: no PONG from the relay; reconnecting")
-
-
-def _identity(cluster: Cluster, name: str) -> Identity:
-    issued, uri = issue_agent(load_ca(cluster.pki.dir), tenant="acme")
-    crt, key = write_identity(cluster.workdir, name, issued)
-    return Identity(name, uri, crt, key)
 
 
 @dataclass
@@ -153,7 +144,7 @@ def test_quic_flood_hurts_nobody(
     _one_echo(port)  # warm: the first stream, HELLOs, imports all done
     time.sleep(1.0)
     since = relay.count()
-    newcomers = [_identity(cluster, f"new{i}") for i in range(NEW_AGENTS)]
+    newcomers = [cluster.pki.issue_agent(f"new{i}", out=cluster.workdir) for i in range(NEW_AGENTS)]
 
     with RssSampler([relay], interval=0.25) as rss, EchoLoop(port) as loop:
         baseline = rss.baseline[relay.name]
@@ -240,24 +231,14 @@ def _closed_within(sock: socket.socket, limit: float) -> bool:
         return True
 
 
-def _client_hello_half() -> bytes:
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.set_alpn_protocols(["orp/1"])
-    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    obj = ctx.wrap_bio(incoming, outgoing, server_hostname="localhost")
-    with contextlib.suppress(ssl.SSLWantReadError):
-        obj.do_handshake()
-    hello = outgoing.read()
-    return hello[: len(hello) // 2]
-
-
 def test_tcp_half_open_handshakes_are_bounded(cluster: Cluster, backends: Backends) -> None:
     tcp_port = free_tcp_port()
     relay = cluster.start_relay(args=["--listen-tcp", f"127.0.0.1:{tcp_port}"])
     echo = backends.echo()
     cluster.start_agent(cluster.pki.agent(0), relay, expose={"echo": echo.addr})
     count = 200
-    partial = _client_hello_half()
+    hello = client_hello()
+    partial = hello[: len(hello) // 2]
     socks: list[socket.socket] = []
     try:
         started = time.monotonic()

@@ -24,8 +24,7 @@ from pathlib import Path
 import pytest
 
 from outrelay.orp import FrameType, StreamResume, encode_message
-from outrelay.pki import issue_agent, load_ca, write_identity
-from outrelay.transport import QuicTlsConfig, TransportError, connect_quic
+from outrelay.transport import TransportError, connect_quic
 
 from .harness import (
     Agent,
@@ -169,9 +168,7 @@ def test_third_agent_cannot_take_over_a_promoted_stream(
     transfer = Transfer(consumer.port("echo"), 8 * MiB, pace=0.05)
     sid = consumer.wait_for("p2p: migrated to direct", timeout=15)["id"]
     # A third agent of the same tenant, with a perfectly valid certificate from the same CA.
-    issued, _ = issue_agent(load_ca(cluster.pki.dir), tenant="acme")
-    crt, key = write_identity(cluster.workdir, "intruder", issued)
-    tls = QuicTlsConfig(str(crt), str(key), str(cluster.pki.ca_cert))
+    tls = cluster.pki.tls(cluster.pki.issue_agent("intruder", out=cluster.workdir))
 
     async def hijack() -> bytes:
         conn = await connect_quic("127.0.0.1", p2p_port, tls)

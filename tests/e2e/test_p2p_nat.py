@@ -41,8 +41,6 @@ from typing import Any, cast
 import pytest
 from devpki import DevPki
 
-from outrelay.pki import issue_agent, load_ca, write_identity
-
 from .harness import Agent, Cluster, Proc, Relay, contains, write_policy
 from .nat_topology import (
     ECHO_SCRIPT,
@@ -393,11 +391,10 @@ def test_third_agent_on_the_provider_lan_cannot_take_over_a_promoted_stream(
     s.provider.wait_for("p2p: migrated to direct", id=sid, timeout=10)
     # A third agent of the same tenant with a valid certificate from the same CA,
     # on the provider's LAN (the NAT box), dials the provider's private address.
-    issued, _ = issue_agent(load_ca(cluster.pki.dir), tenant="acme")
-    crt, key = write_identity(cluster.workdir, "intruder", issued)
+    ident = cluster.pki.issue_agent("intruder", out=cluster.workdir)
     intruder = start_script(
         cluster, topo, "natp", "intruder", INTRUDER_SCRIPT,
-        topo.p_ip, PROVIDER_P2P, sid, crt, key, cluster.pki.ca_cert,
+        topo.p_ip, PROVIDER_P2P, sid, ident.cert, ident.key, cluster.pki.ca_cert,
     )  # fmt: skip
     result = intruder.wait_for("intruder done", timeout=30)
     assert not transfer.find("transfer done"), "finished before the intruder dialled"

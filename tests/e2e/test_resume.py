@@ -12,8 +12,9 @@ import socket
 import time
 
 import pytest
+from quicbackends import QUIC_BACKEND_PARAMS
 
-from .harness import QUIC_BACKEND_PARAMS, Agent, Backends, Cluster, Relay, Transfer
+from .harness import Agent, Backends, Cluster, Relay, Transfer
 
 pytestmark = [pytest.mark.e2e]
 

@@ -33,7 +33,7 @@ from outrelay.agent.intercept import (
 from outrelay.agent.session import SessionConfig
 from outrelay.transport import SocketStream
 
-from .conftest import Records
+from .records import Records
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -267,7 +267,7 @@ async def test_agent_start_fails_cleanly_when_tproxy_cannot_bind(pki: DevPki) ->
         with pytest.raises(ListenerError, match="in use"):
             await agent.start()
     assert agent.capture is None
-    assert agent._session_task is None  # nothing started
+    assert not agent.started  # nothing started
 
 
 # -- CLI -----------------------------------------------------------------------------------------
@@ -290,7 +290,7 @@ def base_argv(pki: DevPki) -> list[str]:
 
 def build(argv: list[str]) -> AgentConfig:
     parser = agent_cli.build_parser()
-    return agent_cli._build_config(parser.parse_args(argv))
+    return agent_cli.build_config(parser.parse_args(argv))
 
 
 def test_cli_builds_the_tproxy_config(pki: DevPki) -> None:
@@ -340,7 +340,7 @@ def test_cli_go_style_spellings(pki: DevPki) -> None:
     argv = [*base_argv(pki), "-intercept=tproxy", "-consume=svc-web", "-dns-listen=127.0.0.1:53"]
     parser = agent_cli.build_parser()
     args = parser.parse_args(agent_cli.go_style_argv(argv, parser))
-    cfg = agent_cli._build_config(args)
+    cfg = agent_cli.build_config(args)
     assert cfg.tproxy is not None and cfg.tproxy.dns_listen == "127.0.0.1:53"
 
 

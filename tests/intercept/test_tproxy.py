@@ -25,7 +25,7 @@ from outrelay.agent.intercept import (
 )
 from outrelay.transport import SocketStream
 
-from .conftest import Records
+from .records import Records
 
 pytestmark = pytest.mark.timeout(30)
 

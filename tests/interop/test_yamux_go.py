@@ -122,7 +122,7 @@ async def py_send(conn: TcpConn, size: int, notes: Notes) -> None:
     stream = await conn.accept_stream()
     got = await read_all(stream, 1 << 20)
     assert got == pattern(size)
-    notes.receive_window = conn._core.receive_window(stream.stream_id)
+    notes.receive_window = conn.receive_window(stream.stream_id)
     await stream.aclose()
 
 
@@ -132,7 +132,7 @@ async def py_send_to_slow_reader(conn: TcpConn, size: int, notes: Notes) -> None
     await asyncio.sleep(0.2)
     while chunk := await stream.receive_some(64 * 1024):
         got += chunk
-        window = conn._core.receive_window(stream.stream_id)
+        window = conn.receive_window(stream.stream_id)
         assert stream.statistics().buffered <= window  # never more than we granted
         notes.receive_window = max(notes.receive_window, window)
         await asyncio.sleep(0.01)
@@ -156,14 +156,13 @@ async def py_bidir(conn: TcpConn, size: int, notes: Notes) -> None:
 
 async def py_slowread(conn: TcpConn, size: int, notes: Notes) -> None:
     stream = await conn.open_stream()
-    core = conn._core
     done = asyncio.Event()
 
     async def watch() -> None:
         while not done.is_set():
             notes.max_unsent = max(notes.max_unsent, stream.unsent_bytes)
-            if core.stream_state(stream.stream_id) is not None:
-                notes.window_exhausted |= core.send_window(stream.stream_id) == 0
+            if conn.stream_state(stream.stream_id) is not None:
+                notes.window_exhausted |= conn.send_window(stream.stream_id) == 0
             await asyncio.sleep(0.002)
 
     watcher = asyncio.create_task(watch())

@@ -16,14 +16,13 @@ import struct
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from devpki import DevPki
 
-from outrelay.pki import Issued
 from outrelay.relay import Relay, RelayConfig
 from outrelay.relay.policy import PolicyService, load_policy_file
 from outrelay.transport import QuicTlsConfig, Stream, TransportError, connect_quic
+from outrelay.transport.quic import QuicConn
 
 WAIT = 5.0
 """Bound on every single wait for something that must happen."""
@@ -209,7 +208,7 @@ class Buffered:
 class RawAgent:
     """mTLS QUIC + ctrl stream + HELLO, and nothing else the library would add."""
 
-    def __init__(self, conn: object, ctrl: Stream, uri: str) -> None:
+    def __init__(self, conn: QuicConn, ctrl: Stream, uri: str) -> None:
         self.conn = conn
         self.ctrl = ctrl
         self.uri = uri
@@ -271,17 +270,18 @@ class RawAgent:
         assert ack.type == REGISTER_ACK
 
     def local_port(self) -> int:
-        transport = self.conn._protocol._transport  # type: ignore[attr-defined]
-        return int(transport.get_extra_info("sockname")[1])
+        address = self.conn.local_address
+        assert address is not None
+        return address[1]
 
     async def close(self) -> None:
         self._reader.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._reader
-        self.conn.close(0, "")  # type: ignore[attr-defined]
+        self.conn.close(0, "")
         with contextlib.suppress(TimeoutError, TransportError):
             async with asyncio.timeout(2):
-                await self.conn.wait_closed()  # type: ignore[attr-defined]
+                await self.conn.wait_closed()
 
 
 # -- PKI, relay, pairs --------------------------------------------------------------------
@@ -292,26 +292,6 @@ class Pki:
     """The session's dev PKI (``tests/devpki.py``) as the relay tests use it."""
 
     dev: DevPki
-
-    @property
-    def dir(self) -> Path:
-        return self.dev.dir
-
-    @property
-    def ca(self) -> Issued:
-        return self.dev.ca
-
-    @property
-    def relay_crt(self) -> str:
-        return str(self.dev.relay_cert)
-
-    @property
-    def relay_key(self) -> str:
-        return str(self.dev.relay_key)
-
-    @property
-    def ca_file(self) -> str:
-        return str(self.dev.ca_cert)
 
     def agent(self, tenant: str = "acme") -> tuple[QuicTlsConfig, str]:
         """A fresh agent identity of ``tenant``: its TLS config and URI."""
@@ -373,12 +353,13 @@ async def running_relay(
 ) -> AsyncIterator[Harness]:
     policy = None
     if rules is not None:
-        path = pki.dir / f"policy-{uuid.uuid4().hex}.json"
+        path = pki.dev.dir / f"policy-{uuid.uuid4().hex}.json"
         path.write_text(json.dumps({"rules": rules}))
         policy = PolicyService()
         policy.load_rules(load_policy_file(str(path)))
+    tls = pki.dev.relay_tls()
     config = RelayConfig(
-        pki.relay_crt, pki.relay_key, pki.ca_file, listen_host=listen_host, listen_port=0
+        tls.cert_file, tls.key_file, tls.ca_file, listen_host=listen_host, listen_port=0
     )
     config.policy = policy
     if required_timeout is not None:
@@ -425,11 +406,11 @@ async def open_pair(
     accept_delay: float = 0.0,
 ) -> Pair:
     """OPEN_STREAM -> INCOMING_STREAM -> STREAM_ACCEPT -> STREAM_READY on both ctrls (§6)."""
-    c_stream = await consumer.conn.open_stream()  # type: ignore[attr-defined]
+    c_stream = await consumer.conn.open_stream()
     opened_at = asyncio.get_running_loop().time()
     await c_stream.send_all(frame(OPEN_STREAM, pb_bytes(1, service) + pb_int(3, sid)))
     async with asyncio.timeout(WAIT):
-        p_stream = await provider.conn.accept_stream()  # type: ignore[attr-defined]
+        p_stream = await provider.conn.accept_stream()
     p = Buffered(p_stream)
     incoming = await p.read_frame()
     assert incoming.type == INCOMING_STREAM

@@ -24,7 +24,7 @@ def data(alloc: int, payload: bytes) -> bytes:
 def test_counter_starts_at_one_and_skips_zero_on_wrap() -> None:
     core = PlaneCore()
     assert [core.allocate() for _ in range(3)] == [1, 2, 3]
-    core._next = 0xFFFFFFFF
+    core = PlaneCore(next_allocation=0xFFFFFFFF)
     assert core.allocate() == 0xFFFFFFFF
     assert core.allocate() == 1
 

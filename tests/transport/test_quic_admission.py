@@ -12,32 +12,20 @@ import os
 import socket
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
 
 import pytest
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
+from quicbackends import QUIC_BACKEND_PARAMS
 
-from outrelay.pki import ClientVerifier
-from outrelay.transport import QuicServerHandle, RetryMode, select_quic_backend, serve_quic
+from outrelay.transport import RetryMode
 from outrelay.transport.admission import QuicAdmission
 from outrelay.transport.quic import HANDSHAKE_TIMEOUT, QuicConn
 
-from .conftest import Pki
+from .listeners import Listener, dial_quic, listen_quic
+from .tlspki import Pki
 
 pytestmark = pytest.mark.timeout(60)
-
-try:
-    import qh3  # noqa: F401
-
-    HAVE_QH3 = True
-except ImportError:  # pragma: no cover - qh3 is a dev dependency
-    HAVE_QH3 = False
-
-BACKENDS = [
-    "aioquic",
-    pytest.param("qh3", marks=pytest.mark.skipif(not HAVE_QH3, reason="qh3 is not installed")),
-]
 
 
 def client_initial(port: int, token: bytes = b"") -> bytes:
@@ -59,33 +47,16 @@ def garbage_initial(size: int = 1200) -> bytes:
     return header + (0x4000 | rest).to_bytes(2, "big") + os.urandom(rest)
 
 
-@dataclass
-class Server:
-    handle: QuicServerHandle
-    port: int
-    conns: asyncio.Queue[QuicConn] = field(default_factory=asyncio.Queue)
+Server = Listener[QuicConn]
 
-    @property
-    def admission(self) -> QuicAdmission:
-        return self.handle.admission
 
-    def live_cids(self) -> int:
-        """Connection IDs the listener routes: what it still holds."""
-        return self.handle.statistics().routed_ids
+def live_cids(server: Server) -> int:
+    """Connection IDs the listener routes: what it still holds."""
+    return int(server.handle.statistics().routed_ids)
 
 
 async def _serve(pki: Pki, admission: QuicAdmission) -> Server:
-    verifier = ClientVerifier([pki.ca.cert])
-    conns: asyncio.Queue[QuicConn] = asyncio.Queue()
-    handle = await serve_quic(
-        "127.0.0.1",
-        0,
-        pki.relay,
-        verify_client=lambda leaf, chain: verifier.verify(leaf, chain),
-        on_connection=conns.put_nowait,
-        admission=admission,
-    )
-    return Server(handle, handle.address[1], conns)
+    return await listen_quic(pki, admission=admission)
 
 
 @pytest.fixture
@@ -104,19 +75,19 @@ async def _until(condition: Callable[[], bool], limit: float) -> None:
         await asyncio.sleep(0.05)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", QUIC_BACKEND_PARAMS)
 async def test_always_retry_clients_connect_after_proving_their_address(
     pki: Pki, backend: str
 ) -> None:
     server = await _serve(pki, QuicAdmission(RetryMode.ALWAYS))
     try:
-        client = await select_quic_backend(backend).connect("127.0.0.1", server.port, pki.agent)
+        client = await dial_quic(backend, server.port, pki.agent)
         async with asyncio.timeout(5):
             conn = await server.conns.get()
         assert conn.identity == pki.agent_uri
-        stats = server.admission.stats
+        stats = server.handle.admission.stats
         assert stats["retry"] >= 1 and stats["admit"] == 1, stats
-        await _until(lambda: server.admission.half_open.total == 0, 2)
+        await _until(lambda: server.handle.admission.half_open.total == 0, 2)
         # Idle after the handshake, nothing waits for an ACK: aioquic keeps the
         # Initial that the Retry answered in its bytes-in-flight counter, which
         # made keep-alive close such connections as silent.
@@ -131,12 +102,12 @@ async def test_garbage_initials_leave_no_state(pki: Pki, udp: socket.socket) -> 
     try:
         for _ in range(30):
             udp.sendto(garbage_initial(), ("127.0.0.1", server.port))
-        await _until(lambda: sum(server.admission.stats.values()) >= 30, 5)
+        await _until(lambda: sum(server.handle.admission.stats.values()) >= 30, 5)
         await asyncio.sleep(0.1)
         # Each was admitted (below the caps), failed to decrypt and was forgotten at once.
-        assert server.admission.stats["admit"] >= 1
-        assert server.live_cids() == 0
-        assert server.admission.half_open.total == 0
+        assert server.handle.admission.stats["admit"] >= 1
+        assert live_cids(server) == 0
+        assert server.handle.admission.half_open.total == 0
     finally:
         server.handle.close()
 
@@ -150,10 +121,10 @@ async def test_small_and_unsupported_datagrams_cost_nothing(pki: Pki, udp: socke
         udp.sendto(b"\x40" + os.urandom(1300), addr)  # short header, unknown CID
         udp.sendto(b"\xc0\x00\x00\x00\x00" + os.urandom(1300), addr)  # version 0
         await asyncio.sleep(0.3)
-        assert sum(server.admission.stats.values()) == 0
-        assert server.live_cids() == 0
+        assert sum(server.handle.admission.stats.values()) == 0
+        assert live_cids(server) == 0
         udp.sendto(initial, addr)  # the same Initial, whole: admitted
-        await _until(lambda: server.admission.half_open.total == 1, 5)
+        await _until(lambda: server.handle.admission.half_open.total == 1, 5)
     finally:
         server.handle.close()
 
@@ -179,7 +150,7 @@ async def test_unsupported_version_gets_a_rate_limited_version_negotiation(
             assert data[1:5] == b"\x00\x00\x00\x00"  # Version Negotiation
             replies += 1
         assert replies == 2
-        assert server.live_cids() == 0
+        assert live_cids(server) == 0
     finally:
         server.handle.close()
 
@@ -191,9 +162,9 @@ async def test_a_token_is_always_checked_even_without_pressure(
     try:
         udp.sendto(client_initial(server.port, token=os.urandom(40)), ("127.0.0.1", server.port))
         await asyncio.sleep(0.3)
-        assert not server.admission.retry_active(time.monotonic())
-        assert sum(server.admission.stats.values()) == 0  # dropped at the token check
-        assert server.live_cids() == 0
+        assert not server.handle.admission.retry_active(time.monotonic())
+        assert sum(server.handle.admission.stats.values()) == 0  # dropped at the token check
+        assert live_cids(server) == 0
     finally:
         server.handle.close()
 
@@ -210,7 +181,7 @@ async def test_per_source_cap_then_retry_and_a_real_client_still_connects(
         assert admission.stats["admit"] == 4 and admission.stats["retry"] == 16
         assert admission.half_open.total == 4
         # Same host, under pressure: the client answers the Retry and gets in.
-        client = await select_quic_backend("aioquic").connect("127.0.0.1", server.port, pki.agent)
+        client = await dial_quic("aioquic", server.port, pki.agent)
         async with asyncio.timeout(5):
             await server.conns.get()
         client.close()
@@ -226,10 +197,10 @@ async def test_abandoned_handshakes_are_freed_at_the_deadline(pki: Pki, udp: soc
             udp.sendto(client_initial(server.port), ("127.0.0.1", server.port))
         await _until(lambda: sum(admission.stats.values()) >= 12, 5)
         assert admission.stats == {"admit": 5, "retry": 0, "drop": 7}
-        assert admission.half_open.total == 5 and server.live_cids() > 0
+        assert admission.half_open.total == 5 and live_cids(server) > 0
         started = time.monotonic()
         await _until(lambda: admission.half_open.total == 0, HANDSHAKE_TIMEOUT + 2)
-        await _until(lambda: server.live_cids() == 0, 1)
+        await _until(lambda: live_cids(server) == 0, 1)
         elapsed = time.monotonic() - started
         print(f"\nabandoned handshakes freed after {elapsed:.1f}s (deadline {HANDSHAKE_TIMEOUT}s)")
     finally:

@@ -22,7 +22,7 @@ from aioquic.tls import Context
 
 from outrelay.transport.quic.client import server_configuration
 
-from .conftest import Pki
+from .tlspki import Pki
 
 
 def _params(fn: Callable[..., Any]) -> list[str]:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from outrelay.pki import ClientVerifier, create_ca, issue_agent
-from outrelay.transport import BrokenResourceError, Stream, serve_quic
+from outrelay.transport import BrokenResourceError, Stream
 from outrelay.transport.quic import QuicConn
 from outrelay.transport.quic.shared_udp import (
     PUNCH,
@@ -26,7 +26,8 @@ from outrelay.transport.quic.shared_udp import (
     open_shared_udp,
 )
 
-from .conftest import Pki
+from .listeners import listen_quic, read_all
+from .tlspki import Pki
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -67,10 +68,7 @@ async def sides(pki: Pki) -> AsyncIterator[tuple[Side, Side]]:
 async def _echo_once(stream: Stream, payload: bytes) -> bytes:
     await stream.send_all(payload)
     await stream.send_eof()
-    out = bytearray()
-    while chunk := await stream.receive_some():
-        out += chunk
-    return bytes(out)
+    return await read_all(stream)
 
 
 async def _serve_echo(conn: QuicConn) -> None:
@@ -93,18 +91,10 @@ async def test_relay_and_peer_connections_share_one_port(
     pki: Pki, sides: tuple[Side, Side]
 ) -> None:
     a, b = sides
-    verifier = ClientVerifier([pki.ca.cert])
-    relay_conns: asyncio.Queue[QuicConn] = asyncio.Queue()
-    relay = await serve_quic(
-        "127.0.0.1",
-        0,
-        pki.relay,
-        verify_client=verifier.verify,
-        on_connection=relay_conns.put_nowait,
-    )
+    relay = await listen_quic(pki)
     try:
-        to_relay = await a.endpoint.connect("127.0.0.1", relay.address[1], pki.agent)
-        seen_by_relay = await asyncio.wait_for(relay_conns.get(), 5)
+        to_relay = await a.endpoint.connect("127.0.0.1", relay.port, pki.agent)
+        seen_by_relay = await relay.accepted()
         # The relay sees the shared port: that is the srflx mapping a peer must dial.
         assert seen_by_relay.peer.address == a.endpoint.address
 
@@ -134,7 +124,7 @@ async def test_relay_and_peer_connections_share_one_port(
         assert got_relay == payload[::-1]
         assert a.endpoint.dropped >= 21
     finally:
-        relay.close()
+        await relay.close()
 
 
 async def test_inbound_dial_needs_a_certificate_from_our_ca(
@@ -184,7 +174,7 @@ async def test_a_cancelled_dial_leaves_no_live_connection(
     with pytest.raises(asyncio.CancelledError):
         await dial
     await asyncio.sleep(1.5)
-    assert not a.endpoint._demux._protocols  # every id of the dial is unrouted
+    assert a.endpoint.routed_ids == 0  # every id of the dial is unrouted
     while not b.inbound.empty():  # the peer may have completed its side: it must be closed
         conn = b.inbound.get_nowait()
         await asyncio.wait_for(conn.wait_closed(), 5)

@@ -5,8 +5,8 @@ stream type, with a "clogged" variant that proves sends block (STYLE.md §4).
 Here the same checks run over the in-memory pair, QUIC (aioquic, and qh3
 when installed) and TLS + yamux over TCP: round trips, half-close, abort with
 its error code, backpressure, Busy/Closed errors and many streams at once.
-Backend-specific behaviour (limits, certificates, statistics) stays in
-``test_memory.py``, ``test_quic.py`` and ``test_tcp.py``.
+Backend-specific behaviour (limits, statistics) stays in ``test_memory.py``,
+``test_quic.py`` and ``test_tcp.py``; certificates are ``test_mtls.py``'s.
 """
 
 from __future__ import annotations
@@ -15,10 +15,11 @@ import asyncio
 import contextlib
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import pytest
+from quicbackends import QUIC_BACKEND_PARAMS
 
-from outrelay.pki import ClientVerifier
 from outrelay.transport import (
     BrokenResourceError,
     BusyResourceError,
@@ -27,20 +28,11 @@ from outrelay.transport import (
     SendClosedError,
     Stream,
     connect_tcp,
-    select_quic_backend,
-    serve_quic,
-    serve_tcp,
 )
 from outrelay.transport.memory import memory_stream_pair
 
-from .conftest import Pki
-
-try:
-    import qh3  # noqa: F401
-
-    HAVE_QH3 = True
-except ImportError:  # pragma: no cover - qh3 is a dev dependency
-    HAVE_QH3 = False
+from .listeners import Listener, dial_quic, listen_quic, listen_tcp, read_all
+from .tlspki import Pki
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -54,43 +46,23 @@ socket buffers): a send this large must block until the peer reads."""
 
 @contextlib.asynccontextmanager
 async def _connected(pki: Pki, backend: str) -> AsyncIterator[tuple[Connection, Connection]]:
-    verifier = ClientVerifier([pki.ca.cert])
-    conns: asyncio.Queue[Connection] = asyncio.Queue()
     if backend == "tcp":
-        tcp_handle = await serve_tcp(
-            "127.0.0.1",
-            0,
-            pki.relay,
-            verify_client=lambda leaf, chain: verifier.verify(leaf, chain),
-            on_connection=conns.put_nowait,
-        )
-        client: Connection = await connect_tcp("127.0.0.1", tcp_handle.address[1], pki.agent)
-        close: Callable[[], None] = tcp_handle.close
+        listener: Listener[Any] = await listen_tcp(pki)
+        client: Connection = await connect_tcp("127.0.0.1", listener.port, pki.agent)
     else:
-        quic_handle = await serve_quic(
-            "127.0.0.1",
-            0,
-            pki.relay,
-            verify_client=lambda leaf, chain: verifier.verify(leaf, chain),
-            on_connection=conns.put_nowait,
-        )
-        connect = select_quic_backend(backend).connect
-        client = await connect("127.0.0.1", quic_handle.address[1], pki.agent)
-        close = quic_handle.close
+        listener = await listen_quic(pki)
+        client = await dial_quic(backend, listener.port, pki.agent)
     try:
-        async with asyncio.timeout(5):
-            peer = await conns.get()
-        yield client, peer
+        yield client, await listener.accepted()
     finally:
         client.close()
-        close()
+        listener.handle.close()
 
 
 @pytest.fixture(
     params=[
         "memory",
-        "aioquic",
-        pytest.param("qh3", marks=pytest.mark.skipif(not HAVE_QH3, reason="no qh3")),
+        *QUIC_BACKEND_PARAMS,
         "tcp",
     ]
 )
@@ -114,13 +86,6 @@ async def make_pair(request: pytest.FixtureRequest, pki: Pki) -> AsyncIterator[M
             return a, b
 
         yield over_connection
-
-
-async def _read_all(stream: Stream, max_bytes: int = 65536) -> bytes:
-    out = bytearray()
-    while chunk := await stream.receive_some(max_bytes):
-        out += chunk
-    return bytes(out)
 
 
 async def _read_exactly(stream: Stream, n: int) -> bytes:
@@ -156,11 +121,11 @@ async def test_half_close_keeps_the_other_direction(make_pair: MakePair) -> None
         await a.send_eof()  # idempotent
         with pytest.raises(SendClosedError):
             await a.send_all(b"more")
-        assert await _read_all(b) == b"request"
+        assert await read_all(b) == b"request"
         assert await b.receive_some() == b""  # EOF stays EOF
         await b.send_all(b"response")
         await b.send_eof()
-        assert await _read_all(a) == b"response"
+        assert await read_all(a) == b"response"
 
 
 async def test_large_transfer_both_ways_is_exact(make_pair: MakePair) -> None:
@@ -174,8 +139,8 @@ async def test_large_transfer_both_ways_is_exact(make_pair: MakePair) -> None:
     async with asyncio.timeout(30), asyncio.TaskGroup() as tg:
         tg.create_task(write(a, up))
         tg.create_task(write(b, down))
-        got_up = tg.create_task(_read_all(b))
-        got_down = tg.create_task(_read_all(a, 1000))
+        got_up = tg.create_task(read_all(b))
+        got_down = tg.create_task(read_all(a, 1000))
     assert got_up.result() == up
     assert got_down.result() == down
 
@@ -211,7 +176,7 @@ async def test_aclose_sends_eof_and_closes_locally(make_pair: MakePair) -> None:
             await a.receive_some()
         with pytest.raises(ClosedResourceError):
             await a.send_all(b"x")
-        assert await _read_all(b) == b"last"
+        assert await read_all(b) == b"last"
 
 
 async def test_clogged_send_blocks_until_the_peer_reads(make_pair: MakePair) -> None:
@@ -282,7 +247,7 @@ async def test_many_streams_at_once(make_pair: MakePair) -> None:
         async with asyncio.TaskGroup() as tg:
             tg.create_task(echo(b))
             tg.create_task(write())
-            result = tg.create_task(_read_all(a))
+            result = tg.create_task(read_all(a))
         assert result.result() == data
 
     async with asyncio.timeout(30), asyncio.TaskGroup() as tg:

@@ -7,32 +7,22 @@ source" is one IP address, and the legitimate client dials from 127.0.0.1.
 from __future__ import annotations
 
 import asyncio
-import ssl
 import time
 from collections.abc import AsyncIterator
 
 import pytest
+from clienthello import client_hello
 
-from outrelay.pki import ClientVerifier
-from outrelay.transport import BrokenResourceError, TcpServerHandle, serve_tcp
+from outrelay.transport import BrokenResourceError
 from outrelay.transport.tcp import TcpConn, connect_tcp
 
-from .conftest import Pki
+from .listeners import Listener, listen_tcp
+from .tlspki import Pki
 
 pytestmark = pytest.mark.timeout(60)
 
 TIMEOUT = 1.5
 """The server's handshake timeout in these tests."""
-
-
-def client_hello() -> bytes:
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.set_alpn_protocols(["orp/1"])
-    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    obj = ctx.wrap_bio(incoming, outgoing, server_hostname="localhost")
-    with pytest.raises(ssl.SSLWantReadError):
-        obj.do_handshake()
-    return outgoing.read()
 
 
 class Half:
@@ -76,32 +66,16 @@ async def halves() -> AsyncIterator[list[Half]]:
         half.close()
 
 
-async def _serve(pki: Pki, **kwargs: int) -> tuple[TcpServerHandle, asyncio.Queue[TcpConn]]:
-    verifier = ClientVerifier([pki.ca.cert])
-    conns: asyncio.Queue[TcpConn] = asyncio.Queue()
-    handle = await serve_tcp(
-        "127.0.0.1",
-        0,
-        pki.relay,
-        verify_client=lambda leaf, chain: verifier.verify(leaf, chain),
-        on_connection=conns.put_nowait,
-        handshake_timeout=TIMEOUT,
-        **kwargs,  # type: ignore[arg-type]
-    )
-    return handle, conns
-
-
-async def _legit(pki: Pki, port: int, conns: asyncio.Queue[TcpConn]) -> None:
-    client = await connect_tcp("127.0.0.1", port, pki.agent, handshake_timeout=5)
-    async with asyncio.timeout(5):
-        peer = await conns.get()
+async def _legit(pki: Pki, server: Listener[TcpConn]) -> None:
+    client = await connect_tcp("127.0.0.1", server.port, pki.agent, handshake_timeout=5)
+    peer = await server.accepted()
     assert peer.identity == pki.agent_uri
     client.close()
 
 
 async def test_per_source_cap_closes_extra_sockets_at_once(pki: Pki, halves: list[Half]) -> None:
-    handle, conns = await _serve(pki, max_handshakes_per_source=4)
-    port = handle.address[1]
+    server = await listen_tcp(pki, handshake_timeout=TIMEOUT, max_handshakes_per_source=4)
+    port = server.port
     try:
         for i in range(4):
             halves.append(await Half.open(port, "127.0.0.2", partial=bool(i % 2)))
@@ -111,7 +85,7 @@ async def test_per_source_cap_closes_extra_sockets_at_once(pki: Pki, halves: lis
             closed = await half.closed_after(1.0)
             assert closed is not None and closed < 1.0, "over the cap: closed at once"
         # Another source is not affected while 127.0.0.2 is at its cap.
-        await _legit(pki, port, conns)
+        await _legit(pki, server)
         # The four in progress are closed at the handshake timeout...
         for half in halves[:4]:
             closed = await half.closed_after(TIMEOUT + 2)
@@ -121,13 +95,12 @@ async def test_per_source_cap_closes_extra_sockets_at_once(pki: Pki, halves: lis
         halves.append(again)
         assert await again.closed_after(0.5) is None
     finally:
-        handle.close()
-        await handle.wait_closed()
+        await server.close()
 
 
 async def test_total_cap_across_sources(pki: Pki, halves: list[Half]) -> None:
-    handle, conns = await _serve(pki, max_handshakes=3)
-    port = handle.address[1]
+    server = await listen_tcp(pki, handshake_timeout=TIMEOUT, max_handshakes=3)
+    port = server.port
     try:
         for i in range(3):
             halves.append(await Half.open(port, f"127.0.0.{i + 2}"))
@@ -138,10 +111,9 @@ async def test_total_cap_across_sources(pki: Pki, halves: list[Half]) -> None:
         # Nothing else gets in until a slot frees: the legitimate client too
         # is closed at once (its reconnect loop would try again).
         with pytest.raises(BrokenResourceError):
-            await _legit(pki, port, conns)
+            await _legit(pki, server)
         for half in halves[:3]:
             assert await half.closed_after(TIMEOUT + 2) is not None
-        await _legit(pki, port, conns)
+        await _legit(pki, server)
     finally:
-        handle.close()
-        await handle.wait_closed()
+        await server.close()

@@ -88,7 +88,8 @@ class Pair:
             c = self.to_client()
             server_events += s
             client_events += c
-            if not s and not c and not self.client._out and not self.server._out:
+            quiet = not self.client.has_data_to_send and not self.server.has_data_to_send
+            if not s and not c and quiet:
                 break
         return client_events, server_events
 
@@ -562,11 +563,11 @@ def test_no_growth_for_a_reader_that_lags() -> None:
         pair.client.send_data(sid, b"\0" * pair.client.send_window(sid))
         pair.to_server()
         # Consume only half of what is buffered: the reader never catches up.
-        backlog = pair.server._streams[sid].unacked
+        backlog = pair.server.unread_bytes(sid)
         pair.server.acknowledge_received(sid, backlog // 2 + 1)
         pair.to_client()
     assert pair.server.receive_window(sid) == INITIAL_STREAM_WINDOW
-    assert pair.server._streams[sid].unacked <= INITIAL_STREAM_WINDOW
+    assert pair.server.unread_bytes(sid) <= INITIAL_STREAM_WINDOW
 
 
 def test_auto_tuning_respects_the_session_budget() -> None:

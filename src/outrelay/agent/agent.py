@@ -79,6 +79,11 @@ class Agent:
 
     # -- lifecycle ------------------------------------------------------------------
 
+    @property
+    def started(self) -> bool:
+        """True once :meth:`start` succeeded (the session loop was started)."""
+        return self._session_task is not None
+
     async def start(self) -> None:
         """Bind every ``--consume`` listener, then start the session loop.
 

@@ -53,7 +53,7 @@ from outrelay.observe import kv, setup_logging
 from outrelay.pki import IdentityCheckFailed, PkiError, check_own_identity
 from outrelay.transport import QUIC_BACKENDS, QuicTlsConfig, select_quic_backend
 
-__all__ = ["build_parser", "main"]
+__all__ = ["build_config", "build_parser", "main"]
 
 log = logging.getLogger("outrelay.agent")
 
@@ -230,7 +230,14 @@ class SetupError(Exception):
     """TLS material or similar: exit 1."""
 
 
-def _build_config(args: argparse.Namespace) -> AgentConfig:
+def build_config(args: argparse.Namespace) -> AgentConfig:
+    """The agent's configuration from parsed flags (:func:`build_parser`).
+
+    Raises:
+        FlagError: a required flag is missing or a value is invalid.
+        SetupError: the certificate, key or CA file cannot be loaded or does not
+            match ``--uri``.
+    """
     missing = [name for name in ("cert", "key", "ca", "uri") if not getattr(args, name)]
     if missing:
         raise FlagError(f"missing required flags: {', '.join('--' + m for m in missing)}")
@@ -435,7 +442,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Until run_agent() handles it, a SIGHUP must not kill us either.
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
-        config = _build_config(args)
+        config = build_config(args)
     except FlagError as exc:
         return flag_error(parser, words, str(exc), log)
     except SetupError as exc:

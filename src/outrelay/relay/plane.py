@@ -75,8 +75,17 @@ class PlaneStatistics:
 class PlaneCore:
     """Allocation counter and table; datagrams in, datagrams out. No I/O, no clock."""
 
-    def __init__(self, *, idle_timeout: float = REGISTRATION_IDLE) -> None:
-        self._next = 1  # spec 02 §8: the counter starts at 1
+    def __init__(
+        self, *, idle_timeout: float = REGISTRATION_IDLE, next_allocation: int = 1
+    ) -> None:
+        """Args:
+        idle_timeout: seconds a registration may stay silent (0: forever).
+        next_allocation: what :meth:`allocate` returns first; spec 02 §8 starts the
+            counter at 1 (another start shows the wrap in tests).
+        """
+        if not 1 <= next_allocation <= MAX_ALLOCATION:
+            raise ValueError(f"next_allocation {next_allocation} is not in 1..{MAX_ALLOCATION}")
+        self._next = next_allocation
         self._table: dict[int, _Entry] = {}
         self.idle_timeout = idle_timeout
         self._forwarded = 0

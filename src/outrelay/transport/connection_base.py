@@ -102,6 +102,11 @@ class ConnectionBase(Connection, Generic[S]):
         """Call ``callback()`` once, when the connection ends."""
         self._on_closed.append(callback)
 
+    def has_stream(self, stream_id: int) -> bool:
+        """Whether the connection still tracks the stream (hands it what arrives for it);
+        False once the stream is done and forgotten."""
+        return stream_id in self._streams
+
     # -- for streams and the backend ---------------------------------------------------
 
     def raise_if_terminated(self) -> None:

@@ -260,6 +260,13 @@ def still_first_flight(quic: QuicConnection) -> bool:
 class ProtocolBase(QuicConnectionProtocol):
     """aioquic's protocol with its private fields under public names."""
 
+    sockname: Any = None
+    """Where our socket is bound, once the transport is attached (None if it has no address)."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.sockname = transport.get_extra_info("sockname")
+
     @property
     def quic(self) -> QuicConnection:
         return self._quic

@@ -68,6 +68,13 @@ class ProtocolBase(QuicConnectionProtocol):
 
     _quic: HeldQuicConnection
 
+    sockname: Any = None
+    """Where our socket is bound, once the transport is attached (None if it has no address)."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.sockname = transport.get_extra_info("sockname")
+
     @property
     def quic(self) -> HeldQuicConnection:
         return self._quic

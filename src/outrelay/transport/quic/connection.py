@@ -16,6 +16,7 @@ from typing import Any
 
 from aioquic.quic import events
 
+from outrelay.transport.addresses import fold_address
 from outrelay.transport.base import BrokenResourceError, CertificateError
 from outrelay.transport.connection_base import ConnectionBase
 from outrelay.transport.quic import settings
@@ -77,6 +78,12 @@ class QuicConnBase(ConnectionBase[QuicStream]):
     def close_code(self) -> int | None:
         """The code of the CONNECTION_CLOSE that ended the connection (either side), if any."""
         return self._close_code
+
+    @property
+    def local_address(self) -> tuple[str, int] | None:
+        """Our (ip, port): where the connection's UDP socket is bound (None if unknown)."""
+        sockname = self._protocol.sockname
+        return fold_address(sockname) if sockname else None
 
     # -- the library's part (see StreamOwner for the stream hooks) -----------------------
 

@@ -126,6 +126,11 @@ class SharedUdpEndpoint:
         """Datagrams dropped as not QUIC (punches, garbage)."""
         return self._demux.dropped
 
+    @property
+    def routed_ids(self) -> int:
+        """Connection IDs the socket routes: what it still holds for its connections."""
+        return len(self._demux.routes)
+
     def _sockaddr(self, host: str, port: int) -> Any:
         """``host:port`` as this socket's family wants it (IPv4 mapped on a dual-stack one)."""
         if self.family == socket.AF_INET6 and ":" not in host:

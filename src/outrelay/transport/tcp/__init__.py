@@ -39,7 +39,8 @@ beyond either cap is closed as soon as it is accepted, before any TLS state
 exists for it.
 
 Modules: :mod:`~.settings` (limits), :mod:`~.client_hello` (the sans-IO
-ClientHello parser), :mod:`~.stream` (:class:`TcpStream`),
+ClientHello parser), :mod:`~.stream` (:class:`TcpStream` and the ``StreamOwner``
+interface it uses to reach its connection),
 :mod:`~.connection` (:class:`TcpConn`, the yamux connection),
 :mod:`~.tls_shell` (socket I/O and the TLS pump) and :mod:`~.endpoints`
 (dial, listen, handshake caps). Only the last two touch ``ssl`` and socket

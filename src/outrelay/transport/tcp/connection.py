@@ -8,6 +8,7 @@ events into stream wake-ups, and writes what the session queued.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from typing import TYPE_CHECKING
 
@@ -24,6 +25,7 @@ from outrelay.transport.yamux import (
     StreamEnded,
     StreamOpened,
     StreamReset,
+    StreamState,
     WindowUpdated,
     YamuxConfig,
     YamuxError,
@@ -133,6 +135,68 @@ class TcpConn(ConnectionBase[TcpStream]):
     def statistics(self) -> YamuxStatistics:
         return self._core.statistics()
 
+    def stream_state(self, stream_id: int) -> StreamState | None:
+        """The yamux state of the stream, or ``None`` once it is closed, reset or unknown."""
+        return self._core.stream_state(stream_id)
+
+    def receive_window(self, stream_id: int) -> int:
+        """The stream's receive window now (grows with auto-tuning).
+
+        Raises:
+            YamuxError: the stream is closed, reset or unknown.
+        """
+        return self._core.receive_window(stream_id)
+
+    @property
+    def write_buffer_size(self) -> int:
+        """Bytes written to the socket that the kernel has not taken yet (TLS records)."""
+        return self._protocol.write_buffer_size()
+
+    # -- StreamOwner: what TcpStream calls ------------------------------------------
+
+    @property
+    def writable(self) -> asyncio.Event:
+        """Set while the socket takes more bytes (cleared by the protocol's pause_writing)."""
+        return self._writable
+
+    def send_window(self, stream_id: int) -> int:
+        return self._core.send_window(stream_id)
+
+    def send_data(self, stream_id: int, data: memoryview) -> int:
+        n = self._core.send_data(stream_id, data)
+        self._flush()
+        return n
+
+    def send_fin(self, stream_id: int) -> None:
+        with contextlib.suppress(YamuxError):
+            self._core.end_stream(stream_id)
+        self._flush()
+
+    def reset_stream(self, stream_id: int, code: int) -> None:
+        self._core.reset_stream(stream_id, code)
+        self._flush()
+
+    def unsent_bytes(self, stream_id: int) -> int:
+        return self._core.unacknowledged_bytes(stream_id)
+
+    def on_consumed(self, stream_id: int, n: int) -> None:
+        if n and not self._terminated:
+            self._core.acknowledge_received(stream_id, n)
+            self._flush()
+
+    def on_discarded(self, stream_id: int, n: int) -> None:
+        self._core.acknowledge_received(stream_id, n)  # _pump flushes after its events
+
+    def forget(self, stream: TcpStream) -> None:
+        self._streams.pop(stream.stream_id, None)
+        self._open_ready.set()
+
+    def forget_if_ended(self, stream: TcpStream) -> bool:
+        if self._core.stream_state(stream.stream_id) is not None:
+            return False
+        self.forget(stream)
+        return True
+
     # -- internals ----------------------------------------------------------------
 
     def _flush(self) -> None:
@@ -141,20 +205,6 @@ class TcpConn(ConnectionBase[TcpStream]):
             self._protocol.write(data)
             if self._protocol.write_buffer_size() > WRITE_BUFFER_MAX:
                 self._fail(f"peer is not reading: over {WRITE_BUFFER_MAX} bytes unsent")
-
-    def _consumed(self, stream_id: int, n: int) -> None:
-        if n and not self._terminated:
-            self._core.acknowledge_received(stream_id, n)
-            self._flush()
-
-    def _forget(self, stream: TcpStream) -> None:
-        self._streams.pop(stream.stream_id, None)
-        self._open_ready.set()
-
-    def _maybe_forget(self, stream: TcpStream) -> None:
-        if self._core.stream_state(stream.stream_id) is None:
-            self._streams.pop(stream.stream_id, None)
-            self._open_ready.set()
 
     def _feed(self, data: bytes) -> None:
         if self._terminated:
@@ -185,7 +235,7 @@ class TcpConn(ConnectionBase[TcpStream]):
             elif isinstance(event, StreamEnded):
                 if (stream := streams.get(event.stream_id)) is not None:
                     stream.on_eof()
-                    self._maybe_forget(stream)
+                    self.forget_if_ended(stream)
             elif isinstance(event, StreamReset):
                 if (stream := streams.pop(event.stream_id, None)) is not None:
                     stream.on_reset(event.reason, event.code)

@@ -110,6 +110,11 @@ class YamuxSession:
         """Return the next event, or ``None`` when there is none."""
         return self._events.popleft() if self._events else None
 
+    @property
+    def has_data_to_send(self) -> bool:
+        """Whether :meth:`data_to_send` would return bytes now."""
+        return bool(self._out)
+
     def data_to_send(self) -> bytes:
         """Return (and forget) every byte queued for the peer."""
         if not self._out:
@@ -287,6 +292,12 @@ class YamuxSession:
         if stream is None:
             return 0
         return max(0, stream.sent - stream.credited)
+
+    def unread_bytes(self, stream_id: int) -> int:
+        """Bytes received on the stream that :meth:`acknowledge_received` has not
+        credited back yet (the application has not read them); 0 for streams gone."""
+        stream = self._streams.get(stream_id)
+        return stream.unacked if stream is not None else 0
 
     def statistics(self) -> YamuxStatistics:
         return YamuxStatistics(
