@@ -223,3 +223,24 @@ async def test_client_refuses_a_server_from_another_ca(
 async def test_unreachable_server_times_out(pki: Pki, backend: str) -> None:
     with pytest.raises(BrokenResourceError, match="timed out"):
         await dial_quic(backend, 9, pki.agent, handshake_timeout=0.5)
+
+
+async def test_a_late_frame_for_a_closed_peer_stream_is_not_a_new_stream(
+    pki: Pki, server: Server, backend: str
+) -> None:
+    """We close a stream the peer opened before its last bytes and FIN arrive: those must
+    not come back to us as a new incoming stream (the next real one must)."""
+    client, peer = await _pair(pki, server, backend)
+    remote, stream = await open_and_accept(peer, client, b"first")
+    assert await stream.receive_some() == b"first"
+    await stream.aclose()  # STOP_SENDING; the peer has not seen it yet
+    await remote.send_all(b"late")
+    await remote.send_eof()
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.5):
+            phantom = await client.accept_stream()
+            pytest.fail(f"a closed stream came back as stream {phantom.stream_id}")
+    _, real = await open_and_accept(peer, client, b"second")
+    assert real.stream_id != stream.stream_id
+    assert await real.receive_some() == b"second"
+    client.close()

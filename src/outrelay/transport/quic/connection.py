@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+from collections import deque
 from typing import Any
 
 from aioquic.quic import events
@@ -45,6 +46,13 @@ TLS_ALERTS = {
     120: "no_application_protocol",
 }
 CERTIFICATE_ALERTS = frozenset({42, 43, 44, 45, 46, 48})
+FORGOTTEN_STREAMS = 4096
+"""Peer stream ids we closed and still recognise (the most recent ones): a
+frame that arrives for one after we closed it (a FIN or bytes the peer sent
+before our STOP_SENDING reached it) is dropped instead of looking like a
+new incoming stream. aioquic keeps such a stream in its table until both
+directions are acknowledged and qh3 exposes no table at all, so neither
+library can tell us."""
 
 
 class QuicConnBase(ConnectionBase[QuicStream]):
@@ -64,6 +72,9 @@ class QuicConnBase(ConnectionBase[QuicStream]):
         self._peer_close_code: int | None = None
         self._close_code: int | None = None
         """The error code of the CONNECTION_CLOSE that ended the connection, if any."""
+        self._forgotten: set[int] = set()
+        self._forgotten_order: deque[int] = deque()
+        """Peer streams we closed, the last ``FORGOTTEN_STREAMS`` of them."""
 
     @property
     def peer_close_code(self) -> int | None:
@@ -145,7 +156,13 @@ class QuicConnBase(ConnectionBase[QuicStream]):
 
     def forget(self, stream: QuicStream) -> None:
         self._want_send.discard(stream)
-        self._streams.pop(stream.stream_id, None)
+        stream_id = stream.stream_id
+        self._streams.pop(stream_id, None)
+        if self._is_peer_stream(stream_id) and stream_id not in self._forgotten:
+            self._forgotten.add(stream_id)
+            self._forgotten_order.append(stream_id)
+            if len(self._forgotten_order) > FORGOTTEN_STREAMS:
+                self._forgotten.discard(self._forgotten_order.popleft())
 
     # -- events from the protocol --------------------------------------------------------
 
@@ -155,8 +172,10 @@ class QuicConnBase(ConnectionBase[QuicStream]):
             stream = self._streams.get(event.stream_id)
             if stream is None:
                 if event.stream_id & 2 or not self._is_peer_stream(event.stream_id):
-                    return  # unidirectional (never used by ORP) or already forgotten
-                if not self._is_new_peer_stream(event.stream_id):
+                    return  # unidirectional (never used by ORP) or our own, forgotten
+                if event.stream_id in self._forgotten or not self._is_new_peer_stream(
+                    event.stream_id
+                ):
                     return  # a late frame for a stream we already closed
                 stream = QuicStream(self, event.stream_id)
                 self._queue_accepted(event.stream_id, stream)

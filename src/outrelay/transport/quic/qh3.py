@@ -39,7 +39,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections import deque
 from typing import Any
 
 from cryptography import x509
@@ -60,9 +59,6 @@ __all__ = ["Qh3Conn", "connect_quic_qh3"]
 
 MAX_ACK_DELAY = 0.025
 """qh3's max_ack_delay (25 ms); part of our probe-timeout estimate."""
-FORGOTTEN_STREAMS = 4096
-"""Closed peer stream ids remembered so a late STREAM frame does not look like
-a new stream (qh3, unlike aioquic, exposes no stream table to ask)."""
 
 
 class Qh3Conn(QuicConnBase):
@@ -76,9 +72,6 @@ class Qh3Conn(QuicConnBase):
         self._full: set[int] = set()
         """Streams holding ``STREAM_WINDOW`` or more unread bytes: while any
         does, the core's events (and so the peer's credit) are held."""
-        self._done: set[int] = set()
-        self._done_order: deque[int] = deque()
-        """Peer streams we closed (the last ``FORGOTTEN_STREAMS``): late frames are dropped."""
         self._quic.held = lambda: bool(self._full)
 
     # -- Connection API ------------------------------------------------------------------
@@ -144,11 +137,6 @@ class Qh3Conn(QuicConnBase):
 
     def forget(self, stream: QuicStream) -> None:
         super().forget(stream)
-        if self._is_peer_stream(stream.stream_id) and stream.stream_id not in self._done:
-            self._done.add(stream.stream_id)
-            self._done_order.append(stream.stream_id)
-            if len(self._done_order) > FORGOTTEN_STREAMS:
-                self._done.discard(self._done_order.popleft())
         self._drained(stream.stream_id)
 
     # -- internals -------------------------------------------------------------------
@@ -170,7 +158,7 @@ class Qh3Conn(QuicConnBase):
         return int(self._quic.max_concurrent_bidi_streams)
 
     def _is_new_peer_stream(self, stream_id: int) -> bool:
-        return not self._terminated and stream_id not in self._done
+        return not self._terminated
 
 
 def _to_x509(cert: Any) -> x509.Certificate | None:
