@@ -20,6 +20,7 @@ __all__ = [
     "READ_BATCH",
     "SOCKET_BUFFER",
     "BatchDatagramTransport",
+    "RecordsSockname",
     "defer_transmit",
     "enlarge_buffers",
 ]
@@ -48,6 +49,17 @@ def defer_transmit(protocol: _Transmitter) -> bool:
         return False
     _pending[protocol] = None
     return True
+
+
+class RecordsSockname(asyncio.DatagramProtocol):
+    """Mixin for a QUIC library's protocol: remember where its socket is bound."""
+
+    sockname: Any = None
+    """Where our socket is bound, once the transport is attached (None if it has no address)."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)  # type: ignore[arg-type]
+        self.sockname = transport.get_extra_info("sockname")
 
 
 def enlarge_buffers(sock: socket.socket, size: int = SOCKET_BUFFER) -> None:

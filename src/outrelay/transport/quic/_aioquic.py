@@ -26,6 +26,8 @@ from aioquic.quic.connection import QuicConnection, QuicConnectionState
 from aioquic.quic.packet import QuicFrameType, QuicHeader, QuicStreamFrame, pull_quic_header
 from aioquic.quic.packet_builder import QuicDeliveryState
 
+from outrelay.transport.udp import RecordsSockname
+
 if TYPE_CHECKING:
     import asyncio
 
@@ -257,15 +259,8 @@ def still_first_flight(quic: QuicConnection) -> bool:
 # -- the asyncio protocol ----------------------------------------------------------------
 
 
-class ProtocolBase(QuicConnectionProtocol):
+class ProtocolBase(RecordsSockname, QuicConnectionProtocol):
     """aioquic's protocol with its private fields under public names."""
-
-    sockname: Any = None
-    """Where our socket is bound, once the transport is attached (None if it has no address)."""
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
-        self.sockname = transport.get_extra_info("sockname")
 
     @property
     def quic(self) -> QuicConnection:

@@ -17,6 +17,8 @@ from qh3.asyncio.protocol import QuicConnectionProtocol
 from qh3.quic.configuration import QuicConfiguration
 from qh3.quic.connection import QuicConnection
 
+from outrelay.transport.udp import RecordsSockname
+
 __all__ = ["HeldQuicConnection", "ProtocolBase", "bytes_in_flight", "remote_address", "rtt"]
 
 
@@ -63,17 +65,10 @@ def remote_address(quic: QuicConnection) -> Any:
     return quic._remote_addr or ("", 0)
 
 
-class ProtocolBase(QuicConnectionProtocol):
+class ProtocolBase(RecordsSockname, QuicConnectionProtocol):
     """qh3's protocol with its private fields and methods under public names."""
 
     _quic: HeldQuicConnection
-
-    sockname: Any = None
-    """Where our socket is bound, once the transport is attached (None if it has no address)."""
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
-        self.sockname = transport.get_extra_info("sockname")
 
     @property
     def quic(self) -> HeldQuicConnection:
