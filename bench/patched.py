@@ -121,6 +121,21 @@ def _gso() -> None:
 
 
 
+
+def _bigdgram(size: int) -> Callable[[], None]:
+    def apply() -> None:
+        """QUIC datagrams of ``size`` bytes instead of 1,350 (loopback's MTU allows 65,536)."""
+        from outrelay.transport.quic import settings
+
+        settings.MAX_DATAGRAM_SIZE = size
+
+    return apply
+
+
+for _size in (4096, 9000, 16384, 32768, 65000):
+    PATCHES[f"dgram{_size}"] = _bigdgram(_size)
+
+
 @_patch("ring4k")
 def _ring4k() -> None:
     """Resume rings start (and may shrink back to) 4 KiB instead of 64 KiB.

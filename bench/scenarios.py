@@ -786,6 +786,9 @@ VARIANTS = [
     "",
     "nocopy",
     "gso",
+    "dgram9000",
+    "dgram16384",
+    "dgram65000",
 ]
 """``batchrx`` and ``coalesce`` are in src (c0d973e, 6a0fdff)."""
 
