@@ -64,6 +64,7 @@ def test_aioquic_connection_privates(pki: Pki) -> None:
             "_state",
             "_host_cids",
             "_on_max_stream_data_delivery",
+            "_max_datagram_size",
         ):
             _need(quic, name, "aioquic")
         for limit in (quic._local_max_streams_bidi, quic._local_max_streams_uni):
@@ -72,6 +73,9 @@ def test_aioquic_connection_privates(pki: Pki) -> None:
         loss = quic._loss
         for name in ("_rtt_smoothed", "_rtt_initialized", "spaces", "get_probe_timeout"):
             _need(loss, name, "aioquic")
+        # set_datagram_size: the pacer and the congestion controller copy the size.
+        _need(_need(loss, "_pacer", "aioquic"), "_max_datagram_size", "aioquic")
+        _need(_need(loss, "_cc", "aioquic"), "_max_datagram_size", "aioquic")
         for space in loss.spaces:
             _need(space, "ack_eliciting_in_flight", "aioquic")
     _need_params(

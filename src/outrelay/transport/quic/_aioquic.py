@@ -23,8 +23,15 @@ from aioquic._buffer import Buffer
 from aioquic.asyncio.protocol import QuicConnectionProtocol
 from aioquic.asyncio.server import QuicServer
 from aioquic.quic.connection import QuicConnection, QuicConnectionState
-from aioquic.quic.packet import QuicFrameType, QuicHeader, QuicStreamFrame, pull_quic_header
+from aioquic.quic.packet import (
+    QuicFrameType,
+    QuicHeader,
+    QuicStreamFrame,
+    pull_quic_header,
+    pull_quic_transport_parameters,
+)
 from aioquic.quic.packet_builder import QuicDeliveryState
+from aioquic.tls import ExtensionType
 
 from outrelay.transport.udp import RecordsSockname
 
@@ -42,15 +49,18 @@ __all__ = [
     "ServerBase",
     "announce_stream",
     "credit_due",
+    "datagram_size",
     "has_stream",
     "install_patches",
     "is_client",
     "loss_state",
     "parse_header",
     "peer_certificates",
+    "peer_max_udp_payload",
     "peer_path_address",
     "remote_bidi_stream_limit",
     "rtt",
+    "set_datagram_size",
     "still_first_flight",
     "stream_ids",
     "unsent_bytes",
@@ -240,6 +250,43 @@ def peer_certificates(
     leaf: x509.Certificate | None = getattr(tls, "_peer_certificate", None)
     chain = tuple(getattr(tls, "_peer_certificate_chain", ()) or ())
     return leaf, chain
+
+
+def set_datagram_size(quic: QuicConnection, size: int) -> None:
+    """Send datagrams of up to ``size`` bytes from now on (private fields).
+
+    aioquic fixes the size at construction (``configuration.max_datagram_size``)
+    and copies it into the packet builder's argument, the pacer and the
+    congestion controller (its window grows in units of it).
+    """
+    quic._max_datagram_size = size
+    loss = quic._loss
+    loss._pacer._max_datagram_size = size
+    cc: Any = loss._cc  # reno and cubic keep it; the base class does not declare it
+    cc._max_datagram_size = size
+
+
+def datagram_size(quic: QuicConnection) -> int:
+    """The size datagrams are built with now (private ``_max_datagram_size``)."""
+    return int(quic._max_datagram_size)
+
+
+def peer_max_udp_payload(quic: QuicConnection) -> int | None:
+    """The peer's ``max_udp_payload_size`` transport parameter, None if it sent none.
+
+    aioquic validates the parameter but keeps no copy, so it is read again
+    from the TLS extension the peer sent (``tls.received_extensions`` is
+    public; its parser lives in aioquic's private ``_buffer`` module).
+    """
+    for ext_type, ext_data in quic.tls.received_extensions or ():
+        if ext_type == ExtensionType.QUIC_TRANSPORT_PARAMETERS:
+            try:
+                params = pull_quic_transport_parameters(Buffer(data=ext_data))
+            except Exception:
+                return None
+            value = params.max_udp_payload_size
+            return None if value is None else int(value)
+    return None
 
 
 def parse_header(data: bytes, cid_length: int) -> QuicHeader:

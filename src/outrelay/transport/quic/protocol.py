@@ -28,7 +28,7 @@ from aioquic.quic.connection import QuicConnection
 
 from outrelay.transport.addresses import fold_address
 from outrelay.transport.base import PeerInfo, Stream
-from outrelay.transport.quic import _aioquic, settings
+from outrelay.transport.quic import _aioquic, path_mtu, settings
 from outrelay.transport.quic.connection import QuicConnBase
 from outrelay.transport.quic.keepalive import KeepAlive
 from outrelay.transport.quic.stream import QuicStream
@@ -56,6 +56,11 @@ class QuicConn(QuicConnBase):
     def rtt(self) -> float | None:
         """Smoothed round-trip time in seconds, once measured."""
         return _aioquic.rtt(self._quic)
+
+    @property
+    def datagram_size(self) -> int:
+        """The size of the datagrams this end sends now (:mod:`.path_mtu`)."""
+        return _aioquic.datagram_size(self._quic)
 
     async def open_stream(self) -> Stream:
         async with self._open_lock:
@@ -167,6 +172,7 @@ class AioquicProtocol(_aioquic.ProtocolBase):
         self._handshake_timer: asyncio.TimerHandle | None = None
         self._discarded = False
         """Server side: forgotten before its handshake completed (see :meth:`discard`)."""
+        self._path_timer: asyncio.TimerHandle | None = None
         _aioquic.install_patches(
             quic,
             credit_target=self.conn.credit_target,
@@ -236,6 +242,7 @@ class AioquicProtocol(_aioquic.ProtocolBase):
             leaf, chain = _aioquic.peer_certificates(self.quic)
             address = fold_address(_aioquic.peer_path_address(self.quic))
             self.conn._peer = PeerInfo(address=address, certificate=leaf, chain=chain)
+            self.fit_datagrams()
             if self._on_handshake is not None:
                 self._on_handshake(self)
         self.conn.on_event(event)
@@ -255,8 +262,35 @@ class AioquicProtocol(_aioquic.ProtocolBase):
         super().datagram_received(data, addr)
         self.conn.accept_silent_streams()
 
+    def fit_datagrams(self) -> None:
+        """Send datagrams as large as the path and the peer allow (:mod:`.path_mtu`).
+
+        Looked at again every ``RECHECK_INTERVAL`` while above the start size,
+        so that a smaller path MTU the kernel learns brings it down.
+        """
+        self._path_timer = None
+        if self.conn.terminated:
+            return
+        quic = self.quic
+        before = _aioquic.datagram_size(quic)
+        size = path_mtu.choose_datagram_size(
+            path_mtu.kernel_path_payload(self.conn.peer.address),
+            _aioquic.peer_max_udp_payload(quic),
+        )
+        if size != before:
+            _aioquic.set_datagram_size(quic, size)
+            log.debug(
+                "QUIC datagram size",
+                extra={"attrs": {"peer": self.conn.peer.address, "from": before, "to": size}},
+            )
+        if size > settings.MAX_DATAGRAM_SIZE:
+            self._path_timer = self.loop.call_later(path_mtu.RECHECK_INTERVAL, self.fit_datagrams)
+
     def stop_timers(self) -> None:
         self.keepalive.stop()
+        if self._path_timer is not None:
+            self._path_timer.cancel()
+            self._path_timer = None
         if self._handshake_timer is not None:
             self._handshake_timer.cancel()
             self._handshake_timer = None

@@ -81,6 +81,11 @@ class Qh3Conn(QuicConnBase):
         """Smoothed round-trip time in seconds, once measured."""
         return _qh3.rtt(self._quic)
 
+    @property
+    def datagram_size(self) -> int:
+        """The size of the datagrams this end sends (qh3 keeps its configured size)."""
+        return settings.MAX_DATAGRAM_SIZE
+
     async def open_stream(self) -> Stream:
         async with self._open_lock:
             stream = await self._new_stream()

@@ -1,0 +1,116 @@
+"""Larger QUIC datagrams where the path allows them (transport/quic/path_mtu.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+from collections.abc import AsyncIterator
+
+import pytest
+from quicbackends import HAVE_QH3
+
+from outrelay.transport.quic import QuicConn, path_mtu, settings
+
+from .listeners import Listener, dial_quic, listen_quic, open_and_accept
+from .tlspki import Pki
+
+pytestmark = pytest.mark.timeout(60)
+
+FLOOR = settings.MAX_DATAGRAM_SIZE
+
+
+@pytest.mark.parametrize(
+    ("path", "peer", "expected"),
+    [
+        (None, None, FLOOR),  # the kernel cannot tell: stay safe
+        (1472, None, FLOOR),  # an ordinary 1,500-byte Ethernet path
+        (path_mtu.JUMBO_PAYLOAD - 1, None, FLOOR),
+        (8972, None, 8972),  # a 9,000-byte jumbo LAN
+        (65508, None, 16384),  # loopback: the cap
+        (65508, 1452, 1452),  # a quic-go peer announces 1,452
+        (65508, 1200, FLOOR),  # never below the start size
+        (8972, 20000, 8972),
+    ],
+)
+def test_choose_datagram_size(path: int | None, peer: int | None, expected: int) -> None:
+    assert path_mtu.choose_datagram_size(path, peer, cap=16384, floor=FLOOR) == expected
+
+
+def test_kernel_path_payload_of_loopback() -> None:
+    payload = path_mtu.kernel_path_payload(("127.0.0.1", 443))
+    # lo's MTU is 65,536 on Linux; minus 20 (IPv4) and 8 (UDP).
+    assert payload is not None and payload >= path_mtu.JUMBO_PAYLOAD
+    assert path_mtu.kernel_path_payload(("not an address", 1)) is None
+
+
+@pytest.fixture
+async def server(pki: Pki) -> AsyncIterator[Listener[QuicConn]]:
+    listener = await listen_quic(pki)
+    yield listener
+    await listener.close()
+
+
+async def _transfer(sender: object, receiver: object, size: int) -> None:
+    """``size`` random bytes one way, then FIN; sha256 equal at the far end."""
+    payload = os.urandom(size)
+
+    async def send() -> None:
+        await sender.send_all(payload)  # type: ignore[attr-defined]
+        await sender.send_eof()  # type: ignore[attr-defined]
+
+    async def receive() -> bytes:
+        chunks = []
+        while chunk := await receiver.receive_some():  # type: ignore[attr-defined]
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async with asyncio.timeout(30):
+        _, got = await asyncio.gather(send(), receive())
+    assert hashlib.sha256(got).digest() == hashlib.sha256(payload).digest()
+
+
+async def test_both_ends_of_a_loopback_connection_send_large_datagrams(
+    pki: Pki, server: Listener[QuicConn]
+) -> None:
+    client = await dial_quic("aioquic", server.port, pki.agent)
+    peer = await server.accepted()
+    try:
+        assert isinstance(client, QuicConn)
+        assert client.datagram_size == settings.LARGE_DATAGRAM_MAX
+        assert peer.datagram_size == settings.LARGE_DATAGRAM_MAX
+        stream, remote = await open_and_accept(client, peer)
+        assert await remote.receive_some() == b"x"
+        await _transfer(stream, remote, 3 << 20)
+        await _transfer(remote, stream, 3 << 20)
+    finally:
+        client.close()
+
+
+async def test_the_cap_can_turn_large_datagrams_off(
+    pki: Pki, server: Listener[QuicConn], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(settings, "LARGE_DATAGRAM_MAX", settings.MAX_DATAGRAM_SIZE)
+    client = await dial_quic("aioquic", server.port, pki.agent)
+    peer = await server.accepted()
+    try:
+        assert isinstance(client, QuicConn)
+        assert client.datagram_size == peer.datagram_size == settings.MAX_DATAGRAM_SIZE
+    finally:
+        client.close()
+
+
+@pytest.mark.skipif(not HAVE_QH3, reason="qh3 is not installed")
+async def test_a_peer_announcing_a_smaller_payload_is_never_sent_more(
+    pki: Pki, server: Listener[QuicConn]
+) -> None:
+    """qh3 announces max_udp_payload_size 1,472: our server sends at most that to it."""
+    client = await dial_quic("qh3", server.port, pki.agent)
+    peer = await server.accepted()
+    try:
+        assert FLOOR <= peer.datagram_size <= 1472
+        stream, remote = await open_and_accept(client, peer)
+        assert await remote.receive_some() == b"x"
+        await _transfer(remote, stream, 2 << 20)
+    finally:
+        client.close()
