@@ -20,6 +20,8 @@ __all__ = [
     "FlagError",
     "FlagParser",
     "add_log_flags",
+    "add_quic_datagram_flag",
+    "apply_quic_datagram_flag",
     "duration",
     "flag_error",
     "go_style_argv",
@@ -58,6 +60,45 @@ def add_log_flags(parser: argparse.ArgumentParser) -> None:
         help="debug, info, warn or error; library lines (aioquic, qh3, asyncio) show from "
         "warn, or from debug with debug (default %(default)s)",
     )
+
+
+DATAGRAM_LIMITS = (1350, 65000)
+"""What ``--quic-datagram-max`` accepts: the size every connection starts with to just
+under the largest UDP payload."""
+
+
+def _datagram_size(text: str) -> int:
+    low, high = DATAGRAM_LIMITS
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of bytes") from None
+    if not low <= value <= high:
+        raise argparse.ArgumentTypeError(f"{value} is not between {low} and {high} bytes")
+    return value
+
+
+def add_quic_datagram_flag(parser: argparse.ArgumentParser) -> None:
+    """``--quic-datagram-max``: the cap of :mod:`outrelay.transport.quic.path_mtu`."""
+    from outrelay.transport.quic import settings
+
+    parser.add_argument(
+        "--quic-datagram-max",
+        type=_datagram_size,
+        default=settings.LARGE_DATAGRAM_MAX,
+        metavar="BYTES",
+        help="largest QUIC datagram sent where the kernel knows a jumbo path MTU "
+        "(loopback, jumbo-frame LANs) and the peer allows it; ordinary 1,500-byte paths "
+        f"always use {settings.MAX_DATAGRAM_SIZE}; {settings.MAX_DATAGRAM_SIZE} turns "
+        "larger datagrams off (default %(default)s)",
+    )
+
+
+def apply_quic_datagram_flag(args: argparse.Namespace) -> None:
+    """Make ``--quic-datagram-max`` the process's cap (read at every handshake)."""
+    from outrelay.transport.quic import settings
+
+    settings.LARGE_DATAGRAM_MAX = args.quic_datagram_max
 
 
 def duration(text: str) -> float:

@@ -43,6 +43,8 @@ from outrelay.cliutil import (
     FlagError,
     FlagParser,
     add_log_flags,
+    add_quic_datagram_flag,
+    apply_quic_datagram_flag,
     duration,
     flag_error,
     go_style_argv,
@@ -221,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="on SIGINT/SIGTERM, how long in-flight streams may finish (default %(default)s)",
     )
+    add_quic_datagram_flag(p)
     add_log_flags(p)
     p.add_argument("--version", action="store_true", help="print the version and exit")
     return p
@@ -438,6 +441,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(__version__)
         return 0
     setup_logging(args.log_format, args.log_level)
+    apply_quic_datagram_flag(args)
     if hasattr(signal, "SIGHUP"):
         # Until run_agent() handles it, a SIGHUP must not kill us either.
         signal.signal(signal.SIGHUP, signal.SIG_IGN)

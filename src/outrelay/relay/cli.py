@@ -22,6 +22,8 @@ from outrelay.cliutil import (
     FlagError,
     FlagParser,
     add_log_flags,
+    add_quic_datagram_flag,
+    apply_quic_datagram_flag,
     flag_error,
     go_style_argv,
     parse_host_port,
@@ -96,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
             "handshake pressure only, always, never (default %(default)s)"
         ),
     )
+    add_quic_datagram_flag(p)
     add_log_flags(p)
     p.add_argument("--version", action="store_true", help="print the version and exit")
     return p
@@ -167,6 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(__version__)
         return 0
     setup_logging(args.log_format, args.log_level)
+    apply_quic_datagram_flag(args)
     missing = [f"--{name}" for name in ("cert", "key", "ca") if not getattr(args, name)]
     if missing:
         log.error("missing required flags", extra=kv(flags=",".join(missing)))
