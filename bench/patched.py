@@ -124,15 +124,16 @@ def _gso() -> None:
 
 def _bigdgram(size: int) -> Callable[[], None]:
     def apply() -> None:
-        """QUIC datagrams of ``size`` bytes instead of 1,350 (loopback's MTU allows 65,536)."""
+        """Large QUIC datagrams capped at ``size`` bytes (``--quic-datagram-max``);
+        ``dgram1350`` is the code before transport/quic/path_mtu.py."""
         from outrelay.transport.quic import settings
 
-        settings.MAX_DATAGRAM_SIZE = size
+        settings.LARGE_DATAGRAM_MAX = size
 
     return apply
 
 
-for _size in (4096, 9000, 16384, 32768, 65000):
+for _size in (1350, 4096, 9000, 16384, 32768, 60000):
     PATCHES[f"dgram{_size}"] = _bigdgram(_size)
 
 

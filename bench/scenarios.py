@@ -786,9 +786,11 @@ VARIANTS = [
     "",
     "nocopy",
     "gso",
+    "dgram1350",
+    "dgram4096",
     "dgram9000",
-    "dgram16384",
-    "dgram65000",
+    "dgram32768",
+    "dgram60000",
 ]
 """``batchrx`` and ``coalesce`` are in src (c0d973e, 6a0fdff)."""
 
