@@ -43,8 +43,6 @@ def _patch(name: str) -> Callable[[Callable[[], None]], Callable[[], None]]:
     return register
 
 
-
-
 @_patch("nocopy")
 def _nocopy() -> None:
     from outrelay.transport.quic.protocol import QuicConn
@@ -117,11 +115,6 @@ def _gso() -> None:
     QuicConnectionProtocol.transmit = transmit  # type: ignore[method-assign]
 
 
-
-
-
-
-
 def _bigdgram(size: int) -> Callable[[], None]:
     def apply() -> None:
         """Large QUIC datagrams capped at ``size`` bytes (``--quic-datagram-max``);
@@ -133,7 +126,7 @@ def _bigdgram(size: int) -> Callable[[], None]:
     return apply
 
 
-for _size in (1350, 4096, 9000, 16384, 32768, 60000):
+for _size in (1350, 4096, 9000, 16384):
     PATCHES[f"dgram{_size}"] = _bigdgram(_size)
 
 

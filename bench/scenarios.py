@@ -789,8 +789,6 @@ VARIANTS = [
     "dgram1350",
     "dgram4096",
     "dgram9000",
-    "dgram32768",
-    "dgram60000",
 ]
 """``batchrx`` and ``coalesce`` are in src (c0d973e, 6a0fdff)."""
 

@@ -62,9 +62,11 @@ def add_log_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
-DATAGRAM_LIMITS = (1350, 65000)
-"""What ``--quic-datagram-max`` accepts: the size every connection starts with to just
-under the largest UDP payload."""
+DATAGRAM_LIMITS = (1350, 16384)
+"""What ``--quic-datagram-max`` accepts: from the size every connection starts with
+to aioquic's largest (it writes STREAM and CRYPTO frame lengths as 2-byte varints,
+at most 16,383: a 24,000-byte datagram was refused by its peer as "Unknown frame
+type")."""
 
 
 def _datagram_size(text: str) -> int:

@@ -302,7 +302,7 @@ BAD_AGENT_FLAGS = [
     (["--expose", "web=127.0.0.1:0"], "port 0 cannot be dialled"),
     (["--server-name", " "], "--server-name must not be empty"),
     (["--p2p-listen", "0.0.0.0:x"], "--p2p-listen '0.0.0.0:x' is not host:port"),
-    (["--quic-datagram-max", "70000"], "70000 is not between 1350 and 65000 bytes"),
+    (["--quic-datagram-max", "70000"], "70000 is not between 1350 and 16384 bytes"),
     (["--quic-datagram-max", "9k"], "'9k' is not a number of bytes"),
 ]
 BAD_RELAY_FLAGS = [
@@ -311,7 +311,7 @@ BAD_RELAY_FLAGS = [
     (["--listen", "127.0.0.1:99999"], "--listen '127.0.0.1:99999' is not host:port"),
     (["--listen-tcp", "x"], "--listen-tcp 'x' is not host:port"),
     (["--listen-forward", ":7444"], "has no host"),
-    (["--quic-datagram-max", "1000"], "1000 is not between 1350 and 65000 bytes"),
+    (["--quic-datagram-max", "1000"], "1000 is not between 1350 and 16384 bytes"),
 ]
 
 

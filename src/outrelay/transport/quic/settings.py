@@ -53,6 +53,8 @@ path and is ~20 % faster than the 1200 B minimum (DESIGN.md). Every
 connection starts with it; :mod:`~.path_mtu` raises it where the path allows."""
 LARGE_DATAGRAM_MAX = 16384
 """The largest datagram an aioquic connection sends on a jumbo path
-(:mod:`~.path_mtu`). Bench, loopback, same run (CPU s/GiB summed over relay
-and agents): 1,350 B 84, 4 KiB ?, 16 KiB 13, 32 KiB ?."""
+(:mod:`~.path_mtu`), and aioquic's limit: it writes STREAM and CRYPTO frame
+lengths as 2-byte varints (at most 16,383), so a larger datagram carries a
+corrupt frame. Bench, loopback, one run (CPU s/GiB summed over relay and both
+agents): 1,350 B 87, 4 KiB 33, 16 KiB 14 (BENCHMARKS.md)."""
 CONNECTION_WINDOW = 16 << 20
