@@ -71,7 +71,22 @@ def _options(args: argparse.Namespace) -> scenarios.Options:
         profile_seconds=5 if quick else 12,
         aux_size_mib=args.size or (8 if quick else 32),
         aux_reps=args.reps or (1 if quick else 3),
+        agent_backends=_agent_backends(args.agent_backends),
+        relay_args=tuple(shlex.split(args.relay_args)),
     )
+
+
+def _agent_backends(spec: str | None) -> tuple[str, ...]:
+    if spec is None:
+        return scenarios.default_agent_backends()
+    chosen = tuple(b.strip() for b in spec.split(",") if b.strip() and b.strip() != "none")
+    for name in chosen:
+        if name not in scenarios.AGENT_BACKENDS:
+            raise SystemExit(
+                f"unknown agent QUIC backend {name!r}; choose from "
+                + ", ".join(scenarios.AGENT_BACKENDS)
+            )
+    return chosen
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -99,6 +114,22 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--conns", type=int, default=1000, help="concurrent connections")
     parser.add_argument("--ttfb-count", type=int, default=0, help="TTFB samples per path")
     parser.add_argument("--resume-reps", type=int, default=0, help="relay restarts")
+    parser.add_argument(
+        "--agent-backends",
+        default=None,
+        metavar="LIST",
+        help="bulk/ttfb: extra outrelay rows with both agents on these QUIC backends "
+        "(comma-separated: " + ", ".join(scenarios.AGENT_BACKENDS) + "; 'none' for none; "
+        "default: every backend other than the shipped one). The 'outrelay' row, the one "
+        "the targets judge, always runs the agents as shipped (--quic-backend auto)",
+    )
+    parser.add_argument(
+        "--relay-args",
+        default="",
+        metavar="ARGS",
+        help="bulk/ttfb: extra flags for the relay of every outrelay path (one shell-quoted "
+        "string, e.g. a relay-side backend choice)",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS, help="results directory")
     parser.add_argument("--keep", action="store_true", help="keep the run directory (logs)")
     return parser.parse_args(argv)
