@@ -43,8 +43,6 @@ def _patch(name: str) -> Callable[[Callable[[], None]], Callable[[], None]]:
     return register
 
 
-
-
 @_patch("nocopy")
 def _nocopy() -> None:
     from outrelay.transport.quic.protocol import QuicConn
@@ -115,11 +113,6 @@ def _gso() -> None:
         self._timer_at = timer_at
 
     QuicConnectionProtocol.transmit = transmit  # type: ignore[method-assign]
-
-
-
-
-
 
 
 def _bigdgram(size: int) -> Callable[[], None]:
