@@ -37,7 +37,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from bench import report, scenarios, setups
+from bench import report, scenarios, setups, targets
 from bench.common import BenchError
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -228,6 +228,12 @@ def main(argv: list[str] | None = None) -> int:
             scenarios.say(f"updated the latest-run block of {BENCHMARKS_MD}")
     with contextlib.suppress(BrokenPipeError):
         print(page.read_text())
+        # The verdicts once more at the end, where a terminal shows them.
+        print(
+            "\n".join(
+                ["", "Targets (issue 16):", "", *targets.markdown(results["summary"]["targets"])]
+            )
+        )
     return 1 if failed else 0
 
 
