@@ -166,7 +166,7 @@ def _start_peer_paths(ctx: Ctx, procs: Procs) -> list[TcpPath | ClientPath]:
         except BenchError as exc:
             ctx.skipped[name] = str(exc).splitlines()[0]
             continue
-        label = f"outrelay agents+relay (QUIC, agents on {backend_name})"
+        label = f"outrelay agents+relay (QUIC; agents on {backend_name})"
         paths.append(TcpPath(name, label, q.local_port, q.procs))
     try:
         t = setups.start_outrelay(

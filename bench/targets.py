@@ -106,7 +106,8 @@ def _t1(results: dict[str, Any], summary: dict[str, Any]) -> Verdict:
             f"so it moves at most ≈ {_n(MBIT_PER_GIB / cpu[worst])} Mbit/s with a core to itself; "
             f"the path's {len(cpu)} processes together spend {_n(total, 1)} s/GiB on "
             f"{cores} core(s): ≤ ≈ {_n(MBIT_PER_GIB * min(cores, len(cpu)) / total)} Mbit/s. "
-            f"T1 needs every process ≤ {_n(MBIT_PER_GIB / need, 1)} s/GiB"
+            f"T1 needs every process ≤ {_n(MBIT_PER_GIB / need, 1)} s/GiB and their sum "
+            f"≤ {_n(MBIT_PER_GIB * min(cores, len(cpu)) / need, 1)}"
         )
     if go.get("cpu_s_per_gib"):
         v.why.append(f"raw quic-go for comparison, CPU s/GiB: {_cpu(go)}")
