@@ -3,7 +3,8 @@
 Scenarios (``--only`` takes a comma-separated subset; default: all):
 
   bulk         one connection's throughput: app -> consumer agent -> relay ->
-               provider agent -> backend, vs direct TCP, the raw single-stream
+               provider agent -> backend (agents as shipped, and on each other
+               QUIC backend: --agent-backends), vs direct TCP, the raw single-stream
                aioquic ceiling (outrelay's transport, plain aioquic API),
                quic-go, ssh -L, a stunnel mTLS pair, and outrelay's TLS+yamux
                fallback; CPU seconds per GiB per process
@@ -17,6 +18,11 @@ Scenarios (``--only`` takes a comma-separated subset; default: all):
                without uvloop, end to end through the relay: bulk, TTFB, resume
   experiments  candidate src changes applied at run time, vs baseline
   profile      py-spy (or cProfile) of consumer, relay and provider under bulk load
+
+Issue 16's targets (thresholds in bench/targets.py) are judged from bulk and
+ttfb and reported with a verdict at the top of results.md and at the end of
+the output: T1 bulk >= 0.5x raw quic-go (same run), T2 <= 30 CPU s/GiB over
+relay + both agents, T3 TTFB <= 5x ssh -L.
 
 Results: bench/results/results.md, results.json and *.png. Logs of every
 process: the run directory printed at the start (kept with --keep).
