@@ -3,7 +3,8 @@
 Scenarios (``--only`` takes a comma-separated subset; default: all):
 
   bulk         one connection's throughput: app -> consumer agent -> relay ->
-               provider agent -> backend, vs direct TCP, the raw single-stream
+               provider agent -> backend (agents as shipped, and on each other
+               QUIC backend: --agent-backends), vs direct TCP, the raw single-stream
                aioquic ceiling (outrelay's transport, plain aioquic API),
                quic-go, ssh -L, a stunnel mTLS pair, and outrelay's TLS+yamux
                fallback; CPU seconds per GiB per process
@@ -17,6 +18,11 @@ Scenarios (``--only`` takes a comma-separated subset; default: all):
                without uvloop, end to end through the relay: bulk, TTFB, resume
   experiments  candidate src changes applied at run time, vs baseline
   profile      py-spy (or cProfile) of consumer, relay and provider under bulk load
+
+Issue 16's targets (thresholds in bench/targets.py) are judged from bulk and
+ttfb and reported with a verdict at the top of results.md and at the end of
+the output: T1 bulk >= 0.5x raw quic-go (same run), T2 <= 30 CPU s/GiB over
+relay + both agents, T3 TTFB <= 5x ssh -L.
 
 Results: bench/results/results.md, results.json and *.png. Logs of every
 process: the run directory printed at the start (kept with --keep).
@@ -37,7 +43,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from bench import report, scenarios, setups
+from bench import report, scenarios, setups, targets
 from bench.common import BenchError
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -71,7 +77,22 @@ def _options(args: argparse.Namespace) -> scenarios.Options:
         profile_seconds=5 if quick else 12,
         aux_size_mib=args.size or (8 if quick else 32),
         aux_reps=args.reps or (1 if quick else 3),
+        agent_backends=_agent_backends(args.agent_backends),
+        relay_args=tuple(shlex.split(args.relay_args)),
     )
+
+
+def _agent_backends(spec: str | None) -> tuple[str, ...]:
+    if spec is None:
+        return scenarios.default_agent_backends()
+    chosen = tuple(b.strip() for b in spec.split(",") if b.strip() and b.strip() != "none")
+    for name in chosen:
+        if name not in scenarios.AGENT_BACKENDS:
+            raise SystemExit(
+                f"unknown agent QUIC backend {name!r}; choose from "
+                + ", ".join(scenarios.AGENT_BACKENDS)
+            )
+    return chosen
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -99,6 +120,22 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--conns", type=int, default=1000, help="concurrent connections")
     parser.add_argument("--ttfb-count", type=int, default=0, help="TTFB samples per path")
     parser.add_argument("--resume-reps", type=int, default=0, help="relay restarts")
+    parser.add_argument(
+        "--agent-backends",
+        default=None,
+        metavar="LIST",
+        help="bulk/ttfb: extra outrelay rows with both agents on these QUIC backends "
+        "(comma-separated: " + ", ".join(scenarios.AGENT_BACKENDS) + "; 'none' for none; "
+        "default: every backend other than the shipped one). The 'outrelay' row, the one "
+        "the targets judge, always runs the agents as shipped (--quic-backend auto)",
+    )
+    parser.add_argument(
+        "--relay-args",
+        default="",
+        metavar="ARGS",
+        help="bulk/ttfb: extra flags for the relay of every outrelay path (one shell-quoted "
+        "string, e.g. a relay-side backend choice)",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS, help="results directory")
     parser.add_argument("--keep", action="store_true", help="keep the run directory (logs)")
     return parser.parse_args(argv)
@@ -197,6 +234,12 @@ def main(argv: list[str] | None = None) -> int:
             scenarios.say(f"updated the latest-run block of {BENCHMARKS_MD}")
     with contextlib.suppress(BrokenPipeError):
         print(page.read_text())
+        # The verdicts once more at the end, where a terminal shows them.
+        print(
+            "\n".join(
+                ["", "Targets (issue 16):", "", *targets.markdown(results["summary"]["targets"])]
+            )
+        )
     return 1 if failed else 0
 
 

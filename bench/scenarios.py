@@ -48,6 +48,10 @@ class Options:
     aux_size_mib: int
     """Transfer size of the qh3 and experiment scenarios."""
     aux_reps: int
+    agent_backends: tuple[str, ...] = ()
+    """Extra bulk/TTFB rows: the agents on each of these QUIC backends (``--quic-backend``)."""
+    relay_args: tuple[str, ...] = ()
+    """Extra flags for the relay of every outrelay path in bulk/TTFB."""
 
 
 @dataclass
@@ -144,11 +148,30 @@ def _start_peer_paths(ctx: Ctx, procs: Procs) -> list[TcpPath | ClientPath]:
     pki = ctx.pki
     backend = setups.start_backend(procs)
     paths: list[TcpPath | ClientPath] = [TcpPath("tcp", "direct TCP", backend.port, {})]
+    relay_args = list(ctx.opts.relay_args)
     say("starting relay + provider + consumer")
-    o = setups.start_outrelay(procs, pki, backend.port)
-    paths.append(TcpPath("outrelay", "outrelay agents+relay (QUIC)", o.local_port, o.procs))
+    o = setups.start_outrelay(procs, pki, backend.port, extra_relay_args=relay_args)
+    label = f"outrelay agents+relay (QUIC; agents as shipped: {shipped_backend()})"
+    paths.append(TcpPath("outrelay", label, o.local_port, o.procs))
+    for backend_name in ctx.opts.agent_backends:
+        name = f"outrelay-{backend_name}"
+        try:
+            q = setups.start_outrelay(
+                procs,
+                pki,
+                backend.port,
+                agent_args=["--quic-backend", backend_name],
+                extra_relay_args=relay_args,
+            )
+        except BenchError as exc:
+            ctx.skipped[name] = str(exc).splitlines()[0]
+            continue
+        label = f"outrelay agents+relay (QUIC; agents on {backend_name})"
+        paths.append(TcpPath(name, label, q.local_port, q.procs))
     try:
-        t = setups.start_outrelay(procs, pki, backend.port, transport="tcp")
+        t = setups.start_outrelay(
+            procs, pki, backend.port, transport="tcp", extra_relay_args=relay_args
+        )
         paths.append(
             TcpPath("outrelay-tcp", "outrelay agents+relay (TLS+yamux)", t.local_port, t.procs)
         )
@@ -234,6 +257,25 @@ def _start_peer_paths(ctx: Ctx, procs: Procs) -> list[TcpPath | ClientPath]:
     return paths
 
 
+AGENT_BACKENDS = ("aioquic", "qh3")
+"""What the agent's ``--quic-backend`` can name besides ``auto``."""
+
+
+def shipped_backend() -> str:
+    """The QUIC backend the agent's ``--quic-backend auto`` resolves to (read from src)."""
+    try:
+        from outrelay.transport.quic import backend
+    except ImportError:
+        return "auto"
+    return str(getattr(backend, "AUTO", "auto"))
+
+
+def default_agent_backends() -> tuple[str, ...]:
+    """Extra bulk rows by default: every backend other than the shipped one, if importable."""
+    shipped = shipped_backend()
+    return tuple(b for b in AGENT_BACKENDS if b != shipped and _importable(b))
+
+
 def run_bulk_and_ttfb(ctx: Ctx, *, bulk: bool, ttfb: bool) -> None:
     opts = ctx.opts
     size = opts.size_mib * MIB
@@ -258,6 +300,7 @@ def run_bulk_and_ttfb(ctx: Ctx, *, bulk: bool, ttfb: bool) -> None:
                         _record_error(entry, exc)
                         continue
                     entry["seconds"].append(seconds)
+                    entry.setdefault("rep", []).append(rep)
                     for proc, used in cpu.items():
                         entry["cpu"].setdefault(proc, []).append(used)
                 say(

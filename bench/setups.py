@@ -181,6 +181,7 @@ def start_outrelay(
     env: dict[str, str] | None = None,
     transport: str = "quic",
     agent_args: list[str] | None = None,
+    extra_relay_args: list[str] | None = None,
 ) -> Outrelay:
     """Relay, then provider (``--expose svc``), then consumer (``--consume svc@...``).
 
@@ -188,7 +189,8 @@ def start_outrelay(
     console script (profiling and patch experiments use it). ``transport``
     "tcp" adds ``--listen-tcp`` to the relay and makes both agents use the
     TLS+yamux fallback only (``--transport tcp --relay-tcp``). ``agent_args``
-    go to both agents (e.g. ``--quic-backend qh3``).
+    go to both agents (e.g. ``--quic-backend qh3``), ``extra_relay_args`` to
+    the relay (e.g. a relay-side backend choice, once the relay has one).
     """
     wrap = wrap or {}
     relay_port = free_port(socket.SOCK_DGRAM)
@@ -201,7 +203,12 @@ def start_outrelay(
         common += ["--transport", "tcp", "--relay-tcp", f"{LOOPBACK}:{tcp_port}"]
     common += agent_args or []
     relay, relay_argv = start_relay(
-        procs, pki, relay_port, log_level=log_level, wrap=wrap.get("relay"), extra=extra_relay
+        procs,
+        pki,
+        relay_port,
+        log_level=log_level,
+        wrap=wrap.get("relay"),
+        extra=[*extra_relay, *(extra_relay_args or [])],
     )
     if transport == "tcp":
         wait_tcp(tcp_port, READY_TIMEOUT, relay)
