@@ -114,3 +114,19 @@ async def test_a_peer_announcing_a_smaller_payload_is_never_sent_more(
         await _transfer(remote, stream, 2 << 20)
     finally:
         client.close()
+
+
+def test_a_host_whose_upgraded_connection_fell_silent_stays_small_for_a_while(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(path_mtu, "_suspects", {})  # this test's own memory
+    host = "198.51.100.7"
+    assert not path_mtu.suspected(host, 1000.0)
+    path_mtu.note_silent(host, 1000.0)
+    assert path_mtu.suspected(host, 1000.0 + path_mtu.SUSPECT_FOR - 1)
+    assert not path_mtu.suspected(host, 1000.0 + path_mtu.SUSPECT_FOR)
+    assert not path_mtu.suspected(host, 1000.0)  # forgotten once expired
+    for i in range(path_mtu.SUSPECTS_MAX + 1):
+        path_mtu.note_silent(f"h{i}", 5.0)
+    assert not path_mtu.suspected("h0", 5.0)  # the oldest went first
+    assert path_mtu.suspected(f"h{path_mtu.SUSPECTS_MAX}", 5.0)

@@ -22,7 +22,11 @@ jumbo-frame LAN) is upgraded; on an ordinary 1,500-byte path the size
 stays 1,350 B as before, so nothing changes where a tunnel or PPPoE hop
 hides a smaller MTU than the route's. The choice is re-checked every
 :data:`RECHECK_INTERVAL` seconds so a smaller MTU the kernel learns later
-brings the size down.
+brings the size down. A jumbo route whose path silently drops large
+datagrams (no ICMP comes back) shows as a connection that falls silent
+while upgraded: :func:`note_silent` then keeps that peer host at the start
+size for :data:`SUSPECT_FOR` seconds, so the reconnect does not fall into
+the same hole.
 
 Only the sending side changes: every receiver reads datagrams of up to
 64 KiB (``outrelay.transport.udp``), and a peer that announces a smaller
@@ -38,8 +42,11 @@ from outrelay.transport.quic import settings
 __all__ = [
     "JUMBO_PAYLOAD",
     "RECHECK_INTERVAL",
+    "SUSPECT_FOR",
     "choose_datagram_size",
     "kernel_path_payload",
+    "note_silent",
+    "suspected",
 ]
 
 JUMBO_PAYLOAD = 4096
@@ -48,6 +55,11 @@ JUMBO_PAYLOAD = 4096
 on the path) is not."""
 RECHECK_INTERVAL = 10.0
 """Seconds between two looks at the kernel's path MTU for an upgraded connection."""
+SUSPECT_FOR = 600.0
+"""Seconds a peer host stays at the start size after an upgraded connection
+to it fell silent."""
+SUSPECTS_MAX = 1024
+"""Hosts remembered at most (the oldest is forgotten first)."""
 DEFAULT_PEER_PAYLOAD = 65527
 """``max_udp_payload_size`` of a peer that does not announce one (RFC 9000 §18.2)."""
 
@@ -77,6 +89,29 @@ def kernel_path_payload(address: tuple[str, int]) -> int | None:
     except (OSError, ValueError, OverflowError):
         return None
     return int(mtu) - header - _UDP_HEADER
+
+
+_suspects: dict[str, float] = {}
+"""Peer host -> when it was noted silent (insertion order is age order)."""
+
+
+def note_silent(host: str, now: float) -> None:
+    """An upgraded connection to ``host`` fell silent: stay small with it for a while."""
+    _suspects.pop(host, None)
+    _suspects[host] = now
+    while len(_suspects) > SUSPECTS_MAX:
+        del _suspects[next(iter(_suspects))]
+
+
+def suspected(host: str, now: float) -> bool:
+    """Was an upgraded connection to ``host`` silent less than ``SUSPECT_FOR`` ago?"""
+    since = _suspects.get(host)
+    if since is None:
+        return False
+    if now - since < SUSPECT_FOR:
+        return True
+    del _suspects[host]
+    return False
 
 
 def choose_datagram_size(

@@ -195,6 +195,8 @@ class AioquicProtocol(_aioquic.ProtocolBase):
         return pto if in_flight > 0 else None
 
     def close_silent(self, reason: str) -> None:
+        if self.connected and _aioquic.datagram_size(self.quic) > settings.MAX_DATAGRAM_SIZE:
+            path_mtu.note_silent(self.conn.peer.address[0], self.loop.time())
         self.conn._terminate(reason)
         self.quic.close(error_code=0, reason_phrase="")
         self.transmit()
@@ -273,10 +275,11 @@ class AioquicProtocol(_aioquic.ProtocolBase):
             return
         quic = self.quic
         before = _aioquic.datagram_size(quic)
-        size = path_mtu.choose_datagram_size(
-            path_mtu.kernel_path_payload(self.conn.peer.address),
-            _aioquic.peer_max_udp_payload(quic),
-        )
+        address = self.conn.peer.address
+        path = None
+        if not path_mtu.suspected(address[0], self.loop.time()):
+            path = path_mtu.kernel_path_payload(address)
+        size = path_mtu.choose_datagram_size(path, _aioquic.peer_max_udp_payload(quic))
         if size != before:
             _aioquic.set_datagram_size(quic, size)
             log.debug(
