@@ -441,13 +441,16 @@ class Proc:
 
 
 class Relay(Proc):
-    def __init__(self, name: str, argv: Sequence[str], log_path: Path, port: int) -> None:
+    def __init__(
+        self, name: str, argv: Sequence[str], log_path: Path, port: int, host: str = "127.0.0.1"
+    ) -> None:
         super().__init__(name, argv, log_path)
         self.port = port
+        self.host = host
 
     @property
     def addr(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.host}:{self.port}"
 
 
 class Agent(Proc):
@@ -501,15 +504,17 @@ class Cluster:
         args: Sequence[str] = (),
         name: str = "relay",
         wait: bool = True,
+        host: str = "127.0.0.1",
     ) -> Relay:
-        """Start ``outrelay-relay`` on ``port`` (a free UDP port if None); wait until listening."""
+        """Start ``outrelay-relay`` on ``host``:``port`` (a free UDP port if None); wait until
+        listening."""
         attempts = 1 if port is not None else 3
         for attempt in range(attempts):
-            chosen = port if port is not None else free_udp_port()
+            chosen = port if port is not None else free_udp_port(host)
             argv = [
                 *RELAY_CMD,
                 "--listen",
-                f"127.0.0.1:{chosen}",
+                f"{host}:{chosen}",
                 "--cert",
                 str(self.pki.relay_cert),
                 "--key",
@@ -527,12 +532,12 @@ class Cluster:
                 argv += ["--audit", str(audit)]
             argv += list(args)
             unique, log_path = self._log_path(name)
-            relay = Relay(unique, argv, log_path, chosen)
+            relay = Relay(unique, argv, log_path, chosen, host)
             self.procs.append(relay)
             if not wait:
                 return relay
             try:
-                relay.wait_for("relay listening", addr=f"127.0.0.1:{chosen}")
+                relay.wait_for("relay listening", addr=f"{host}:{chosen}")
                 return relay
             except AssertionError:
                 # A port picked by free_udp_port() may have been taken meanwhile.

@@ -116,17 +116,32 @@ async def test_a_peer_announcing_a_smaller_payload_is_never_sent_more(
         client.close()
 
 
-def test_a_host_whose_upgraded_connection_fell_silent_stays_small_for_a_while(
+def test_a_black_hole_host_stays_small_for_a_while(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(path_mtu, "_suspects", {})  # this test's own memory
     host = "198.51.100.7"
     assert not path_mtu.suspected(host, 1000.0)
-    path_mtu.note_silent(host, 1000.0)
+    path_mtu.note_black_hole(host, 1000.0)
     assert path_mtu.suspected(host, 1000.0 + path_mtu.SUSPECT_FOR - 1)
     assert not path_mtu.suspected(host, 1000.0 + path_mtu.SUSPECT_FOR)
     assert not path_mtu.suspected(host, 1000.0)  # forgotten once expired
     for i in range(path_mtu.SUSPECTS_MAX + 1):
-        path_mtu.note_silent(f"h{i}", 5.0)
+        path_mtu.note_black_hole(f"h{i}", 5.0)
     assert not path_mtu.suspected("h0", 5.0)  # the oldest went first
     assert path_mtu.suspected(f"h{path_mtu.SUSPECTS_MAX}", 5.0)
+
+
+def test_black_hole_detector() -> None:
+    detector = path_mtu.BlackHoleDetector(FLOOR)
+    assert not detector.lost(FLOOR, 0.0)  # small packets never count
+    assert not detector.lost(9000, 0.0)
+    assert not detector.lost(9000, 0.5)
+    assert not detector.lost(9000, 0.9)  # three, but not for long enough
+    detector.acked(FLOOR)  # a small one acknowledged proves nothing
+    assert detector.lost(9000, 1.0)
+    detector.acked(9000)  # congestion: a later large packet got through
+    assert not detector.lost(9000, 5.0)
+    assert not detector.lost(9000, 5.2)
+    assert not detector.lost(9000, 5.4)
+    assert detector.lost(9000, 6.0)

@@ -64,6 +64,7 @@ __all__ = [
     "still_first_flight",
     "stream_ids",
     "unsent_bytes",
+    "watch_packet_fates",
 ]
 
 CreditTarget = Callable[[int], "int | None"]
@@ -264,6 +265,39 @@ def set_datagram_size(quic: QuicConnection, size: int) -> None:
     loss._pacer._max_datagram_size = size
     cc: Any = loss._cc  # reno and cubic keep it; the base class does not declare it
     cc._max_datagram_size = size
+
+
+def watch_packet_fates(
+    quic: QuicConnection, on_acked: Callable[[int], None], on_lost: Callable[[int], None]
+) -> None:
+    """Call ``on_acked(size)`` / ``on_lost(size)`` for every in-flight packet's fate.
+
+    Wraps this connection's congestion controller (private ``_loss._cc``),
+    which loss recovery tells of every acknowledged packet, every packet
+    declared lost, and every packet a probe timeout gave up on (expired).
+    """
+    cc: Any = quic._loss._cc
+    acked, lost, expired = cc.on_packet_acked, cc.on_packets_lost, cc.on_packets_expired
+
+    def packet_acked(*, now: float, packet: Any) -> None:
+        on_acked(packet.sent_bytes)
+        acked(now=now, packet=packet)
+
+    def packets_lost(*, now: float, packets: Any) -> None:
+        packets = list(packets)
+        for packet in packets:
+            on_lost(packet.sent_bytes)
+        lost(now=now, packets=packets)
+
+    def packets_expired(*, packets: Any) -> None:
+        packets = list(packets)
+        for packet in packets:
+            on_lost(packet.sent_bytes)
+        expired(packets=packets)
+
+    cc.on_packet_acked = packet_acked
+    cc.on_packets_lost = packets_lost
+    cc.on_packets_expired = packets_expired
 
 
 def datagram_size(quic: QuicConnection) -> int:

@@ -22,11 +22,15 @@ jumbo-frame LAN) is upgraded; on an ordinary 1,500-byte path the size
 stays 1,350 B as before, so nothing changes where a tunnel or PPPoE hop
 hides a smaller MTU than the route's. The choice is re-checked every
 :data:`RECHECK_INTERVAL` seconds so a smaller MTU the kernel learns later
-brings the size down. A jumbo route whose path silently drops large
-datagrams (no ICMP comes back) shows as a connection that falls silent
-while upgraded: :func:`note_silent` then keeps that peer host at the start
-size for :data:`SUSPECT_FOR` seconds, so the reconnect does not fall into
-the same hole.
+brings the size down.
+
+A jumbo route whose path silently drops large datagrams (a smaller MTU
+further on and no ICMP back: a black hole, RFC 8899 §4.3) shows as large
+packets lost while none is acknowledged: :class:`BlackHoleDetector` then
+takes the connection back to the start size (aioquic sends the lost data
+again in small packets), and :func:`note_black_hole` keeps that peer host
+at the start size for :data:`SUSPECT_FOR` seconds, also for the next
+connections. An upgraded connection that falls silent is noted the same way.
 
 Only the sending side changes: every receiver reads datagrams of up to
 64 KiB (``outrelay.transport.udp``), and a peer that announces a smaller
@@ -43,9 +47,10 @@ __all__ = [
     "JUMBO_PAYLOAD",
     "RECHECK_INTERVAL",
     "SUSPECT_FOR",
+    "BlackHoleDetector",
     "choose_datagram_size",
     "kernel_path_payload",
-    "note_silent",
+    "note_black_hole",
     "suspected",
 ]
 
@@ -56,8 +61,13 @@ on the path) is not."""
 RECHECK_INTERVAL = 10.0
 """Seconds between two looks at the kernel's path MTU for an upgraded connection."""
 SUSPECT_FOR = 600.0
-"""Seconds a peer host stays at the start size after an upgraded connection
-to it fell silent."""
+"""Seconds a peer host stays at the start size after a black hole towards it."""
+BLACK_HOLE_LOSSES = 3
+BLACK_HOLE_AFTER = 1.0
+"""A black hole: at least ``BLACK_HOLE_LOSSES`` large packets lost over at least
+``BLACK_HOLE_AFTER`` seconds without one large packet acknowledged. Congestion
+losses on a working path are followed by acknowledgements of later large
+packets within a round trip, which end the streak."""
 SUSPECTS_MAX = 1024
 """Hosts remembered at most (the oldest is forgotten first)."""
 DEFAULT_PEER_PAYLOAD = 65527
@@ -95,8 +105,32 @@ _suspects: dict[str, float] = {}
 """Peer host -> when it was noted silent (insertion order is age order)."""
 
 
-def note_silent(host: str, now: float) -> None:
-    """An upgraded connection to ``host`` fell silent: stay small with it for a while."""
+class BlackHoleDetector:
+    """Watches the fate of one connection's large packets (sans-IO: sizes and times in)."""
+
+    def __init__(self, floor: int) -> None:
+        self._floor = floor
+        self._streak = 0
+        self._since: float | None = None
+
+    def acked(self, size: int) -> None:
+        """A packet of ``size`` bytes was acknowledged."""
+        if size > self._floor:
+            self._streak = 0
+            self._since = None
+
+    def lost(self, size: int, now: float) -> bool:
+        """A packet of ``size`` bytes was declared lost; True: the path is a black hole."""
+        if size <= self._floor:
+            return False
+        if self._since is None:
+            self._since = now
+        self._streak += 1
+        return self._streak >= BLACK_HOLE_LOSSES and now - self._since >= BLACK_HOLE_AFTER
+
+
+def note_black_hole(host: str, now: float) -> None:
+    """Large datagrams to ``host`` got lost: stay small with it for a while."""
     _suspects.pop(host, None)
     _suspects[host] = now
     while len(_suspects) > SUSPECTS_MAX:
@@ -104,7 +138,7 @@ def note_silent(host: str, now: float) -> None:
 
 
 def suspected(host: str, now: float) -> bool:
-    """Was an upgraded connection to ``host`` silent less than ``SUSPECT_FOR`` ago?"""
+    """Was a black hole towards ``host`` noted less than ``SUSPECT_FOR`` ago?"""
     since = _suspects.get(host)
     if since is None:
         return False

@@ -173,6 +173,8 @@ class AioquicProtocol(_aioquic.ProtocolBase):
         self._discarded = False
         """Server side: forgotten before its handshake completed (see :meth:`discard`)."""
         self._path_timer: asyncio.TimerHandle | None = None
+        self._black_holes: path_mtu.BlackHoleDetector | None = None
+        """Watches large packets once the connection sent any (:mod:`.path_mtu`)."""
         _aioquic.install_patches(
             quic,
             credit_target=self.conn.credit_target,
@@ -196,7 +198,7 @@ class AioquicProtocol(_aioquic.ProtocolBase):
 
     def close_silent(self, reason: str) -> None:
         if self.connected and _aioquic.datagram_size(self.quic) > settings.MAX_DATAGRAM_SIZE:
-            path_mtu.note_silent(self.conn.peer.address[0], self.loop.time())
+            path_mtu.note_black_hole(self.conn.peer.address[0], self.loop.time())
         self.conn._terminate(reason)
         self.quic.close(error_code=0, reason_phrase="")
         self.transmit()
@@ -274,20 +276,52 @@ class AioquicProtocol(_aioquic.ProtocolBase):
         if self.conn.terminated:
             return
         quic = self.quic
-        before = _aioquic.datagram_size(quic)
         address = self.conn.peer.address
         path = None
         if not path_mtu.suspected(address[0], self.loop.time()):
             path = path_mtu.kernel_path_payload(address)
         size = path_mtu.choose_datagram_size(path, _aioquic.peer_max_udp_payload(quic))
+        self._set_datagram_size(size)
+        if size > settings.MAX_DATAGRAM_SIZE:
+            if self._black_holes is None:
+                self._black_holes = detector = path_mtu.BlackHoleDetector(
+                    settings.MAX_DATAGRAM_SIZE
+                )
+                _aioquic.watch_packet_fates(quic, detector.acked, self._large_packet_lost)
+            self._path_timer = self.loop.call_later(path_mtu.RECHECK_INTERVAL, self.fit_datagrams)
+
+    def _set_datagram_size(self, size: int) -> None:
+        before = _aioquic.datagram_size(self.quic)
         if size != before:
-            _aioquic.set_datagram_size(quic, size)
+            _aioquic.set_datagram_size(self.quic, size)
             log.debug(
                 "QUIC datagram size",
                 extra={"attrs": {"peer": self.conn.peer.address, "from": before, "to": size}},
             )
-        if size > settings.MAX_DATAGRAM_SIZE:
-            self._path_timer = self.loop.call_later(path_mtu.RECHECK_INTERVAL, self.fit_datagrams)
+
+    def _large_packet_lost(self, size: int) -> None:
+        detector = self._black_holes
+        if detector is None or not detector.lost(size, self.loop.time()):
+            return
+        if _aioquic.datagram_size(self.quic) <= settings.MAX_DATAGRAM_SIZE:
+            return  # already back
+        host = self.conn.peer.address[0]
+        path_mtu.note_black_hole(host, self.loop.time())
+        log.warning(
+            "QUIC path drops large datagrams; back to the start size",
+            extra={
+                "attrs": {
+                    "peer": host,
+                    "size": _aioquic.datagram_size(self.quic),
+                    "to": settings.MAX_DATAGRAM_SIZE,
+                    "for_s": path_mtu.SUSPECT_FOR,
+                }
+            },
+        )
+        self._set_datagram_size(settings.MAX_DATAGRAM_SIZE)
+        if self._path_timer is not None:
+            self._path_timer.cancel()
+            self._path_timer = None
 
     def stop_timers(self) -> None:
         self.keepalive.stop()
