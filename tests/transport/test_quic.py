@@ -178,6 +178,43 @@ async def test_opening_past_the_peer_stream_limit_waits(
     client.close()
 
 
+async def test_the_relay_side_opens_as_many_streams_as_the_client_allows(
+    pki: Pki, server: Server, backend: str
+) -> None:
+    """The server opens ``MAX_INCOMING_STREAMS`` (> 100) streams to the client at
+    once, on qh3 too (qh3 itself allows 100: ``_qh3`` raises its core's limit and
+    its transport parameter); the next waits until one is done, then gets through."""
+    limit = quic_module.MAX_INCOMING_STREAMS
+    assert limit > 100
+    client, peer = await _pair(pki, server, backend)
+    opened = []
+    for i in range(limit):
+        s = await peer.open_stream()
+        await s.send_all(b"%d" % i)
+        opened.append(s)
+    accepted = []
+    async with asyncio.timeout(10):
+        for _ in range(limit):
+            s = await client.accept_stream()
+            assert await s.receive_some()
+            accepted.append(s)
+    extra = asyncio.create_task(peer.open_stream())
+    await asyncio.sleep(0.5)
+    assert not extra.done(), "the stream past the client's limit must wait"
+    await opened[0].send_eof()
+    await accepted[0].send_eof()
+    assert await read_all(accepted[0]) == b""
+    assert await read_all(opened[0]) == b""
+    await accepted[0].aclose()
+    await opened[0].aclose()
+    async with asyncio.timeout(5):
+        late = await extra
+    await late.send_all(b"late")
+    async with asyncio.timeout(5):
+        assert await (await client.accept_stream()).receive_some() == b"late"
+    client.close()
+
+
 async def test_connection_loss_breaks_streams(pki: Pki, server: Server, backend: str) -> None:
     client, peer = await _pair(pki, server, backend)
     _stream, remote = await open_and_accept(client, peer, b"a")
