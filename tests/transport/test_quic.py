@@ -153,6 +153,29 @@ async def test_a_held_qh3_connection_resumes_every_stream(pki: Pki, server: Serv
         client.close()
 
 
+async def test_a_held_qh3_connection_still_sees_the_peer_close(pki: Pki, server: Server) -> None:
+    """qh3 only: while the core's events are held (a stream is full and unread),
+    the peer closing the connection must still end it at once: the close event
+    sits in the same queue (before: only the keep-alive found out, raising)."""
+    if not HAVE_QH3:
+        pytest.skip("qh3 is not installed")
+    client, peer = await _pair(pki, server, "qh3")
+    slow, remote = await open_and_accept(client, peer)
+    flood = Flood(remote)
+    try:
+        async with asyncio.timeout(10):
+            while slow.statistics().buffered < quic_module.STREAM_WINDOW:  # type: ignore[attr-defined]  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        peer.close(0, "bye")
+        with pytest.raises(TransportError):
+            async with asyncio.timeout(2):
+                await client.accept_stream()
+        assert client.terminated
+    finally:
+        flood.task.cancel()
+        client.close()
+
+
 async def test_opening_past_the_peer_stream_limit_waits(
     pki: Pki, server: Server, backend: str
 ) -> None:

@@ -131,6 +131,8 @@ def test_aioquic_protocol_and_server_privates() -> None:
 
 def test_qh3_privates() -> None:
     qh3_connection = pytest.importorskip("qh3.quic.connection")
+    from outrelay.transport.quic import _qh3
+
     qh3_protocol = pytest.importorskip("qh3.asyncio.protocol")
     qh3_configuration = pytest.importorskip("qh3.quic.configuration")
     conn_cls = qh3_connection.QuicConnection
@@ -141,6 +143,12 @@ def test_qh3_privates() -> None:
     for name in ("get_send_buffer_size", "max_concurrent_bidi_streams", "get_peercert",
                  "get_issuercerts"):  # fmt: skip
         _need(conn_cls, name, "qh3")
+    # HeldQuicConnection pops while the core is ending: its states' names.
+    quic.connect(("127.0.0.1", 4433), 0.0)
+    quic.close()
+    assert quic._core.state in _qh3.CORE_CLOSING_STATES, quic._core.state
+    quic._core.handle_timer(100.0)
+    assert quic._core.state in _qh3.CORE_CLOSING_STATES, quic._core.state
     for name in ("_transmit_soon", "_process_events"):
         _need(qh3_protocol.QuicConnectionProtocol, name, "qh3")
     init = inspect.getsource(qh3_protocol.QuicConnectionProtocol.__init__)

@@ -26,6 +26,7 @@ from qh3.quic.tls_bridge import QuicTlsBridge
 from outrelay.transport.udp import RecordsSockname
 
 __all__ = [
+    "CORE_CLOSING_STATES",
     "CORE_LOCAL_MAX_STREAMS_BIDI",
     "QH3_MAX_STREAMS_BIDI",
     "HeldQuicConnection",
@@ -38,6 +39,9 @@ __all__ = [
 CORE_LOCAL_MAX_STREAMS_BIDI = 21
 """Position of ``local_max_streams_bidi`` among ``QuicConnectionCore``'s
 arguments: qh3's ``_create_core`` passes them positionally, with a literal 100."""
+CORE_CLOSING_STATES = frozenset({"closing", "draining", "terminated"})
+"""The core's ``state`` once the connection is ending: its events are popped
+even while held, so that the close reaches us (a held queue would hide it)."""
 QH3_MAX_STREAMS_BIDI = 100
 """What qh3 2.x hard-codes, in the core and in the transport parameters."""
 
@@ -86,7 +90,8 @@ class HeldQuicConnection(QuicConnection):
     Popping a ``stream_data`` event is what returns credit to the peer, so
     not popping is the only way to push back: the private ``_drain_core``
     (which pops) is skipped while held, once the handshake is complete
-    (private ``_handshake_complete``).
+    (private ``_handshake_complete``) and unless the core is closing (its
+    ``state``: the close event waits in the same queue).
     """
 
     def __init__(
@@ -125,7 +130,13 @@ class HeldQuicConnection(QuicConnection):
             return super()._create_tls(remote_source_cid)
 
     def _drain_core(self) -> None:
-        if self._handshake_complete and self.held():
+        core = self._core
+        if (
+            self._handshake_complete
+            and self.held()
+            and core is not None
+            and core.state not in CORE_CLOSING_STATES
+        ):
             return
         super()._drain_core()
 

@@ -196,7 +196,11 @@ class _Qh3Protocol(_qh3.ProtocolBase):
         return self.conn.terminated
 
     def send_ping(self) -> None:
-        self.quic.send_ping(0)
+        try:
+            self.quic.send_ping(0)
+        except QuicConnectionError as exc:  # the core closed; its event not popped yet
+            self.conn._terminate(exc.reason_phrase)
+            return
         self.transmit()
 
     def probe_timeout_in_flight(self) -> float | None:
