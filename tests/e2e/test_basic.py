@@ -248,9 +248,6 @@ def test_20_mib_each_way_through_echo(stack: Stack, record_property: Callable) -
 
 @pytest.mark.timeout(90)
 def test_200_concurrent_connections(stack: Stack, record_property: Callable) -> None:
-    if stack.cluster.quic_backend == "qh3":
-        # Known failure, why --quic-backend auto stays aioquic (transport/quic_backend.py).
-        pytest.xfail("times out with the agents on qh3 (100 relay-opened streams, held queue)")
     port = stack.consumer.port("echo")
     n = 200
 

@@ -153,6 +153,29 @@ async def test_a_held_qh3_connection_resumes_every_stream(pki: Pki, server: Serv
         client.close()
 
 
+async def test_a_held_qh3_connection_still_sees_the_peer_close(pki: Pki, server: Server) -> None:
+    """qh3 only: while the core's events are held (a stream is full and unread),
+    the peer closing the connection must still end it at once: the close event
+    sits in the same queue (before: only the keep-alive found out, raising)."""
+    if not HAVE_QH3:
+        pytest.skip("qh3 is not installed")
+    client, peer = await _pair(pki, server, "qh3")
+    slow, remote = await open_and_accept(client, peer)
+    flood = Flood(remote)
+    try:
+        async with asyncio.timeout(10):
+            while slow.statistics().buffered < quic_module.STREAM_WINDOW:  # type: ignore[attr-defined]  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        peer.close(0, "bye")
+        with pytest.raises(TransportError):
+            async with asyncio.timeout(2):
+                await client.accept_stream()
+        assert client.terminated
+    finally:
+        flood.task.cancel()
+        client.close()
+
+
 async def test_opening_past_the_peer_stream_limit_waits(
     pki: Pki, server: Server, backend: str
 ) -> None:
@@ -175,6 +198,43 @@ async def test_opening_past_the_peer_stream_limit_waits(
     await streams[0].aclose()
     async with asyncio.timeout(5):
         await extra
+    client.close()
+
+
+async def test_the_relay_side_opens_as_many_streams_as_the_client_allows(
+    pki: Pki, server: Server, backend: str
+) -> None:
+    """The server opens ``MAX_INCOMING_STREAMS`` (> 100) streams to the client at
+    once, on qh3 too (qh3 itself allows 100: ``_qh3`` raises its core's limit and
+    its transport parameter); the next waits until one is done, then gets through."""
+    limit = quic_module.MAX_INCOMING_STREAMS
+    assert limit > 100
+    client, peer = await _pair(pki, server, backend)
+    opened = []
+    for i in range(limit):
+        s = await peer.open_stream()
+        await s.send_all(b"%d" % i)
+        opened.append(s)
+    accepted = []
+    async with asyncio.timeout(10):
+        for _ in range(limit):
+            s = await client.accept_stream()
+            assert await s.receive_some()
+            accepted.append(s)
+    extra = asyncio.create_task(peer.open_stream())
+    await asyncio.sleep(0.5)
+    assert not extra.done(), "the stream past the client's limit must wait"
+    await opened[0].send_eof()
+    await accepted[0].send_eof()
+    assert await read_all(accepted[0]) == b""
+    assert await read_all(opened[0]) == b""
+    await accepted[0].aclose()
+    await opened[0].aclose()
+    async with asyncio.timeout(5):
+        late = await extra
+    await late.send_all(b"late")
+    async with asyncio.timeout(5):
+        assert await (await client.accept_stream()).receive_some() == b"late"
     client.close()
 
 

@@ -131,6 +131,8 @@ def test_aioquic_protocol_and_server_privates() -> None:
 
 def test_qh3_privates() -> None:
     qh3_connection = pytest.importorskip("qh3.quic.connection")
+    from outrelay.transport.quic import _qh3
+
     qh3_protocol = pytest.importorskip("qh3.asyncio.protocol")
     qh3_configuration = pytest.importorskip("qh3.quic.configuration")
     conn_cls = qh3_connection.QuicConnection
@@ -141,8 +143,63 @@ def test_qh3_privates() -> None:
     for name in ("get_send_buffer_size", "max_concurrent_bidi_streams", "get_peercert",
                  "get_issuercerts"):  # fmt: skip
         _need(conn_cls, name, "qh3")
+    # HeldQuicConnection pops while the core is ending: its states' names.
+    quic.connect(("127.0.0.1", 4433), 0.0)
+    quic.close()
+    assert quic._core.state in _qh3.CORE_CLOSING_STATES, quic._core.state
+    quic._core.handle_timer(100.0)
+    assert quic._core.state in _qh3.CORE_CLOSING_STATES, quic._core.state
     for name in ("_transmit_soon", "_process_events"):
         _need(qh3_protocol.QuicConnectionProtocol, name, "qh3")
     init = inspect.getsource(qh3_protocol.QuicConnectionProtocol.__init__)
     for name in ("_quic", "_loop", "_connected"):
         assert f"self.{name}" in init, f"qh3 QuicConnectionProtocol no longer sets {name}"
+
+
+def test_qh3_stream_limit_privates(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``_qh3.HeldQuicConnection`` raises qh3's 100 peer-opened streams: qh3's
+    ``_create_core`` must pass the literal 100 positionally as the core's
+    ``local_max_streams_bidi``, and ``_create_tls`` build the TLS bridge whose
+    transport parameters we rewrite, both through ``qh3.quic.connection``'s globals."""
+    qh3_connection = pytest.importorskip("qh3.quic.connection")
+    from qh3._hazmat import Buffer, QuicConnectionCore
+    from qh3.quic.configuration import QuicConfiguration as Qh3Configuration
+    from qh3.quic.packet import pull_quic_transport_parameters
+
+    from outrelay.transport.quic import _qh3
+
+    conn_cls = qh3_connection.QuicConnection
+    _need_params(
+        conn_cls._create_core,
+        ["self", "remote_addr", "initial_dcid", "now"],
+        "qh3 QuicConnection._create_core",
+    )
+    _need_params(conn_cls._create_tls, ["self", "remote_source_cid"], "qh3 _create_tls")
+    assert qh3_connection.QuicConnectionCore is QuicConnectionCore, "qh3 moved its core class"
+    _need(qh3_connection, "QuicTlsBridge", "qh3")
+    names = [p.strip() for p in QuicConnectionCore.__text_signature__.strip("()").split(",")]
+    assert names[_qh3.CORE_LOCAL_MAX_STREAMS_BIDI] == "local_max_streams_bidi", names
+    calls: list[tuple[Any, ...]] = []
+
+    def recording_core(*args: Any) -> Any:
+        calls.append(args)
+        return QuicConnectionCore(*args)
+
+    monkeypatch.setattr(qh3_connection, "QuicConnectionCore", recording_core)
+    config = Qh3Configuration(is_client=True, alpn_protocols=["orp/1"])
+    conn_cls(configuration=config).connect(("127.0.0.1", 4433), 0.0)
+    (args,) = calls
+    assert len(args) == len(names)
+    assert args[_qh3.CORE_LOCAL_MAX_STREAMS_BIDI] == _qh3.QH3_MAX_STREAMS_BIDI
+    # Our subclass: the core gets our limit, the transport parameters announce it.
+    calls.clear()
+    ours = _qh3.HeldQuicConnection(configuration=config, max_streams_bidi=777)
+    ours.connect(("127.0.0.1", 4433), 0.0)
+    (args,) = calls
+    assert args[_qh3.CORE_LOCAL_MAX_STREAMS_BIDI] == 777
+    assert ours._tls is not None
+    announced = pull_quic_transport_parameters(
+        Buffer(data=ours._tls.serialize_transport_parameters())
+    )
+    assert announced.initial_max_streams_bidi == 777
+    assert announced.initial_max_streams_uni == 103, "only the bidirectional limit changes"

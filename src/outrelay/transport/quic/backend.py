@@ -8,11 +8,14 @@ backend name to a connect function with the contract of
 * ``aioquic``: :mod:`outrelay.transport.quic.client`, the reference backend (the
   relay, P2P and forward planes always use it).
 * ``qh3``: :mod:`outrelay.transport.quic.qh3` (optional dependency, Rust core).
-* ``auto``: aioquic for now. qh3 passes the transport, basic and resume
-  tests but not e2e ``test_200_concurrent_connections`` (timeout; qh3 admits
-  100 relay-opened streams and its backpressure pauses the whole connection),
-  and its bulk gain through our aioquic relay is within noise (BENCHMARKS.md,
-  2026-12-04). Flip ``AUTO`` once that test passes on qh3.
+* ``auto``: aioquic for now. qh3 passes the transport and e2e tests (it now
+  admits ``MAX_INCOMING_STREAMS`` relay-opened streams), but qh3 2.1 returns
+  receive credit when the core's connection-wide event queue is popped, with
+  no per-stream way to defer it (``bench/qh3_credit.py``, BENCHMARKS.md): its
+  backpressure pauses every stream of the relay connection while one
+  application stops reading, which a sidecar must not do. Its bulk gain through
+  our aioquic relay is within noise (BENCHMARKS.md, 2026-12-04). Flip ``AUTO``
+  once qh3's core can return a stream's credit on consumption.
 
 qh3 is imported lazily so that an agent without it (or with an untested
 version) still starts on aioquic.

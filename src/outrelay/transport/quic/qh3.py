@@ -23,10 +23,11 @@ How qh3 2.x differs from aioquic, and what this module does about it:
   and loss recovery run in the core and are not held.
 * **Send buffer.** ``get_send_buffer_size`` counts bytes not yet sent once;
   bytes in flight are bounded by the congestion window on top of it.
-* **Stream limit.** qh3 advertises 100 concurrent peer-opened bidirectional
-  streams (hard-coded, in the core and in the transport parameters), the
-  reference relay's value; our relay queues the 101st open it makes to an
-  agent on this backend. Our own opens wait for the peer's MAX_STREAMS.
+* **Stream limit.** qh3 hard-codes 100 concurrent peer-opened bidirectional
+  streams, in the core and in the transport parameters; we raise both to
+  ``settings.MAX_INCOMING_STREAMS`` as on aioquic (``_qh3``: the core then
+  accepts and replenishes them, measured with 1,024 at once, twice over).
+  Our own opens wait for the peer's MAX_STREAMS.
 * **Peer certificate.** qh3 parses certificates natively; the leaf and chain
   are converted to :mod:`cryptography` objects for :class:`PeerInfo`.
 
@@ -195,7 +196,11 @@ class _Qh3Protocol(_qh3.ProtocolBase):
         return self.conn.terminated
 
     def send_ping(self) -> None:
-        self.quic.send_ping(0)
+        try:
+            self.quic.send_ping(0)
+        except QuicConnectionError as exc:  # the core closed; its event not popped yet
+            self.conn._terminate(exc.reason_phrase)
+            return
         self.transmit()
 
     def probe_timeout_in_flight(self) -> float | None:
@@ -281,7 +286,10 @@ async def connect_quic_qh3(
     sock = socket.socket(family, socket.SOCK_DGRAM)
     try:
         sock.bind(("::", 0) if family == socket.AF_INET6 else ("0.0.0.0", 0))
-        protocol = _Qh3Protocol(_qh3.HeldQuicConnection(configuration=config))
+        quic = _qh3.HeldQuicConnection(
+            configuration=config, max_streams_bidi=settings.MAX_INCOMING_STREAMS
+        )
+        protocol = _Qh3Protocol(quic)
         transport = BatchDatagramTransport(loop, sock, protocol)
     except OSError as exc:
         sock.close()
