@@ -310,6 +310,7 @@ class OpenFlow:
         # Pipelining (module docstring): the consumer's bytes go on to the provider
         # while it makes up its mind.
         pump = loop.create_task(copy_until(c_stream, p_stream, answered)) if early else None
+        early_bytes = len(c_leftover) if early else 0
         try:
             async with asyncio.timeout(PROVIDER_ANSWER_TIMEOUT):
                 answer = await p_reader.read_frame()
@@ -319,7 +320,7 @@ class OpenFlow:
         finally:
             answered.set_result(None)
             if pump is not None:
-                await pump
+                early_bytes += await pump
         hop("r_answer", sid)
         if answer is None or answer.type not in (FrameType.STREAM_ACCEPT, FrameType.STREAM_REJECT):
             await asyncio.gather(c_stream.aclose(), p_stream.aclose())
@@ -375,7 +376,11 @@ class OpenFlow:
         )
         log.debug(
             "splice ended",
-            extra=kv(stream_id=sid, c_to_p=result.a_to_b.bytes, p_to_c=result.b_to_a.bytes),
+            extra=kv(
+                stream_id=sid,
+                c_to_p=result.a_to_b.bytes + early_bytes,
+                p_to_c=result.b_to_a.bytes,
+            ),
         )
 
     async def _enforce_required(
