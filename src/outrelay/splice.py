@@ -17,11 +17,19 @@ import asyncio
 import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from outrelay.orp import is_final
 from outrelay.transport import SendClosedError, Stream, TransportError
 
-__all__ = ["DirectionResult", "ResetCode", "SpliceResult", "splice"]
+__all__ = [
+    "DirectionResult",
+    "FirstBytes",
+    "ResetCode",
+    "SpliceResult",
+    "copy_until",
+    "splice",
+]
 
 SPLICE_BUFFER = 64 * 1024  # spec 02 §12: 64 KiB per direction
 
@@ -49,6 +57,9 @@ class SpliceResult:
 
 ResetCode = Callable[[TransportError], int]
 """Given how one stream broke, the error code to reset the other one with."""
+FirstBytes = Callable[[str], None]
+"""Called once per direction (``"a_to_b"`` / ``"b_to_a"``) when its first bytes were written
+(timing marks, ``observe.hop``)."""
 
 
 def _reset_code(option: bool | ResetCode, error: TransportError) -> int | None:
@@ -69,11 +80,15 @@ async def _pump(
     abort_src_on_dst_error: bool | ResetCode,
     buffer_size: int,
     abort_source_on_write_error: bool = False,
+    first: Callable[[], None] | None = None,
 ) -> None:
     try:
         if prefix:
             await dst.send_all(prefix)
             result.bytes += len(prefix)
+            if first is not None:
+                first()
+                first = None
         while True:
             try:
                 data = await src.receive_some(buffer_size)
@@ -84,6 +99,9 @@ async def _pump(
                 break
             await dst.send_all(data)
             result.bytes += len(data)
+            if first is not None:
+                first()
+                first = None
     except TransportError as exc:
         result.write_error = exc
         if abort_source_on_write_error and not isinstance(exc, SendClosedError):
@@ -104,6 +122,59 @@ async def _pump(
         await dst.send_eof()
 
 
+async def copy_until(
+    src: Stream,
+    dst: Stream,
+    stop: asyncio.Future[Any],
+    *,
+    limit: int | None = None,
+    keep: bytearray | None = None,
+    buffer_size: int = SPLICE_BUFFER,
+) -> int:
+    """Copy ``src`` to ``dst`` until ``stop`` is done (pipelining, ``orp.CAP_PIPELINE``).
+
+    Also ends when ``src`` ends or breaks, ``dst`` refuses bytes, or ``limit`` bytes were
+    copied; never raises a transport error and never closes either stream: whatever ended
+    the copy shows again to the next reader or writer (a splice that takes over).
+    A read that races ``stop`` is still written: its bytes were taken from ``src``.
+    Cancel-safe reads only (our streams' ``receive_some``: a cancelled read takes nothing).
+
+    Args:
+        keep: every byte read from ``src`` is appended here too.
+
+    Returns:
+        How many bytes were read from ``src`` (all written, unless ``dst`` failed).
+    """
+    copied = 0
+    loop = asyncio.get_running_loop()
+    while not stop.done() and (limit is None or copied < limit):
+        size = buffer_size if limit is None else min(buffer_size, limit - copied)
+        read = loop.create_task(src.receive_some(size))
+        waitables: set[asyncio.Future[Any]] = {read, stop}
+        try:
+            await asyncio.wait(waitables, return_when="FIRST_COMPLETED")
+        finally:
+            if not read.done():
+                read.cancel()
+        data = b""
+        with contextlib.suppress(asyncio.CancelledError, TransportError):
+            data = await read
+        if not data:
+            break
+        copied += len(data)
+        if keep is not None:
+            keep += data
+        try:
+            await dst.send_all(data)
+        except TransportError:
+            break
+    return copied
+
+
+def _first(hook: FirstBytes | None, direction: str) -> Callable[[], None] | None:
+    return None if hook is None else lambda: hook(direction)
+
+
 async def splice(
     a: Stream,
     b: Stream,
@@ -114,6 +185,7 @@ async def splice(
     abort_b_on_a_error: bool | ResetCode = False,
     abort_source_on_write_error: bool = False,
     buffer_size: int = SPLICE_BUFFER,
+    on_first_bytes: FirstBytes | None = None,
 ) -> SpliceResult:
     """Run both copy directions until both have ended, then close both streams.
 
@@ -132,6 +204,7 @@ async def splice(
             so its writer learns at once (the relay: its agent then resumes);
             the code is the one the other option derives from the
             destination's error.
+        on_first_bytes: see :data:`FirstBytes`.
 
     Returns:
         Byte counts and errors per direction. Never raises transport errors;
@@ -150,6 +223,7 @@ async def splice(
                     abort_a_on_b_error,
                     buffer_size,
                     abort_source_on_write_error,
+                    _first(on_first_bytes, "a_to_b"),
                 )
             )
             tg.create_task(
@@ -162,6 +236,7 @@ async def splice(
                     abort_b_on_a_error,
                     buffer_size,
                     abort_source_on_write_error,
+                    _first(on_first_bytes, "b_to_a"),
                 )
             )
     except BaseException:

@@ -96,6 +96,7 @@ OUR_EXTENSIONS = [
     ("Hello", "outrelay_instance", 100, FieldDescriptor.TYPE_STRING, False),
     ("StreamResume", "outrelay_peer_uri", 100, FieldDescriptor.TYPE_STRING, False),
     ("StreamReady", "outrelay_peer_uri", 101, FieldDescriptor.TYPE_STRING, False),
+    ("IncomingStream", "outrelay_spliced", 100, FieldDescriptor.TYPE_BOOL, False),
 ]
 
 

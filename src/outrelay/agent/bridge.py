@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from outrelay.agent.resumable import ABORTED, ResumableStream
 from outrelay.observe import kv
 from outrelay.orp import StreamEndCode, end_code_name, is_final
-from outrelay.splice import SpliceResult, splice
+from outrelay.splice import FirstBytes, SpliceResult, splice
 from outrelay.transport import BrokenResourceError, Stream, TransportError
 
 __all__ = ["AccessLog", "bridge"]
@@ -37,8 +37,12 @@ def _application_closed(_: TransportError) -> int:
     return StreamEndCode.APPLICATION_CLOSED
 
 
-async def bridge(local: Stream, relay: Stream) -> SpliceResult:
+async def bridge(
+    local: Stream, relay: Stream, *, on_first_bytes: FirstBytes | None = None
+) -> SpliceResult:
     """Copy both ways between ``local`` and ``relay`` until both directions end.
+
+    ``on_first_bytes``: timing marks (:data:`outrelay.splice.FirstBytes`).
 
     Returns:
         The splice's byte counts and errors (``a`` is ``local``, ``b`` is ``relay``).
@@ -49,6 +53,7 @@ async def bridge(local: Stream, relay: Stream) -> SpliceResult:
         abort_a_on_b_error=True,
         abort_b_on_a_error=_application_closed,
         abort_source_on_write_error=True,
+        on_first_bytes=on_first_bytes,
     )
 
 
@@ -67,12 +72,17 @@ class AccessLog:
     local: str
     stream_id: int = 0
     started: float = 0.0
+    pipelined: int = 0
+    """Application bytes the consumer wrote behind OPEN_STREAM (``orp.CAP_PIPELINE``);
+    logged when not 0."""
 
     def __post_init__(self) -> None:
         if not self.started:
             self.started = time.monotonic()
 
     def _emit(self, outcome: str, sent: int, received: int, **more: object) -> None:
+        if self.pipelined:
+            more["pipelined"] = self.pipelined
         log.info(
             "stream",
             extra=kv(
@@ -101,7 +111,7 @@ class AccessLog:
         resumes = relay.resumes if isinstance(relay, ResumableStream) else 0
         self._emit(
             outcome_of(result, relay, self.local),
-            result.a_to_b.bytes,
+            result.a_to_b.bytes + self.pipelined,
             result.b_to_a.bytes,
             resumes=resumes,
         )

@@ -9,6 +9,11 @@ Spec 03 §3.5 with its [REC] (a)–(c): the relay's answer is read properly.
   the application as data. Anything else is an inter-relay splice (which
   gets no STREAM_READY): bridge now, delivering the bytes already read.
 * Neither within 10 s: bridge as splice, like the reference.
+* Pipelining (``orp.CAP_PIPELINE``, only when our relay echoed it): while the answer
+  is awaited, the application's bytes already go onto the relay stream, right behind
+  OPEN_STREAM (at most :data:`PIPELINE_MAX`), and are kept: in splice mode they enter
+  the resume ring as sent; in forward mode (where the relay discards them) they are
+  sent first on the end-to-end connection; on a reject they are dropped.
 * ALLOC_GRANTED (forward mode): end-to-end QUIC over the relay's forward
   plane (:mod:`outrelay.agent.forward`); the relay stream is kept open as
   the liveness link and is never resumed.
@@ -19,14 +24,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from typing import Any
 
 from outrelay.agent.bridge import AccessLog, bridge
 from outrelay.agent.forward import run_forward_consumer
 from outrelay.agent.resumable import ResumableStream
 from outrelay.agent.session import NotConnected, RelaySession, StreamMode
-from outrelay.observe import kv
+from outrelay.observe import hop, hop_marks, kv
 from outrelay.orp import StreamRejected, classify_open_answer
+from outrelay.splice import copy_until
 from outrelay.transport import SocketStream, Stream, TransportError
 
 __all__ = ["CONSUMER_MODE_WAIT", "handle_consumer_connection"]
@@ -35,6 +42,10 @@ log = logging.getLogger("outrelay.agent.consumer")
 
 CONSUMER_MODE_WAIT = 10.0  # spec 03 §3.5 / §10
 READ_CHUNK = 64 * 1024
+PIPELINE_MAX = 64 * 1024
+"""At most this many application bytes are pipelined before the relay's answer: they are
+held until then (replayed in forward mode), and one splice buffer's worth covers every
+request-first protocol's first flight."""
 
 
 async def _await_answer(
@@ -96,10 +107,11 @@ async def handle_consumer_connection(
     mode_wait: float = CONSUMER_MODE_WAIT,
 ) -> None:
     """Carry one accepted application connection to ``service``."""
+    accepted_at = time.monotonic()
     peer = f"{local.peername[0]}:{local.peername[1]}" if local.peername else "?"
     access = AccessLog("consumer", service, session.link_address or "", "app")
     try:
-        stream, sid, mode = await session.open_stream(service)
+        stream, sid, mode, may_pipeline = await session.open_stream(service)
     except (NotConnected, TransportError) as exc:
         log.warning("session dial", extra=kv(svc=service, err=str(exc)))
         access.failed(str(exc))
@@ -108,8 +120,19 @@ async def handle_consumer_connection(
     access.stream_id = sid
     access.peer = session.link_address or ""
     session.track(sid)
+    hop("c_accept", sid, at=accepted_at)
+    hop("c_open_sent", sid)
     log.debug("session: stream opened", extra=kv(svc=service, stream_id=sid, app=peer))
+    pipelined = bytearray()  # every application byte written behind OPEN_STREAM
     try:
+        answered: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        pump = (
+            asyncio.get_running_loop().create_task(
+                copy_until(local, stream, answered, limit=PIPELINE_MAX, keep=pipelined)
+            )
+            if may_pipeline
+            else None
+        )
         try:
             verdict, prefix = await _await_answer(stream, mode, mode_wait)
         except TransportError as exc:
@@ -122,6 +145,11 @@ async def handle_consumer_connection(
             return
         finally:
             session.forget_mode(sid, mode)
+            answered.set_result(None)
+            if pump is not None:
+                await pump
+                access.pipelined = len(pipelined)
+        hop("c_answer", sid, verdict=str(verdict), early=len(prefix), pipelined=len(pipelined))
         if isinstance(verdict, StreamRejected):
             log.warning(
                 "stream rejected",
@@ -137,8 +165,8 @@ async def handle_consumer_connection(
                 local.abort()
                 await stream.aclose()
                 return
-            # Pipelined bytes would be discarded by the relay (spec 02 §6.4);
-            # nothing was sent before the mode was known.
+            # The relay discarded what we pipelined (spec 02 §6.4): it goes
+            # first on the end-to-end connection.
             await run_forward_consumer(
                 grant,
                 stream,
@@ -146,9 +174,11 @@ async def handle_consumer_connection(
                 tls=session.config.tls,
                 relay_host=session.relay_host,
                 service=service,
+                replay=bytes(pipelined),
             )
             return
-        relay_stream = session.wrap(sid, stream, prefix)
+        relay_stream = session.wrap(sid, stream, prefix, sent=bytes(pipelined))
+        marks = hop_marks(sid, "c_up_first", "c_down_first")
         try:
             p2p = session.p2p
             if p2p is not None and isinstance(relay_stream, ResumableStream):
@@ -157,11 +187,11 @@ async def handle_consumer_connection(
                 async with asyncio.TaskGroup() as tg:
                     promotion = tg.create_task(p2p.promote(relay_stream))
                     try:
-                        result = await bridge(local, relay_stream)
+                        result = await bridge(local, relay_stream, on_first_bytes=marks)
                     finally:
                         promotion.cancel()
             else:
-                result = await bridge(local, relay_stream)
+                result = await bridge(local, relay_stream, on_first_bytes=marks)
         finally:
             session.unwrap(relay_stream)
         log.debug(

@@ -28,9 +28,14 @@ from outrelay.orp import (
     CAP_INSTANCE,
     CAP_P2P_MODE,
     CAP_P2P_RESUME_V2,
+    CAP_PIPELINE,
     CAP_RESUME_PEER,
+    Frame,
     FrameType,
     Hello,
+    HelloAck,
+    MalformedPayload,
+    decode_message,
 )
 from outrelay.transport import (
     BrokenResourceError,
@@ -150,6 +155,19 @@ class Link:
     kind: str = "quic"
     shared: bool = False
     """QUIC from the shared UDP socket (``--p2p-listen``): srflx is meaningful."""
+    accepted: frozenset[str] = frozenset()
+    """``HelloAck.accepted_features``: the extensions this relay echoed (none from a
+    reference relay, whose HELLO_ACK is empty)."""
+
+
+def accepted_features(frame: Frame, address: str = "") -> frozenset[str]:
+    """The extensions a HELLO_ACK echoes; an undecodable one echoes none."""
+    try:
+        ack = decode_message(frame)
+    except MalformedPayload as exc:
+        log.warning("session: HELLO_ACK unmarshal failed", extra=kv(relay=address, err=str(exc)))
+        return frozenset()
+    return frozenset(ack.accepted_features) if isinstance(ack, HelloAck) else frozenset()
 
 
 class RelayDialer:
@@ -296,7 +314,12 @@ class RelayDialer:
                 Hello(
                     protocol_version="orp/1",
                     agent_uri=self.config.uri,
-                    capabilities=[*self.config.capabilities, CAP_INSTANCE, CAP_RESUME_PEER],
+                    capabilities=[
+                        *self.config.capabilities,
+                        CAP_INSTANCE,
+                        CAP_RESUME_PEER,
+                        CAP_PIPELINE,
+                    ],
                     outrelay_instance=self._instance,
                 ),
             )
@@ -309,6 +332,7 @@ class RelayDialer:
                 raise BrokenResourceError(
                     f"relay {address} answered HELLO with {frame_name(frame.type)}"
                 )
+            accepted = accepted_features(frame, address)
         except TimeoutError as exc:
             conn.close(0, "")
             raise BrokenResourceError(
@@ -329,6 +353,7 @@ class RelayDialer:
             reader=reader,
             kind=kind,
             shared=kind == "quic" and shared,
+            accepted=accepted,
         )
 
     async def _dial_quic(

@@ -357,10 +357,14 @@ async def _bridge(
     relay_stream: Stream,
     plane: PlaneSocket,
     fields: dict[str, Any],
+    app_prefix: bytes = b"",
 ) -> None:
-    """Bridge ``app`` with the end-to-end stream; the relay stream is the liveness link."""
+    """Bridge ``app`` with the end-to-end stream; the relay stream is the liveness link.
+
+    ``app_prefix``: bytes already read from ``app``, sent on ``fwd`` first.
+    """
     async with asyncio.TaskGroup() as tg:
-        bridge = tg.create_task(splice(app, fwd, abort_a_on_b_error=True))
+        bridge = tg.create_task(splice(app, fwd, a_to_b_prefix=app_prefix, abort_a_on_b_error=True))
         liveness = tg.create_task(discard(relay_stream))
         idle = tg.create_task(plane.idle.wait())
         done, _ = await asyncio.wait({bridge, liveness, idle}, return_when="FIRST_COMPLETED")
@@ -396,8 +400,14 @@ async def run_forward_consumer(
     tls: QuicTlsConfig,
     relay_host: str,
     service: str,
+    replay: bytes = b"",
 ) -> None:
-    """Consumer side of a forward session; closes ``local`` and ``relay_stream`` at the end."""
+    """Consumer side of a forward session; closes ``local`` and ``relay_stream`` at the end.
+
+    ``replay``: application bytes the consumer pipelined onto ``relay_stream`` before it
+    knew the mode (``orp.CAP_PIPELINE``). The relay discarded them (spec 02 §6.4), so they
+    go first on the end-to-end stream.
+    """
     sid = grant.stream_id
     fields: dict[str, Any] = {"svc": service, "stream_id": sid, "role": "consumer"}
     plane: PlaneSocket | None = None
@@ -428,7 +438,7 @@ async def run_forward_consumer(
                 rtt_ms=ms(conn.rtt, "?"),
             ),
         )
-        await _bridge(local, conn, fwd, relay_stream, plane, fields)
+        await _bridge(local, conn, fwd, relay_stream, plane, fields, replay)
     finally:
         if conn is not None:
             conn.close(0, "")

@@ -4,7 +4,10 @@ Spec 03 §3.6. Unknown service: ``STREAM_REJECT{404, "no handler"}``; backend
 unreachable: ``STREAM_REJECT{502, <dial error>}`` (the reference relay shows
 the consumer 503 either way). After accepting we wait for STREAM_READY (up to
 5 s) -- or, our addition, for the consumer's first bytes, which prove the
-relay spliced (inter-relay streams never get STREAM_READY).
+relay spliced (inter-relay streams never get STREAM_READY). When our relay marks
+INCOMING_STREAM ``outrelay_spliced`` (``orp.CAP_PIPELINE``) there is nothing to wait
+for: the bridge starts right after STREAM_ACCEPT, with the consumer's pipelined
+bytes that followed INCOMING_STREAM.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from typing import Any
 from outrelay.agent.bridge import AccessLog, bridge
 from outrelay.agent.forward import run_forward_provider
 from outrelay.agent.session import RelaySession, StreamMode
-from outrelay.observe import kv
+from outrelay.observe import hop, hop_marks, kv
 from outrelay.orp import (
     FrameType,
     IncomingStream,
@@ -98,6 +101,7 @@ async def handle_incoming_stream(
         stream.abort()
         return
     sid = incoming.stream_id
+    hop("p_incoming", sid)
     service = incoming.target_service
     fields = {"svc": service, "stream_id": sid, "consumer": incoming.source_agent_uri}
     access = AccessLog("provider", service, incoming.source_agent_uri, "backend", sid)
@@ -119,7 +123,11 @@ async def handle_incoming_stream(
         await _reject(stream, int(RejectCode.BAD_GATEWAY), reason)
         return
 
-    mode = session.expect_mode(sid) if sid != 0 else None
+    hop("p_backend", sid)
+    # Our relay says it splices this stream (orp.CAP_PIPELINE): bridge right after
+    # STREAM_ACCEPT; the consumer's pipelined bytes may already follow INCOMING_STREAM.
+    spliced = incoming.outrelay_spliced
+    mode = session.expect_mode(sid) if sid != 0 and not spliced else None
     try:
         try:
             await stream.send_all(encode_message(FrameType.STREAM_ACCEPT))
@@ -130,7 +138,12 @@ async def handle_incoming_stream(
             stream.abort()
             return
         session.track(sid)
-        mode_result, early = await _wait_mode_or_data(stream, mode, mode_wait)
+        hop("p_accept_sent", sid)
+        if spliced:
+            mode_result, early = StreamMode.SPLICE, b""
+        else:
+            mode_result, early = await _wait_mode_or_data(stream, mode, mode_wait)
+        hop("p_mode", sid, mode=mode_result, early=len(early))
     finally:
         if mode is not None:
             session.forget_mode(sid, mode)
@@ -154,7 +167,11 @@ async def handle_incoming_stream(
         log.debug("bridging", extra=kv(**fields, target=target))
         relay_stream = session.wrap(sid, stream, prefix, peer_uri=incoming.source_agent_uri)
         try:
-            result = await bridge(backend, relay_stream)
+            result = await bridge(
+                backend,
+                relay_stream,
+                on_first_bytes=hop_marks(sid, "p_from_backend_first", "p_to_backend_first"),
+            )
         finally:
             session.unwrap(relay_stream)
         log.debug(

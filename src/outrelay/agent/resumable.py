@@ -144,12 +144,20 @@ class ResumableStream(Stream):
         *,
         on_broken: Callable[[ResumableStream], None],
         prefix: bytes = b"",
+        sent: bytes = b"",
         window: float = RESUME_WINDOW,
         ring_max: int = RING_MAX,
     ) -> None:
+        """``prefix``: bytes already read from ``inner`` (after its first frame), handed to
+        the reader first. ``sent``: bytes already written to ``inner`` before this wrapper
+        existed (a consumer's pipelined bytes, ``orp.CAP_PIPELINE``); they count as sent and
+        stay in the ring until acknowledged, so a resume retransmits them."""
         self.stream_id = stream_id
         self.positions = StreamPositions()
         self.ring = RingBuffer(max_size=ring_max, min_size=RING_START)
+        if sent:
+            self.ring.write(sent)
+            self.positions.on_sent(len(sent))
         self.peer_sent = 0
         """The peer's my_position from its last checkpoint (0 if none)."""
         self.checkpointed = False

@@ -48,6 +48,7 @@ from outrelay.agent.resumable import ResumableStream
 from outrelay.agent.resume_supervisor import ResumeSupervisor, emit_checkpoints
 from outrelay.observe import kv
 from outrelay.orp import (
+    CAP_PIPELINE,
     MESSAGE_TYPES,
     AllocGranted,
     CandidateAnswer,
@@ -82,6 +83,7 @@ __all__ = [
     "RelaySession",
     "SessionConfig",
     "StreamMode",
+    "may_pipeline",
 ]
 
 log = logging.getLogger("outrelay.agent.session")
@@ -91,6 +93,14 @@ OPEN_TIMEOUT = 10.0
 GOODBYE_FLUSH = 0.2
 """At shutdown, how long the stream resets (``AGENT_GONE``) get to leave before the
 connection closes: aioquic sends nothing but CONNECTION_CLOSE once closing."""
+
+
+def may_pipeline(accepted: frozenset[str]) -> bool:
+    """May a consumer write application bytes right behind OPEN_STREAM on a relay link that
+    echoed ``accepted`` in HELLO_ACK? Only if the relay is ours and said so
+    (``orp.CAP_PIPELINE``): a reference relay echoes nothing and discards pipelined bytes
+    in forward mode, so against it we wait for the answer as the reference agent does."""
+    return CAP_PIPELINE in accepted
 
 
 class NotConnected(Exception):
@@ -453,11 +463,12 @@ class RelaySession:
         if not waiter.done():
             waiter.cancel()
 
-    async def open_stream(self, service: str) -> tuple[Stream, int, asyncio.Future[str]]:
+    async def open_stream(self, service: str) -> tuple[Stream, int, asyncio.Future[str], bool]:
         """OPEN_STREAM on a fresh relay stream (spec 03 §3.4).
 
         Returns:
-            The stream, its id, and a future resolved with the stream mode.
+            The stream, its id, a future resolved with the stream mode, and whether the
+            application's bytes may follow OPEN_STREAM at once (:func:`may_pipeline`).
 
         Raises:
             NotConnected: no relay connection right now.
@@ -489,7 +500,7 @@ class RelaySession:
             self.forget_mode(sid, waiter)
             stream.abort()
             raise
-        return stream, sid, waiter
+        return stream, sid, waiter, may_pipeline(link.accepted)
 
     def is_active(self, stream_id: int) -> bool:
         """A stream of ours (opened or accepted, not yet finished) has this id."""
@@ -523,9 +534,19 @@ class RelaySession:
         return self._control.peer_of(stream_id)
 
     def wrap(
-        self, stream_id: int, inner: Stream, prefix: bytes = b"", *, peer_uri: str = ""
+        self,
+        stream_id: int,
+        inner: Stream,
+        prefix: bytes = b"",
+        *,
+        peer_uri: str = "",
+        sent: bytes = b"",
     ) -> Stream:
-        """Make a spliced relay stream resumable (ids 0 cannot be resumed)."""
+        """Make a spliced relay stream resumable (ids 0 cannot be resumed).
+
+        ``prefix``: bytes already read from ``inner``; ``sent``: bytes already written to
+        it (pipelined, see :class:`ResumableStream`).
+        """
         if stream_id == 0:
             return inner
         self._control.remember_peer(stream_id, peer_uri)
@@ -534,6 +555,7 @@ class RelaySession:
             inner,
             on_broken=self._resumes.on_broken,
             prefix=prefix,
+            sent=sent,
             window=self.resume_window,
         )
         wrapped.peer_uri = self._control.peer_of(stream_id)

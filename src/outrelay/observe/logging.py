@@ -13,13 +13,18 @@ import datetime as _dt
 import json
 import logging
 import sys
+import time
+from collections.abc import Callable
 from typing import Any, TextIO
 
 __all__ = [
+    "HOP_LOGGER",
     "LIBRARY_LOGGERS",
     "LOG_FORMATS",
     "LOG_LEVELS",
     "KeyValueFormatter",
+    "hop",
+    "hop_marks",
     "kv",
     "setup_logging",
 ]
@@ -47,6 +52,32 @@ _LEVEL_NAMES = {
 def kv(**attrs: Any) -> dict[str, Any]:
     """Attributes for one log call: ``log.warning("x", extra=kv(addr=a))``."""
     return {"attrs": attrs}
+
+
+HOP_LOGGER = "outrelay.hops"
+_hops = logging.getLogger(HOP_LOGGER)
+
+
+def hop(event: str, stream_id: int, at: float | None = None, **attrs: Any) -> None:
+    """A debug timing mark on the open path: ``msg=hop ev=<event> stream_id=<id> t=<s>``.
+
+    ``t`` is ``time.monotonic()`` (or ``at``) with microseconds: CLOCK_MONOTONIC is one clock
+    for every process of a host, so ``bench/hops.py`` lines the marks of the consumer, the
+    relay and the provider up per stream and reports each hop. Costs one level check unless
+    ``--log-level debug``.
+    """
+    if _hops.isEnabledFor(logging.DEBUG):
+        when = time.monotonic() if at is None else at
+        _hops.debug("hop", extra=kv(ev=event, stream_id=stream_id, t=f"{when:.6f}", **attrs))
+
+
+def hop_marks(stream_id: int, a_to_b: str, b_to_a: str) -> Callable[[str], None] | None:
+    """A splice's first-bytes hook that marks :func:`hop` ``a_to_b`` / ``b_to_a``; None
+    (no hook at all) unless the marks are logged."""
+    if not _hops.isEnabledFor(logging.DEBUG):
+        return None
+    events = {"a_to_b": a_to_b, "b_to_a": b_to_a}
+    return lambda direction: hop(events[direction], stream_id)
 
 
 def ms(seconds: float | None, unknown: str = "") -> str:

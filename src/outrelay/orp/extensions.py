@@ -28,6 +28,7 @@ __all__ = [
     "CAP_INSTANCE",
     "CAP_P2P_MODE",
     "CAP_P2P_RESUME_V2",
+    "CAP_PIPELINE",
     "CAP_RESUME_PEER",
     "FINAL_CODES",
     "RELAY_CAPABILITIES",
@@ -121,5 +122,20 @@ CAP_RESUME_PEER: Final = "resume-peer"
 (``StreamReady.outrelay_peer_uri``), and the agent names that peer in every
 STREAM_RESUME (``StreamResume.outrelay_peer_uri``), so our relay pairs a resume half
 only with its own peer's, even after a restart that lost all records of the stream."""
-RELAY_CAPABILITIES: Final = frozenset({CAP_P2P_MODE, CAP_INSTANCE, CAP_RESUME_PEER})
+CAP_PIPELINE: Final = "pipeline"
+"""HELLO capability, for both roles (issue 16: fewer round trips before the first byte).
+
+* Consumer: when our relay echoed it, the agent writes the application's first bytes right
+  behind OPEN_STREAM instead of waiting for the relay's answer. A reference relay never
+  echoes it, and it discards pipelined bytes in forward mode (spec 02 §6.4), which is why
+  the reference never pipelines. Our relay discards them in forward mode too, and the
+  consumer, which keeps every byte it pipelined until the answer, sends them first on the
+  end-to-end connection. A reject drops them (the relay drains them, spec 02 §13).
+* Provider: to an agent whose HELLO carried it, our relay sends, for a stream it will
+  splice, ``IncomingStream.outrelay_spliced`` and the consumer's pipelined bytes right
+  behind INCOMING_STREAM, before the provider accepts; the provider then bridges as soon as
+  it has sent STREAM_ACCEPT instead of waiting for STREAM_READY. Other providers get the
+  bytes after STREAM_ACCEPT, in the splice, as the reference does (spec 02 §6.1 step 1).
+"""
+RELAY_CAPABILITIES: Final = frozenset({CAP_P2P_MODE, CAP_INSTANCE, CAP_RESUME_PEER, CAP_PIPELINE})
 """The HELLO capabilities our relay acts on and echoes in ``accepted_features``."""

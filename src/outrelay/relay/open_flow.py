@@ -33,9 +33,10 @@ from dataclasses import dataclass
 from typing import TypeAlias
 
 from outrelay.identity import InvalidIdentity, parse_identity
-from outrelay.observe import kv
+from outrelay.observe import hop, hop_marks, kv
 from outrelay.orp import (
     CAP_P2P_MODE,
+    CAP_PIPELINE,
     CAP_RESUME_PEER,
     FrameType,
     IncomingStream,
@@ -52,6 +53,7 @@ from outrelay.relay.forward import forward_session
 from outrelay.relay.policy import P2PMode, PolicyResult, RelayMode, combine_p2p
 from outrelay.relay.splicing import reject, splice_pair
 from outrelay.relay.state import AgentSession, RelayState, log, now_ms
+from outrelay.splice import copy_until
 from outrelay.transport import Stream, TransportError
 from outrelay.wire import FrameReader, expect_message
 
@@ -65,6 +67,7 @@ __all__ = [
     "RejectOpen",
     "Resolve",
     "decide_open",
+    "early_to_provider",
 ]
 
 PROVIDER_ANSWER_TIMEOUT = 30.0
@@ -154,6 +157,15 @@ def decide_open(
     return AdmitOpen(provider, p2p_mode, relay_mode)
 
 
+def early_to_provider(decision: AdmitOpen, provider_capabilities: frozenset[str]) -> bool:
+    """Does the provider get the consumer's pipelined bytes right behind INCOMING_STREAM
+    (``IncomingStream.outrelay_spliced``), before it accepts? Only for a stream we will
+    splice, and only a provider that announced ``orp.CAP_PIPELINE``: a reference agent
+    expects nothing but its answer's reply before STREAM_READY, and in forward mode the
+    consumer's bytes are discarded (the consumer sends them again end to end)."""
+    return decision.relay_mode == RelayMode.SPLICE and CAP_PIPELINE in provider_capabilities
+
+
 class OpenFlow:
     """The shell of the open flow (module docstring).
 
@@ -204,6 +216,7 @@ class OpenFlow:
         """Spec 02 §6.1, steps 2–9, for a provider on this relay."""
         state = self._state
         sid = msg.stream_id
+        hop("r_open", sid, early=len(c_leftover))
         target, method = msg.target_service, msg.method
         c_uri = consumer.uri
         fields = kv(stream_id=sid, svc=target, consumer=c_uri)
@@ -223,22 +236,28 @@ class OpenFlow:
             return
         provider = state.agents[decision.provider_uri]
         p_uri = provider.uri
+        early = early_to_provider(decision, provider.capabilities)
 
         try:
             p_stream = await provider.conn.open_stream()
-            await p_stream.send_all(
-                encode_message(
-                    FrameType.INCOMING_STREAM,
-                    IncomingStream(
-                        target_service=target, method=method, source_agent_uri=c_uri, stream_id=sid
-                    ),
-                )
+            incoming = encode_message(
+                FrameType.INCOMING_STREAM,
+                IncomingStream(
+                    target_service=target,
+                    method=method,
+                    source_agent_uri=c_uri,
+                    stream_id=sid,
+                    outrelay_spliced=early,
+                ),
             )
+            # One write: the pipelined bytes leave in INCOMING_STREAM's packet.
+            await p_stream.send_all(incoming + c_leftover if early else incoming)
         except TransportError as exc:
             log.warning("provider stream open failed", extra=kv(**fields["attrs"], err=str(exc)))
             await reject(c_stream, RejectCode.BAD_GATEWAY, "provider stream open failed")
             return
 
+        hop("r_incoming_sent", sid)
         if not state.pairs.record(sid, c_uri, p_uri):
             log.warning("stream id collision rejected", extra=fields)
             await p_stream.aclose()
@@ -256,7 +275,7 @@ class OpenFlow:
             )
         try:
             await self._answer_and_carry(
-                consumer, c_stream, c_leftover, provider, p_stream, sid, decision
+                consumer, c_stream, c_leftover, provider, p_stream, sid, decision, early=early
             )
         finally:
             state.pairs.forget(sid, c_uri, p_uri)
@@ -276,16 +295,33 @@ class OpenFlow:
         p_stream: Stream,
         sid: int,
         decision: AdmitOpen,
+        *,
+        early: bool = False,
     ) -> None:
-        """§6.1 steps 7–9: the provider's answer, then splice (§6.3) or forward (§6.4)."""
+        """§6.1 steps 7–9: the provider's answer, then splice (§6.3) or forward (§6.4).
+
+        ``early``: ``c_leftover`` already went to the provider behind INCOMING_STREAM
+        (:func:`early_to_provider`); what the consumer sends meanwhile follows it.
+        """
         state = self._state
         p_reader = FrameReader(p_stream)
+        loop = asyncio.get_running_loop()
+        answered: asyncio.Future[None] = loop.create_future()
+        # Pipelining (module docstring): the consumer's bytes go on to the provider
+        # while it makes up its mind.
+        pump = loop.create_task(copy_until(c_stream, p_stream, answered)) if early else None
+        early_bytes = len(c_leftover) if early else 0
         try:
             async with asyncio.timeout(PROVIDER_ANSWER_TIMEOUT):
                 answer = await p_reader.read_frame()
         except (TimeoutError, TransportError, OrpError) as exc:
             log.info("provider did not answer", extra=kv(stream_id=sid, err=repr(exc)))
             answer = None
+        finally:
+            answered.set_result(None)
+            if pump is not None:
+                early_bytes += await pump
+        hop("r_answer", sid)
         if answer is None or answer.type not in (FrameType.STREAM_ACCEPT, FrameType.STREAM_REJECT):
             await asyncio.gather(c_stream.aclose(), p_stream.aclose())
             return
@@ -317,7 +353,13 @@ class OpenFlow:
                 ready.outrelay_p2p_mode = encode_p2p_mode(decision.p2p_mode)
             if CAP_RESUME_PEER in agent.capabilities:
                 ready.outrelay_peer_uri = provider.uri if agent is consumer else consumer.uri
-            await agent.ctrl.send(FrameType.STREAM_READY, ready)
+            agent.ctrl.post(FrameType.STREAM_READY, ready)
+        # Queued, not waited for: the outbox writers run before the splice's copy
+        # tasks (asyncio runs ready callbacks in order), so STREAM_READY is still written
+        # first (§6.3) unless a backlog holds it back, and no agent may rely on the
+        # order across streams anyway. Waiting for both writes cost ~0.9 ms of every
+        # stream's time to first byte (bench/hops.py).
+        hop("r_ready_sent", sid)
         # A source that breaks (not a clean EOF) resets the other side, so
         # its agent resumes instead of taking a FIN for a finished stream.
         # (REQUIRED enforcement runs beside the splice, armed by run().)
@@ -328,12 +370,17 @@ class OpenFlow:
             c_stream,
             provider,
             p_stream,
-            c_leftover,
+            b"" if early else c_leftover,
             p_reader.take_leftover(),
+            on_first_bytes=hop_marks(sid, "r_c2p_first", "r_p2c_first"),
         )
         log.debug(
             "splice ended",
-            extra=kv(stream_id=sid, c_to_p=result.a_to_b.bytes, p_to_c=result.b_to_a.bytes),
+            extra=kv(
+                stream_id=sid,
+                c_to_p=result.a_to_b.bytes + early_bytes,
+                p_to_c=result.b_to_a.bytes,
+            ),
         )
 
     async def _enforce_required(

@@ -18,7 +18,7 @@ from outrelay.orp import (
 )
 from outrelay.relay.pairs import EndedPairs
 from outrelay.relay.state import AgentSession, now_ms
-from outrelay.splice import SpliceResult, splice
+from outrelay.splice import FirstBytes, SpliceResult, splice
 from outrelay.transport import BrokenResourceError, Stream, TransportError
 
 __all__ = ["REJECT_DRAIN_TIMEOUT", "end_code", "reject", "splice_pair"]
@@ -68,6 +68,8 @@ async def splice_pair(
     b_stream: Stream,
     a_prefix: bytes,
     b_prefix: bytes,
+    *,
+    on_first_bytes: FirstBytes | None = None,
 ) -> SpliceResult:
     """Splice two agents' streams (spec 02 §6.5 with our close semantics, module docstring).
 
@@ -86,6 +88,7 @@ async def splice_pair(
         abort_a_on_b_error=lambda exc: end_code(b, exc),
         abort_b_on_a_error=lambda exc: end_code(a, exc),
         abort_source_on_write_error=True,
+        on_first_bytes=on_first_bytes,
     )
     if not (result.a_to_b.clean and result.b_to_a.clean):
         ended.note(sid, a.member, b.member, now_ms())

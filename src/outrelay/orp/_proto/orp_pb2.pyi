@@ -53,16 +53,18 @@ class OpenStream(_message.Message):
     def __init__(self, target_service: _Optional[str] = ..., method: _Optional[str] = ..., stream_id: _Optional[int] = ...) -> None: ...
 
 class IncomingStream(_message.Message):
-    __slots__ = ("target_service", "method", "source_agent_uri", "stream_id")
+    __slots__ = ("target_service", "method", "source_agent_uri", "stream_id", "outrelay_spliced")
     TARGET_SERVICE_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
     SOURCE_AGENT_URI_FIELD_NUMBER: _ClassVar[int]
     STREAM_ID_FIELD_NUMBER: _ClassVar[int]
+    OUTRELAY_SPLICED_FIELD_NUMBER: _ClassVar[int]
     target_service: str
     method: str
     source_agent_uri: str
     stream_id: int
-    def __init__(self, target_service: _Optional[str] = ..., method: _Optional[str] = ..., source_agent_uri: _Optional[str] = ..., stream_id: _Optional[int] = ...) -> None: ...
+    outrelay_spliced: bool
+    def __init__(self, target_service: _Optional[str] = ..., method: _Optional[str] = ..., source_agent_uri: _Optional[str] = ..., stream_id: _Optional[int] = ..., outrelay_spliced: _Optional[bool] = ...) -> None: ...
 
 class StreamAccept(_message.Message):
     __slots__ = ()
