@@ -10,9 +10,10 @@ from collections.abc import AsyncIterator
 import pytest
 from quicbackends import HAVE_QH3
 
+from outrelay.transport import Stream
 from outrelay.transport.quic import QuicConn, path_mtu, settings
 
-from .listeners import Listener, dial_quic, listen_quic, open_and_accept
+from .listeners import Listener, dial_quic, listen_quic, open_and_accept, read_all
 from .tlspki import Pki
 
 pytestmark = pytest.mark.timeout(60)
@@ -51,22 +52,16 @@ async def server(pki: Pki) -> AsyncIterator[Listener[QuicConn]]:
     await listener.close()
 
 
-async def _transfer(sender: object, receiver: object, size: int) -> None:
+async def _transfer(sender: Stream, receiver: Stream, size: int) -> None:
     """``size`` random bytes one way, then FIN; sha256 equal at the far end."""
     payload = os.urandom(size)
 
     async def send() -> None:
-        await sender.send_all(payload)  # type: ignore[attr-defined]
-        await sender.send_eof()  # type: ignore[attr-defined]
-
-    async def receive() -> bytes:
-        chunks = []
-        while chunk := await receiver.receive_some():  # type: ignore[attr-defined]
-            chunks.append(chunk)
-        return b"".join(chunks)
+        await sender.send_all(payload)
+        await sender.send_eof()
 
     async with asyncio.timeout(30):
-        _, got = await asyncio.gather(send(), receive())
+        _, got = await asyncio.gather(send(), read_all(receiver))
     assert hashlib.sha256(got).digest() == hashlib.sha256(payload).digest()
 
 
