@@ -582,3 +582,54 @@ async def test_checkpointed_writer_waits_instead_of_evicting_unacked_bytes() -> 
         finally:
             writer.cancel()
     assert s.positions.sent == 70_100
+
+
+# -- closing: the linger for the last checkpoints (orp.CAP_CLOSE_ACK) ---------------------------
+
+
+async def _finished(close_ack: bool) -> tuple[ResumableStream, MemoryStream]:
+    """A stream that sent and received 10 bytes, the peer acknowledged 4, and read EOF."""
+    inner, peer = memory_stream_pair()
+    s, _ = _stream(inner)
+    s.close_ack = close_ack
+    await s.send_all(b"x" * 10)
+    s.apply_checkpoint(0, 4)
+    await peer.send_all(b"y" * 10)
+    await peer.send_eof()
+    async with asyncio.timeout(STEP):
+        assert await _drain(s) == b"y" * 10
+    return s, peer
+
+
+async def test_close_waits_for_the_peers_last_checkpoint_and_reports_its_own() -> None:
+    s, _peer = await _finished(close_ack=True)
+    closing = asyncio.create_task(s.aclose())
+    await _settle()
+    assert not closing.done(), "closed before the peer acknowledged the last 6 bytes"
+    s.apply_checkpoint(10, 10)
+    await _settle()
+    assert not closing.done(), "closed before our own last checkpoint (received 10) went out"
+    s.note_reported(10)
+    async with asyncio.timeout(STEP):
+        await closing
+    assert s.positions.peer_acked == s.positions.sent == 10
+
+
+async def test_close_does_not_wait_where_the_relay_drops_late_checkpoints() -> None:
+    """A reference relay stops forwarding with the splice: nothing more can come."""
+    s, _peer = await _finished(close_ack=False)
+    async with asyncio.timeout(0.5):
+        await s.aclose()
+    assert s.positions.peer_acked == 4
+
+
+async def test_close_gives_up_waiting_at_the_end_of_the_window() -> None:
+    inner, _peer = memory_stream_pair()
+    s, _ = _stream(inner, window=0.2)
+    s.close_ack = True
+    await s.send_all(b"x" * 10)
+    s.apply_checkpoint(0, 4)
+    started = time.monotonic()
+    async with asyncio.timeout(STEP):
+        await s.aclose()
+    assert 0.15 < time.monotonic() - started < STEP

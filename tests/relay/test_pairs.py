@@ -7,6 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from outrelay.relay.pairs import (
+    CLOSED_PAIR_TTL_MS,
     ENDED_PAIR_TTL_MS,
     MIGRATED_CAPACITY,
     MIGRATION_TTL_MS,
@@ -77,6 +78,32 @@ def test_route() -> None:
     assert table.route(0xCAFEF00D, P1) == C1
     assert table.route(0xCAFEF00D, C2) is None
     assert table.route(0xDEAD, C1) is None
+
+
+def test_a_forgotten_pair_routes_checkpoints_for_a_while() -> None:
+    """Ours (orp.CAP_CLOSE_ACK): the agents' last checkpoints come after the splice ended."""
+    table = PairTable()
+    table.record(5, C1, P1)
+    assert table.forget(5, C1, P1, now_ms=1_000)
+    assert table.route(5, C1) is None  # no longer live: candidates are not forwarded
+    assert table.route_closed(5, C1, 1_000 + CLOSED_PAIR_TTL_MS - 1) == P1
+    assert table.route_closed(5, P1, 1_000) == C1
+    assert table.route_closed(5, C2, 1_000) is None  # a stranger
+    assert table.route_closed(5, C1, 1_000 + CLOSED_PAIR_TTL_MS) is None  # expired
+    assert table.route_closed(5, P1, 1_000) is None  # and gone
+    table.record(6, C1, P1)
+    assert table.forget(6, C1, P1)  # without a clock: not remembered
+    assert table.route_closed(6, C1, 0) is None
+
+
+def test_closed_pairs_are_capped_oldest_first() -> None:
+    table = PairTable(closed_capacity=2)
+    for sid in (1, 2, 3):
+        table.record(sid, C1, P1)
+        table.forget(sid, C1, P1, now_ms=sid)
+    assert table.route_closed(1, C1, 3) is None
+    assert table.route_closed(2, C1, 3) == P1
+    assert table.route_closed(3, C1, 3) == P1
 
 
 def test_stream_pair_unpacks() -> None:

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Final
 from outrelay.agent.resumable import RESUME_WINDOW
 from outrelay.observe import kv
 from outrelay.orp import (
+    CAP_CLOSE_ACK,
     CAP_INSTANCE,
     CAP_P2P_MODE,
     CAP_P2P_RESUME_V2,
@@ -319,6 +320,7 @@ class RelayDialer:
                         CAP_INSTANCE,
                         CAP_RESUME_PEER,
                         CAP_PIPELINE,
+                        CAP_CLOSE_ACK,
                     ],
                     outrelay_instance=self._instance,
                 ),

@@ -162,6 +162,11 @@ class ResumableStream(Stream):
         """The peer's my_position from its last checkpoint (0 if none)."""
         self.checkpointed = False
         """True once the peer has acknowledged anything for this stream."""
+        self.close_ack = False
+        """The relay forwards checkpoints after the splice ended (``orp.CAP_CLOSE_ACK``):
+        :meth:`aclose` then waits for the peer's last acknowledgement, and reports our own."""
+        self.reported = -1
+        """The ``received`` position our last STREAM_CHECKPOINT told the peer (-1: none yet)."""
         self.resumes = 0
         self.peer_uri = ""
         """The other agent's URI when known (``orp.CAP_RESUME_PEER``): named in STREAM_RESUME."""
@@ -357,6 +362,11 @@ class ResumableStream(Stream):
             self.checkpointed = True
             self._changed.set()
 
+    def note_reported(self, position: int) -> None:
+        """A STREAM_CHECKPOINT telling the peer ``position`` (our ``received``) went out."""
+        self.reported = position
+        self._changed.set()
+
     async def wait_all_acknowledged(self) -> None:
         """Wait until the peer has acknowledged every byte sent (its checkpoints say so).
 
@@ -496,25 +506,42 @@ class ResumableStream(Stream):
             self._lost = ABORTED
         self._changed.set()
 
+    def _lingering(self) -> bool:
+        """Must :meth:`aclose` wait: an acknowledgement to come, or ours to go out?"""
+        if not self.close_ack or self._lost is not None:
+            return False
+        unacked = self.checkpointed and self.positions.peer_acked < self.positions.sent
+        return unacked or self.reported < self.positions.received
+
     async def aclose(self) -> None:
         """FIN, then stay resumable until the peer has acknowledged every byte.
 
         Without the linger, a relay dying just after both sides finished would
         take the last bytes with it: this side would have forgotten the stream
-        while the peer still waits for them. Only with a peer that sends
-        checkpoints (else nobody would ever acknowledge), bounded by the window.
+        while the peer still waits for them. Only where the relay forwards the
+        last checkpoints (:attr:`close_ack`) and with a peer that sends them
+        (else nobody would ever acknowledge), bounded by the window. The stream
+        also stays until our own last checkpoint went out: the peer lingers for it.
         """
         if self._closed:
             return
         await self.send_eof()
         deadline = time.monotonic() + self._window
-        while (
-            self.checkpointed
-            and self.positions.peer_acked < self.positions.sent
-            and self._lost is None
-            and time.monotonic() < deadline
-        ):
+        while self._lingering() and time.monotonic() < deadline:
             await self._wait_change(deadline)
+        if self._lingering():
+            log.debug(
+                "close: gave up waiting for the last checkpoints",
+                extra={
+                    "attrs": {
+                        "id": self.stream_id,
+                        "sent": self.positions.sent,
+                        "peer_acked": self.positions.peer_acked,
+                        "received": self.positions.received,
+                        "reported": self.reported,
+                    }
+                },
+            )
         self._closed = True
         inner, self._inner = self._inner, None
         if inner is not None:

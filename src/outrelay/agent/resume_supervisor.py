@@ -24,7 +24,7 @@ from typing import Final
 from outrelay.agent.dial import Link
 from outrelay.agent.resumable import ResumableStream, ResumeFailed, exchange_resume
 from outrelay.observe import kv, ms
-from outrelay.orp import FrameType, OrpError, StreamCheckpoint, is_final
+from outrelay.orp import CAP_CLOSE_ACK, FrameType, OrpError, StreamCheckpoint, is_final
 from outrelay.resume import ResumeError
 from outrelay.transport import BrokenResourceError, TransportError
 
@@ -123,6 +123,7 @@ class ResumeSupervisor:
             self._failed(stream, reason)
             return
         self._to_resume.discard(stream)
+        stream.close_ack = CAP_CLOSE_ACK in link.accepted  # the relay may have changed
         stream.install(new, leftover)
         if stream.path != "relay":
             stream.path = "relay"
@@ -158,18 +159,14 @@ async def emit_checkpoints(
     streams: Mapping[int, ResumableStream], current_link: Callable[[], Link | None]
 ) -> None:
     """STREAM_CHECKPOINT every 100 ms for streams whose read position moved."""
-    reported: dict[int, int] = {}
     while True:
         await asyncio.sleep(CHECKPOINT_PERIOD)
         link = current_link()
         if link is None:
             continue
-        for sid in list(reported):
-            if sid not in streams:
-                del reported[sid]
         for sid, stream in list(streams.items()):
             received = stream.positions.received
-            if stream.is_broken or reported.get(sid) == received:
+            if stream.is_broken or stream.reported == received:
                 continue
             try:
                 await link.ctrl.send(
@@ -182,4 +179,4 @@ async def emit_checkpoints(
                 )
             except TransportError:
                 break  # the link is going away; stop this tick
-            reported[sid] = received
+            stream.note_reported(received)

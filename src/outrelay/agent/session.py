@@ -48,6 +48,7 @@ from outrelay.agent.resumable import ResumableStream
 from outrelay.agent.resume_supervisor import ResumeSupervisor, emit_checkpoints
 from outrelay.observe import kv
 from outrelay.orp import (
+    CAP_CLOSE_ACK,
     CAP_PIPELINE,
     MESSAGE_TYPES,
     AllocGranted,
@@ -559,6 +560,8 @@ class RelaySession:
             window=self.resume_window,
         )
         wrapped.peer_uri = self._control.peer_of(stream_id)
+        link = self._link
+        wrapped.close_ack = link is not None and CAP_CLOSE_ACK in link.accepted
         previous = self._streams.get(stream_id)
         if previous is not None:
             log.warning(

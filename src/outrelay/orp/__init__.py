@@ -40,6 +40,7 @@ from .errors import (
     UnexpectedEOF,
 )
 from .extensions import (
+    CAP_CLOSE_ACK,
     CAP_INSTANCE,
     CAP_P2P_MODE,
     CAP_P2P_RESUME_V2,
@@ -82,6 +83,7 @@ from .messages import (
 )
 
 __all__ = [
+    "CAP_CLOSE_ACK",
     "CAP_INSTANCE",
     "CAP_P2P_MODE",
     "CAP_P2P_RESUME_V2",

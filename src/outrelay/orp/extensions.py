@@ -25,6 +25,7 @@ from enum import IntEnum
 from typing import Final
 
 __all__ = [
+    "CAP_CLOSE_ACK",
     "CAP_INSTANCE",
     "CAP_P2P_MODE",
     "CAP_P2P_RESUME_V2",
@@ -137,5 +138,16 @@ CAP_PIPELINE: Final = "pipeline"
   it has sent STREAM_ACCEPT instead of waiting for STREAM_READY. Other providers get the
   bytes after STREAM_ACCEPT, in the splice, as the reference does (spec 02 §6.1 step 1).
 """
-RELAY_CAPABILITIES: Final = frozenset({CAP_P2P_MODE, CAP_INSTANCE, CAP_RESUME_PEER, CAP_PIPELINE})
+CAP_CLOSE_ACK: Final = "close-ack"
+"""HELLO capability: our relay goes on forwarding a stream's STREAM_CHECKPOINTs for a while
+after its splice ended (``relay.pairs.CLOSED_PAIR_TTL_MS``). An agent's last checkpoint, the
+one that acknowledges the peer's final bytes, can only be sent once those bytes and the FIN
+behind them arrived, which is when the relay ends the splice; a reference relay then drops it
+(spec 02 §5). Where the relay echoed it, a finished resumable stream stays resumable until
+the peer acknowledged every byte, so a relay dying just after both sides finished loses
+nothing; against a reference relay, whose forwarding stops with the splice, the agent does
+not wait for an acknowledgement that cannot come."""
+RELAY_CAPABILITIES: Final = frozenset(
+    {CAP_P2P_MODE, CAP_INSTANCE, CAP_RESUME_PEER, CAP_PIPELINE, CAP_CLOSE_ACK}
+)
 """The HELLO capabilities our relay acts on and echoes in ``accepted_features``."""

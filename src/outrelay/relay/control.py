@@ -208,6 +208,9 @@ class ControlDispatch:
         message = decode_message(frame)
         stream_id = int(getattr(message, "stream_id", 0))
         target_uri = state.pairs.route(stream_id, session.uri)
+        if target_uri is None and frame.type == FrameType.STREAM_CHECKPOINT:
+            # Ours (orp.CAP_CLOSE_ACK): the last checkpoints come after the splice ended.
+            target_uri = state.pairs.route_closed(stream_id, session.uri, now_ms())
         if (
             frame.type == FrameType.CANDIDATE_OFFER
             and stream_id in state.p2p_forbidden

@@ -278,7 +278,7 @@ class OpenFlow:
                 consumer, c_stream, c_leftover, provider, p_stream, sid, decision, early=early
             )
         finally:
-            state.pairs.forget(sid, c_uri, p_uri)
+            state.pairs.forget(sid, c_uri, p_uri, now_ms())
             state.p2p_forbidden.discard(sid)
             if enforcer is not None and promoted is not None:
                 enforcer.cancel()

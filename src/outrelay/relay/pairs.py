@@ -7,6 +7,11 @@ the id up here. The relay inserts after INCOMING_STREAM was written (§6.1 step 
 when the handler returns; it never inserts ``stream_id == 0``, inter-relay, resumed or demoted
 streams.
 
+**Closed pairs** (ours, ``orp.CAP_CLOSE_ACK``). A removed pair stays routable for
+STREAM_CHECKPOINT alone for ``CLOSED_PAIR_TTL_MS``: each agent's last checkpoint acknowledges
+bytes that arrived together with the FIN that ended the splice, so it always comes after the
+removal; the reference drops it, and the agents can never learn that the last bytes arrived.
+
 **Migrated cache** (spec 02 §7.3, the reference's "migrated LRU"). MIGRATE_TO_P2P on ctrl notes
 ``{stream_id, consumer_uri, provider_uri, migrated_at}`` for 60 s; the REQUIRED timer (§7.5)
 and MIGRATE_TO_RELAY (§7.4) look it up.
@@ -27,6 +32,8 @@ from typing import Final, NamedTuple
 
 __all__ = [
     "AGENT_INSTANCES_CAPACITY",
+    "CLOSED_PAIR_CAPACITY",
+    "CLOSED_PAIR_TTL_MS",
     "ENDED_PAIR_CAPACITY",
     "ENDED_PAIR_TTL_MS",
     "MIGRATED_CAPACITY",
@@ -53,6 +60,16 @@ dropped, which at worst makes a REQUIRED stream's timer fire (its FIN, §7.5) or
 line."""
 
 
+CLOSED_PAIR_TTL_MS: Final = 10_000
+"""How long after its OPEN_STREAM (or resume) handler returned a stream's checkpoints are still
+forwarded (ours, ``orp.CAP_CLOSE_ACK``). The agents send their last checkpoint within one
+checkpoint period (100 ms) of reading the FIN; 10 s covers a loaded machine many times over."""
+
+CLOSED_PAIR_CAPACITY: Final = 65_536
+"""The most closed pairs remembered; beyond it the oldest is dropped (its agents then stop
+waiting at the end of their resume window, as with a reference relay). A few MiB at most."""
+
+
 class StreamPair(NamedTuple):
     """The two agents of one relay-mediated stream; unpacks as ``consumer, provider``."""
 
@@ -65,10 +82,19 @@ class StreamPair(NamedTuple):
 class PairTable:
     """``stream_id → (consumer_uri, provider_uri)`` for live local splices (spec 02 §5)."""
 
-    __slots__ = ("_pairs",)
+    __slots__ = ("_closed", "_closed_capacity", "_closed_ttl", "_pairs")
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        *,
+        closed_ttl_ms: int = CLOSED_PAIR_TTL_MS,
+        closed_capacity: int = CLOSED_PAIR_CAPACITY,
+    ) -> None:
         self._pairs: dict[int, StreamPair] = {}
+        self._closed: OrderedDict[int, tuple[StreamPair, int]] = OrderedDict()
+        """Removed pairs, oldest first, with the time of removal (checkpoints only)."""
+        self._closed_ttl = closed_ttl_ms
+        self._closed_capacity = closed_capacity
 
     def record(self, stream_id: int, consumer_uri: str, provider_uri: str) -> bool:
         """Record the pair of ``stream_id`` (spec 02 §6.1 step 6, the reference's
@@ -88,7 +114,9 @@ class PairTable:
         existing = self._pairs.setdefault(stream_id, pair)
         return existing == pair
 
-    def forget(self, stream_id: int, consumer_uri: str, provider_uri: str) -> bool:
+    def forget(
+        self, stream_id: int, consumer_uri: str, provider_uri: str, now_ms: int | None = None
+    ) -> bool:
         """Remove ``stream_id`` when its OPEN_STREAM handler returns (spec 02 §5 "Remove").
 
         Only an entry holding this very pair is removed, so a handler whose :meth:`record` was
@@ -97,13 +125,38 @@ class PairTable:
         As in the reference, two handlers that recorded the same pair share one entry, and the
         first to finish removes it.
 
+        With ``now_ms``, the removed pair stays routable for STREAM_CHECKPOINT until
+        ``now_ms + CLOSED_PAIR_TTL_MS`` (:meth:`route_closed`).
+
         Returns:
             Whether an entry was removed.
         """
-        if self._pairs.get(stream_id) != StreamPair(consumer_uri, provider_uri):
+        pair = StreamPair(consumer_uri, provider_uri)
+        if self._pairs.get(stream_id) != pair:
             return False
         del self._pairs[stream_id]
+        if now_ms is not None:
+            closed = self._closed
+            closed.pop(stream_id, None)  # a newer removal moves to the back
+            closed[stream_id] = (pair, now_ms)
+            while closed:
+                _, removed_at = next(iter(closed.values()))
+                if now_ms - removed_at < self._closed_ttl and len(closed) <= self._closed_capacity:
+                    break
+                closed.popitem(last=False)
         return True
+
+    def route_closed(self, stream_id: int, sender_uri: str, now_ms: int) -> str | None:
+        """Where to forward a STREAM_CHECKPOINT for a pair removed less than
+        ``CLOSED_PAIR_TTL_MS`` ago (ours, ``orp.CAP_CLOSE_ACK``); ``None`` as :meth:`route`."""
+        entry = self._closed.get(stream_id)
+        if entry is None:
+            return None
+        pair, removed_at = entry
+        if now_ms - removed_at >= self._closed_ttl:
+            del self._closed[stream_id]
+            return None
+        return _other(pair, sender_uri)
 
     def get(self, stream_id: int) -> StreamPair | None:
         """The pair recorded for ``stream_id``, if any (used by MIGRATE_TO_P2P, spec 02 §7.3)."""
@@ -118,16 +171,19 @@ class PairTable:
             provider, and ``None`` (drop silently) if there is no entry or the sender is neither.
         """
         pair = self._pairs.get(stream_id)
-        if pair is None:
-            return None
-        if sender_uri == pair.consumer_uri:
-            return pair.provider_uri
-        if sender_uri == pair.provider_uri:
-            return pair.consumer_uri
-        return None
+        return None if pair is None else _other(pair, sender_uri)
 
     def __len__(self) -> int:
         return len(self._pairs)
+
+
+def _other(pair: StreamPair, sender_uri: str) -> str | None:
+    """The member of ``pair`` that is not ``sender_uri`` (``None``: the sender is neither)."""
+    if sender_uri == pair.consumer_uri:
+        return pair.provider_uri
+    if sender_uri == pair.provider_uri:
+        return pair.consumer_uri
+    return None
 
 
 @dataclass(frozen=True, slots=True)

@@ -275,4 +275,4 @@ class ResumeFlow:
             )
         finally:
             if recorded:
-                pairs.forget(sid, peer.agent_uri, half.agent_uri)
+                pairs.forget(sid, peer.agent_uri, half.agent_uri, now_ms())
