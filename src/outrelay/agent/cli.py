@@ -50,6 +50,7 @@ from outrelay.cliutil import (
     go_style_argv,
     parse_host_port,
 )
+from outrelay.config import add_config_flag, config_argv
 from outrelay.identity import InvalidIdentity, parse_identity
 from outrelay.observe import kv, setup_logging
 from outrelay.pki import IdentityCheckFailed, PkiError, check_own_identity
@@ -225,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_quic_datagram_flag(p)
     add_log_flags(p)
+    add_config_flag(p)
     p.add_argument("--version", action="store_true", help="print the version and exit")
     return p
 
@@ -434,6 +436,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     words = go_style_argv(sys.argv[1:] if argv is None else argv, parser)
     try:
+        words = config_argv(parser, words)
         args = parser.parse_args(words)
     except FlagError as exc:
         return flag_error(parser, words, str(exc), log)
