@@ -26,6 +26,7 @@ from outrelay.pki.files import (
     write_identity,
 )
 from outrelay.pki.issue import Issued, create_ca, issue_agent, issue_relay
+from outrelay.pki.k8s import URI_ANNOTATION, secret_yaml, validate_secret_name
 from outrelay.pki.verify import first_uri_san
 
 __all__ = ["add_pki_commands", "main", "run_pki"]
@@ -83,6 +84,22 @@ def add_pki_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentPar
     dev.add_argument("--tenant", default="acme", help="agent URI host (default: %(default)s)")
     dev.add_argument("--region", default="local", help="relay URI host (default: %(default)s)")
     _add_days(dev, f"leaf validity in days (default: {_LEAF_DAYS}; the CA gets {_CA_DAYS})")
+    dev.add_argument(
+        "--k8s-secret",
+        type=_secret_name,
+        metavar="NAME",
+        help="also print Kubernetes Secrets (type kubernetes.io/tls, keys tls.crt, tls.key, "
+        "ca.crt) on stdout: NAME-relay, NAME-agent-a, NAME-agent-b, each annotated with "
+        f"{URI_ANNOTATION}; the summary then goes to stderr, so "
+        "'... --k8s-secret outrelay | kubectl apply -n outrelay -f -' works",
+    )
+    dev.add_argument(
+        "--k8s-namespace",
+        type=_secret_name,
+        metavar="NS",
+        help="with --k8s-secret: metadata.namespace of the Secrets (default: none, "
+        "kubectl -n decides)",
+    )
     _add_force(dev)
 
     ca = sub.add_parser(
@@ -189,6 +206,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _cmd_dev(args: argparse.Namespace, out: TextIO) -> None:
+    if args.k8s_namespace is not None and args.k8s_secret is None:
+        raise ValueError("--k8s-namespace needs --k8s-secret")
     leaf_days = args.days if args.days is not None else _LEAF_DAYS
     directory: Path = args.out
     # Issue everything first: bad labels or days fail before anything is written.
@@ -243,6 +262,9 @@ def _cmd_dev(args: argparse.Namespace, out: TextIO) -> None:
     data = (json.dumps(manifest, indent=2) + "\n").encode()
     write_file_atomic(manifest_path, data, mode=0o644, force=args.force)
 
+    if args.k8s_secret is not None:
+        _print_secrets(args.k8s_secret, args.k8s_namespace, ca, relay, agents, out)
+        out = sys.stderr  # the YAML alone on stdout: it can be piped to kubectl
     ca_days = max(_CA_DAYS, leaf_days)
     print(f"Dev PKI written to {base} (CA {ca_days} days, leaves {leaf_days} days).", file=out)
     print(f"Agent identities (tenant {args.tenant}):", file=out)
@@ -265,6 +287,30 @@ def _cmd_dev(args: argparse.Namespace, out: TextIO) -> None:
         f"--ca {base}/ca.crt --uri {first_uri} ...",
         file=out,
     )
+
+
+def _print_secrets(
+    prefix: str,
+    namespace: str | None,
+    ca: Issued,
+    relay: Issued,
+    agents: Sequence[tuple[str, Issued, str]],
+    out: TextIO,
+) -> None:
+    """Print one Secret per identity, as a multi-document YAML stream."""
+    identities = [("relay", relay, _uri_of(relay))] + [(n, i, u) for n, i, u in agents]
+    docs = [
+        secret_yaml(
+            f"{prefix}-{name}",
+            cert_pem=issued.cert_pem(),
+            key_pem=issued.key_pem(),
+            ca_pem=ca.cert_pem(),
+            namespace=namespace,
+            annotations={URI_ANNOTATION: uri},
+        )
+        for name, issued, uri in identities
+    ]
+    out.write("".join(f"---\n{doc}" for doc in docs))
 
 
 def _cmd_ca(args: argparse.Namespace, out: TextIO) -> None:
@@ -331,6 +377,14 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1: {value}")
     return value
+
+
+def _secret_name(text: str) -> str:
+    # Longest suffix appended is "-agent-a" / "-agent-b" (8 characters).
+    try:
+        return validate_secret_name(text + "-agent-a")[: -len("-agent-a")]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc).replace("-agent-a'", "'")) from None
 
 
 def _uri_of(issued: Issued) -> str:
