@@ -589,6 +589,21 @@ class RelaySession:
             stream.abort(code)
         return len(streams)
 
+    def reconnect(self, reason: str) -> bool:
+        """Drop the relay link as a link failure so a new one is dialled (certificate reload).
+
+        The close code is 0, not AGENT_GONE: the relay parks every spliced half
+        for resume, and our streams resume on the next link exactly as after a
+        network failure, so nothing is lost. Returns False when there is no
+        link (the next dial presents the new certificate anyway).
+        """
+        link = self._link
+        if link is None or self._closing:
+            return False
+        log.info("session: reconnecting", extra=kv(relay=link.address, reason=reason))
+        link.conn.close(0, reason)
+        return True
+
     async def close(self) -> None:
         """End every stream (``AGENT_GONE``), then close the relay connection with that code.
 
