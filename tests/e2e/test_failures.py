@@ -8,7 +8,8 @@
 * A relay certificate that does not verify is logged with the reason on
   every retry; with ``--log-format json`` every line is JSON, library lines
   included.
-* Every bad flag value exits 2 with the reason; SIGHUP reloads an agent's certificate and does not stop it.
+* Every bad flag value exits 2 with the reason; SIGHUP reloads an agent's certificate
+  and does not stop it.
 """
 
 from __future__ import annotations
