@@ -19,6 +19,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import time
 import uuid
 from pathlib import Path
@@ -30,7 +31,7 @@ from devpki import DevPki, Identity
 from outrelay.pki import create_ca, issue_relay
 from outrelay.pki.issue import Issued
 
-from .harness import Agent, Backends, Cluster, Relay, Transfer
+from .harness import Agent, Backends, Cluster, Relay, Transfer, free_tcp_port
 
 pytestmark = [pytest.mark.e2e]
 
@@ -118,6 +119,21 @@ def test_rotation_during_a_transfer_resumes_every_stream(
     )
 
 
+def _tcp_server_serial(port: int, ident: Identity, ca_file: Path) -> str:
+    """The serial of the certificate the relay's TLS+yamux listener presents to a new client."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.load_cert_chain(ident.cert, ident.key)
+    ctx.load_verify_locations(cafile=ca_file)
+    ctx.set_alpn_protocols(["orp/1"])
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+        ctx.wrap_socket(raw, server_hostname="localhost") as tls,
+    ):
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return f"{x509.load_der_x509_certificate(der).serial_number:x}"
+
+
 def _write_ca_bundle(path: Path, *cas: Issued) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(b"".join(ca.cert_pem() for ca in cas))
@@ -134,9 +150,17 @@ def test_relay_rotation_keeps_agents_and_new_handshakes_see_the_new_certificate(
     shutil.copyfile(pki.relay_cert, cert)
     shutil.copyfile(pki.relay_key, key)
     shutil.copyfile(pki.ca_cert, ca)
-    relay = cluster.start_relay(args=["--cert", str(cert), "--key", str(key), "--ca", str(ca)])
+    tcp_port = free_tcp_port()
+    relay = cluster.start_relay(
+        args=[
+            *("--cert", str(cert), "--key", str(key), "--ca", str(ca)),
+            *("--listen-tcp", f"127.0.0.1:{tcp_port}"),
+        ]
+    )
     _provider, consumer = _pair(cluster, backends, relay, tmp_path)
     _echo_once(consumer.port("echo"))
+    old_serial = _serial(cert)
+    assert _tcp_server_serial(tcp_port, consumer.identity, pki.ca_cert) == old_serial
 
     # A second CA: the new server certificate comes from it, and the bundle
     # trusts both (old agents keep working, new ones may come from either).
@@ -163,6 +187,8 @@ def test_relay_rotation_keeps_agents_and_new_handshakes_see_the_new_certificate(
     newcomer = pki.issue_agent("newcomer", out=tmp_path / "ca2", ca=ca2)
     cluster.start_agent(newcomer, relay, consume=["echo"], args=["--ca", str(ca2_file)])
     relay.wait_for("agent connected", uri=newcomer.uri, since=since)
+    # TCP/443 too: a new TLS handshake gets the new certificate (verified against CA2 only).
+    assert _tcp_server_serial(tcp_port, newcomer, ca2_file) == done["serial"] != old_serial
 
 
 @pytest.mark.timeout(180)
