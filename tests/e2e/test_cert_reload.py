@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from devpki import DevPki, Identity
+from quicbackends import QUIC_BACKEND_PARAMS
 
 from outrelay.pki import create_ca, issue_relay
 from outrelay.pki.issue import Issued
@@ -83,6 +84,7 @@ def _pair(
 
 
 @pytest.mark.timeout(180)
+@pytest.mark.parametrize("quic_backend", QUIC_BACKEND_PARAMS)  # the agents' dialling library
 def test_rotation_during_a_transfer_resumes_every_stream(
     cluster: Cluster, backends: Backends, tmp_path: Path
 ) -> None:

@@ -404,11 +404,17 @@ class IdentityReloader:
     which resumes every stream on the new link.
     """
 
-    def __init__(self, agent: Agent, snapshot: IdentitySnapshot, uri: str) -> None:
+    def __init__(
+        self,
+        agent: Agent,
+        snapshot: IdentitySnapshot,
+        uri: str,
+        status: ReloadStatus | None = None,
+    ) -> None:
         self.agent = agent
         self.snapshot = snapshot
         self.uri = uri
-        self.status = ReloadStatus()
+        self.status = status if status is not None else ReloadStatus()
         """Last reload outcome (for the admin endpoint)."""
 
     def reload(self, trigger: str) -> bool:
@@ -451,16 +457,20 @@ async def run_agent(
     config: AgentConfig,
     snapshot: IdentitySnapshot | None = None,
     watch_interval: float | None = None,
+    reload_status: ReloadStatus | None = None,
 ) -> int:
     """Run until SIGINT/SIGTERM (exit 0) or a refusal before first contact (exit 1).
 
     ``snapshot`` (the files ``config`` loads) makes SIGHUP reload the identity;
-    ``watch_interval`` also polls the source files for changes.
+    ``watch_interval`` also polls the source files for changes; ``reload_status``
+    receives every reload's outcome (the admin endpoint can show it).
     """
     loop = asyncio.get_running_loop()
     agent = Agent(config)
     reloader = (
-        IdentityReloader(agent, snapshot, config.session.uri) if snapshot is not None else None
+        IdentityReloader(agent, snapshot, config.session.uri, reload_status)
+        if snapshot is not None
+        else None
     )
     with contextlib.suppress(NotImplementedError, RuntimeError, AttributeError):
         loop.add_signal_handler(

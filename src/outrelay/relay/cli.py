@@ -125,10 +125,12 @@ def _load_policy(path: str) -> PolicyService:
 class RelayIdentityReloader:
     """SIGHUP / ``--watch-certs``: validate new files, install them, re-arm the listeners."""
 
-    def __init__(self, relay: Relay, snapshot: IdentitySnapshot) -> None:
+    def __init__(
+        self, relay: Relay, snapshot: IdentitySnapshot, status: ReloadStatus | None = None
+    ) -> None:
         self.relay = relay
         self.snapshot = snapshot
-        self.status = ReloadStatus()
+        self.status = status if status is not None else ReloadStatus()
         """Last reload outcome (for the admin endpoint)."""
 
     def reload(self, trigger: str) -> bool:
@@ -160,9 +162,11 @@ async def run_relay(
     policy_path: str = "",
     snapshot: IdentitySnapshot | None = None,
     watch_interval: float | None = None,
+    reload_status: ReloadStatus | None = None,
 ) -> int:
     """Serve until SIGINT/SIGTERM; ``snapshot`` (the files ``config`` names) makes
-    SIGHUP reload the identity, ``watch_interval`` polls its source files too."""
+    SIGHUP reload the identity, ``watch_interval`` polls its source files too, and
+    ``reload_status`` receives every reload's outcome (for the admin endpoint)."""
     relay = Relay(config)
     try:
         host, port = await relay.start()
@@ -177,7 +181,9 @@ async def run_relay(
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
 
-    reloader = RelayIdentityReloader(relay, snapshot) if snapshot is not None else None
+    reloader = (
+        RelayIdentityReloader(relay, snapshot, reload_status) if snapshot is not None else None
+    )
     watcher: asyncio.Task[None] | None = None
     if reloader is not None and watch_interval is not None:
         snap = reloader.snapshot
