@@ -32,7 +32,7 @@ from quicbackends import QUIC_BACKEND_PARAMS
 from outrelay.pki import create_ca, issue_relay
 from outrelay.pki.issue import Issued
 
-from .harness import Agent, Backends, Cluster, Relay, Transfer, free_tcp_port
+from .harness import Agent, Backends, Cluster, Relay, Transfer, free_tcp_port, free_udp_port
 
 pytestmark = [pytest.mark.e2e]
 
@@ -71,14 +71,26 @@ def _echo_once(port: int, payload: bytes = b"still here\n") -> None:
 def _pair(
     cluster: Cluster, backends: Backends, relay: Relay, tmp: Path, *extra: str
 ) -> tuple[Agent, Agent]:
+    return _pair_with(cluster, backends, relay, tmp, list(extra), list(extra))
+
+
+def _pair_with(
+    cluster: Cluster,
+    backends: Backends,
+    relay: Relay,
+    tmp: Path,
+    provider_args: list[str],
+    consumer_args: list[str],
+) -> tuple[Agent, Agent]:
+    """An echo provider and a consumer with identities of their own under ``tmp``."""
     echo = backends.echo()
     prov_id = _fresh(cluster.pki, "provider", tmp / "provider")
     cons_id = _fresh(cluster.pki, "consumer", tmp / "consumer")
     provider = cluster.start_agent(
-        prov_id, relay, expose={"echo": echo.addr}, name="provider", args=list(extra)
+        prov_id, relay, expose={"echo": echo.addr}, name="provider", args=provider_args
     )
     consumer = cluster.start_agent(
-        cons_id, relay, consume=["echo"], name="consumer", args=list(extra)
+        cons_id, relay, consume=["echo"], name="consumer", args=consumer_args
     )
     return provider, consumer
 
@@ -291,3 +303,32 @@ def test_watch_certs_reloads_a_symlink_swap_without_sighup(
     _echo_once(consumer.port("echo"))
     assert second.uri == first.uri
     assert provider.running
+
+
+@pytest.mark.timeout(180)
+def test_rotation_with_direct_paths_keeps_promoting(
+    cluster: Cluster, backends: Backends, tmp_path: Path
+) -> None:
+    """With --p2p-listen: a promoted stream survives the reload (the P2P listener's
+    certificate and peer verifier are reloaded too), and a stream opened afterwards
+    is promoted again."""
+    relay = cluster.start_relay()
+    p2p = [[f"--p2p-listen=127.0.0.1:{free_udp_port()}"] for _ in range(2)]
+    provider, consumer = _pair_with(cluster, backends, relay, tmp_path, p2p[0], p2p[1])
+    transfer = Transfer(consumer.port("echo"), 8 * MiB, pace=0.05)
+    consumer.wait_for("p2p: migrated to direct", timeout=15)
+    marks = {a.name: a.count() for a in (provider, consumer)}
+    for agent in (consumer, provider):
+        renewed = _fresh(cluster.pki, "renewed", tmp_path / f"{agent.name}-new", agent.uri)
+        _replace(renewed, agent.identity)
+        agent.send_signal(signal.SIGHUP)
+    for agent in (consumer, provider):
+        agent.wait_for("certificate reloaded", since=marks[agent.name], timeout=10)
+        agent.wait_for("session: reconnected", since=marks[agent.name], timeout=30)
+    transfer.wait(timeout=120)
+    transfer.check_exact()
+    since = consumer.count()
+    second = Transfer(consumer.port("echo"), 8 * MiB, pace=0.1)
+    consumer.wait_for("p2p: migrated to direct", since=since, timeout=15)
+    second.wait(timeout=120)
+    second.check_exact()

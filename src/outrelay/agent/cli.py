@@ -434,11 +434,10 @@ class IdentityReloader:
             return False
         self.status.record(True, trigger, loaded)
         p2p = self.agent.p2p
-        tls = self.agent.config.session.tls
-        if p2p is not None and p2p.endpoint is not None:
+        if p2p is not None:
             try:
-                p2p.endpoint.reload_tls(tls)
-            except (OSError, ValueError) as exc:  # pragma: no cover - validated just above
+                p2p.reload_tls()
+            except (OSError, ValueError, PkiError) as exc:  # pragma: no cover - validated above
                 log.warning("p2p listener kept its old certificate", extra=kv(err=str(exc)))
         log.info(
             "certificate reloaded",
