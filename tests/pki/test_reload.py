@@ -16,6 +16,7 @@ from outrelay.pki.reload import (
     IdentitySnapshot,
     ReloadError,
     ReloadStatus,
+    chains_to_ca,
     validate_identity,
 )
 
@@ -139,3 +140,23 @@ def test_status_records_failures_and_the_current_identity(dev_pki: DevPki) -> No
     status.record(True, "SIGHUP", loaded)
     assert status.last_ok and status.current == loaded and status.failures == 1
     assert status.last_at is not None
+
+
+def test_a_relay_certificate_outside_the_agent_ca_is_checked_for_validity_only(
+    dev_pki: DevPki, tmp_path: Path
+) -> None:
+    now = _dt.datetime.now(_dt.UTC)
+    cert, key = write_identity(tmp_path, "r2", issue_relay(create_ca("Public-ish")))
+    assert not chains_to_ca(str(cert), str(key), str(dev_pki.ca_cert))
+    got = validate_identity(
+        str(cert), str(key), str(dev_pki.ca_cert), server=True, check_chain=False
+    )
+    assert got.uri is None
+    old = issue_relay(
+        create_ca("Old"),
+        not_before=now - _dt.timedelta(days=3),
+        not_after=now - _dt.timedelta(days=1),
+    )
+    cert, key = write_identity(tmp_path, "r3", old)
+    with pytest.raises(ReloadError, match="expired"):
+        validate_identity(str(cert), str(key), str(dev_pki.ca_cert), server=True, check_chain=False)

@@ -39,6 +39,7 @@ __all__ = [
     "LoadedIdentity",
     "ReloadError",
     "ReloadStatus",
+    "chains_to_ca",
     "validate_identity",
 ]
 
@@ -96,6 +97,7 @@ def validate_identity(
     *,
     expect_uri: str | None = None,
     server: bool = False,
+    check_chain: bool = True,
     now: _dt.datetime | None = None,
 ) -> LoadedIdentity:
     """Check a certificate, its key and a CA bundle the way the peers will.
@@ -105,6 +107,9 @@ def validate_identity(
             URI SAN must be the same identity (the relay binds the session to it).
         server: the relay's server certificate: chain and validity are checked
             as a dialling agent does, against its first DNS SAN.
+        check_chain: with ``server``, False checks only the validity window: a
+            relay whose own certificate never chained to its ``--ca`` (the bundle
+            that verifies agents) must not have every reload refused for it.
 
     Raises:
         ReloadError: the files are missing or malformed, the key does not match,
@@ -119,7 +124,10 @@ def validate_identity(
     leaf = chain[0]
     try:
         if server:
-            verifier.verify_server(leaf, chain[1:], _first_dns_name(leaf), now=now)
+            if check_chain:
+                verifier.verify_server(leaf, chain[1:], _first_dns_name(leaf), now=now)
+            else:
+                _check_window(leaf, now)
             uri = None
         else:
             uri = verifier.verify(leaf, chain[1:], now=now)
@@ -132,6 +140,23 @@ def validate_identity(
     return LoadedIdentity(
         serial=f"{leaf.serial_number:x}", not_after=leaf.not_valid_after_utc, uri=uri
     )
+
+
+def _check_window(leaf: x509.Certificate, now: _dt.datetime | None) -> None:
+    when = now or _dt.datetime.now(_dt.UTC)
+    if when < leaf.not_valid_before_utc:
+        raise CertificateRejected(f"certificate not valid before {leaf.not_valid_before_utc}")
+    if when > leaf.not_valid_after_utc:
+        raise CertificateRejected(f"certificate expired at {leaf.not_valid_after_utc}")
+
+
+def chains_to_ca(cert_path: str, key_path: str, ca_path: str) -> bool:
+    """Whether a server certificate validates against ``ca_path`` (see ``check_chain``)."""
+    try:
+        validate_identity(cert_path, key_path, ca_path, server=True)
+    except ReloadError:
+        return False
+    return True
 
 
 def _first_dns_name(leaf: x509.Certificate) -> str:

@@ -38,7 +38,13 @@ from outrelay.cliutil import (
 )
 from outrelay.observe import kv, setup_logging
 from outrelay.pki import PkiError, load_certificates, load_identity
-from outrelay.pki.reload import IdentitySnapshot, ReloadError, ReloadStatus, validate_identity
+from outrelay.pki.reload import (
+    IdentitySnapshot,
+    ReloadError,
+    ReloadStatus,
+    chains_to_ca,
+    validate_identity,
+)
 from outrelay.relay import Relay, RelayConfig
 from outrelay.relay.policy import PolicyFileError, PolicyService, load_policy_document
 from outrelay.transport import RetryMode
@@ -131,6 +137,8 @@ class RelayIdentityReloader:
         self.relay = relay
         self.snapshot = snapshot
         self.status = status if status is not None else ReloadStatus()
+        # Hold new files to the chain check only if the running ones pass it.
+        self.check_chain = chains_to_ca(snapshot.cert_file, snapshot.key_file, snapshot.ca_file)
         """Last reload outcome (for the admin endpoint)."""
 
     def reload(self, trigger: str) -> bool:
@@ -138,7 +146,11 @@ class RelayIdentityReloader:
         snap = self.snapshot
         try:
             loaded = validate_identity(
-                snap.source_cert, snap.source_key, snap.source_ca, server=True
+                snap.source_cert,
+                snap.source_key,
+                snap.source_ca,
+                server=True,
+                check_chain=self.check_chain,
             )
             snap.install()
             self.relay.reload_tls()
