@@ -8,13 +8,15 @@ text), on ``outrelay-agent`` and ``outrelay-relay`` alike.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NoReturn
 
 from outrelay.observe import LOG_FORMATS, LOG_LEVELS, setup_logging
+from outrelay.pki.reload import FileWatch
 
 __all__ = [
     "FlagError",
@@ -188,3 +190,36 @@ def parse_host_port(
     if not host:
         raise ValueError(f"{what} {value!r} has no host")
     return host, int(port)
+
+
+def add_cert_watch_flags(p: argparse.ArgumentParser) -> None:
+    """``--watch-certs`` and its interval, shared by the agent and the relay."""
+    p.add_argument(
+        "--watch-certs",
+        action="store_true",
+        help="poll --cert, --key and --ca and reload them when they change (target, inode, "
+        "size, mtime or content: Kubernetes Secret volumes swap files through symlinks), "
+        "exactly as SIGHUP does; off by default",
+    )
+    p.add_argument(
+        "--watch-certs-interval",
+        type=duration,
+        default=5.0,
+        metavar="SECONDS",
+        help="with --watch-certs: how often the files are polled (default %(default)s)",
+    )
+
+
+async def watch_cert_files(
+    paths: Sequence[str], interval: float, on_change: Callable[[str], object]
+) -> None:
+    """Call ``on_change("file change")`` whenever one of ``paths`` changes; runs until cancelled.
+
+    Polling (no inotify dependency) a few files every few seconds costs nothing
+    measurable; hashing happens in a worker thread so the loop never blocks on disk.
+    """
+    watch = await asyncio.to_thread(FileWatch, paths)
+    while True:
+        await asyncio.sleep(max(interval, 0.2))
+        if await asyncio.to_thread(watch.changed):
+            on_change("file change")

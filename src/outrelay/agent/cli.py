@@ -10,8 +10,12 @@ the exact reason, no traceback), listeners, and a relay that refuses us; 0 for
 than the reference, which falls back to text/info for unknown log flags and
 exits 1 for some malformed ``--intercept``/``--consume`` values.
 
-SIGHUP is a reload request: nothing is reloadable yet, so it is logged and
-otherwise ignored (the process never dies from it).
+SIGHUP (and, with ``--watch-certs``, a change of the files) reloads the
+certificate, key and CA bundle (:mod:`outrelay.pki.reload`): the new files are
+validated first; on success new dials use them and the agent reconnects to its
+relay to present the new certificate, every stream resuming on the new link; on
+failure the old identity stays and a WARN line says why. The process never
+dies from SIGHUP.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import signal
 import sys
@@ -42,6 +47,7 @@ from outrelay.agent.session import SessionConfig
 from outrelay.cliutil import (
     FlagError,
     FlagParser,
+    add_cert_watch_flags,
     add_log_flags,
     add_quic_datagram_flag,
     apply_quic_datagram_flag,
@@ -49,11 +55,13 @@ from outrelay.cliutil import (
     flag_error,
     go_style_argv,
     parse_host_port,
+    watch_cert_files,
 )
 from outrelay.config import add_config_flag, config_argv
 from outrelay.identity import InvalidIdentity, parse_identity
 from outrelay.observe import kv, setup_logging
 from outrelay.pki import IdentityCheckFailed, PkiError, check_own_identity
+from outrelay.pki.reload import IdentitySnapshot, ReloadError, ReloadStatus, validate_identity
 from outrelay.transport import QUIC_BACKENDS, QuicTlsConfig, select_quic_backend
 
 __all__ = ["build_config", "build_parser", "main"]
@@ -79,7 +87,9 @@ examples:
 
 Single-dash spellings (-relay, -consume=...) are accepted as in the reference.
 exit codes: 0 clean stop, 1 TLS self-check/listener/relay refusal, 2 bad flags.
-SIGHUP is logged (a reload request; nothing is reloadable yet) and never stops the agent.
+SIGHUP reloads --cert/--key/--ca (validated first: key match, chain, validity, same --uri);
+on success the agent reconnects with the new certificate and every stream resumes; a
+failed reload keeps the old identity and logs why. It never stops the agent.
 """
 
 
@@ -224,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="on SIGINT/SIGTERM, how long in-flight streams may finish (default %(default)s)",
     )
+    add_cert_watch_flags(p)
     add_quic_datagram_flag(p)
     add_log_flags(p)
     add_config_flag(p)
@@ -385,12 +396,99 @@ def _tproxy_config(args: argparse.Namespace) -> TproxyConfig:
     )
 
 
-async def run_agent(config: AgentConfig) -> int:
-    """Run until SIGINT/SIGTERM (exit 0) or a refusal before first contact (exit 1)."""
+class IdentityReloader:
+    """SIGHUP / ``--watch-certs``: swap the agent's certificate without a restart.
+
+    The agent's TLS contexts load the :class:`IdentitySnapshot` paths; a reload
+    validates the operator's files against the running ``--uri``, installs them
+    into the snapshot (new dials, P2P and forward connections use them at
+    once), points the P2P listener at them and reconnects the relay session,
+    which resumes every stream on the new link.
+    """
+
+    def __init__(
+        self,
+        agent: Agent,
+        snapshot: IdentitySnapshot,
+        uri: str,
+        status: ReloadStatus | None = None,
+    ) -> None:
+        self.agent = agent
+        self.snapshot = snapshot
+        self.uri = uri
+        self.status = status if status is not None else ReloadStatus()
+        """Last reload outcome (for the admin endpoint)."""
+
+    def reload(self, trigger: str) -> bool:
+        """Validate and install the files; returns False (old identity kept) on failure."""
+        snap = self.snapshot
+        try:
+            loaded = validate_identity(
+                snap.source_cert, snap.source_key, snap.source_ca, expect_uri=self.uri
+            )
+            snap.install()
+        except ReloadError as exc:
+            self.status.record(False, str(exc))
+            log.warning(
+                "certificate reload failed; keeping the current identity",
+                extra=kv(trigger=trigger, err=str(exc)),
+            )
+            return False
+        self.status.record(True, trigger, loaded)
+        p2p = self.agent.p2p
+        if p2p is not None:
+            try:
+                p2p.reload_tls()
+            except (OSError, ValueError, PkiError) as exc:  # pragma: no cover - validated above
+                log.warning("p2p listener kept its old certificate", extra=kv(err=str(exc)))
+        log.info(
+            "certificate reloaded",
+            extra=kv(
+                trigger=trigger,
+                serial=loaded.serial,
+                not_after=loaded.not_after.isoformat(),
+                uri=loaded.uri,
+            ),
+        )
+        self.agent.session.reconnect("certificate reload")
+        return True
+
+
+async def run_agent(
+    config: AgentConfig,
+    snapshot: IdentitySnapshot | None = None,
+    watch_interval: float | None = None,
+    reload_status: ReloadStatus | None = None,
+) -> int:
+    """Run until SIGINT/SIGTERM (exit 0) or a refusal before first contact (exit 1).
+
+    ``snapshot`` (the files ``config`` loads) makes SIGHUP reload the identity;
+    ``watch_interval`` also polls the source files for changes; ``reload_status``
+    receives every reload's outcome (the admin endpoint can show it).
+    """
     loop = asyncio.get_running_loop()
-    with contextlib.suppress(NotImplementedError, RuntimeError, AttributeError):
-        loop.add_signal_handler(signal.SIGHUP, _reload_requested)
     agent = Agent(config)
+    reloader = (
+        IdentityReloader(agent, snapshot, config.session.uri, reload_status)
+        if snapshot is not None
+        else None
+    )
+    with contextlib.suppress(NotImplementedError, RuntimeError, AttributeError):
+        loop.add_signal_handler(
+            signal.SIGHUP,
+            (lambda: reloader.reload("SIGHUP")) if reloader is not None else _reload_requested,
+        )
+    watcher: asyncio.Task[None] | None = None
+    if reloader is not None and watch_interval is not None:
+        snap = reloader.snapshot
+        watcher = loop.create_task(
+            watch_cert_files(
+                (snap.source_cert, snap.source_key, snap.source_ca),
+                watch_interval,
+                reloader.reload,
+            ),
+            name="watch-certs",
+        )
     try:
         await agent.start()
     except ListenerError as exc:
@@ -421,6 +519,8 @@ async def run_agent(config: AgentConfig) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, lambda: None)  # later signals are swallowed
+    if watcher is not None:
+        watcher.cancel()
     if agent.refused is None:
         log.info("shutting down")
     await agent.shutdown()
@@ -428,8 +528,8 @@ async def run_agent(config: AgentConfig) -> int:
 
 
 def _reload_requested() -> None:
-    """SIGHUP: the conventional reload request. Certificate reload comes later."""
-    log.info("SIGHUP: reload requested; nothing is reloadable yet, carrying on")
+    """SIGHUP without a snapshot (embedded use): nothing to reload."""
+    log.info("SIGHUP: reload requested; no certificate files to reload, carrying on")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -455,10 +555,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SetupError as exc:
         log.error(str(exc))
         return 1
+    # TLS contexts load a private copy of the files, replaced only by a reload
+    # that validated the new ones (a half-written Secret never reaches a handshake).
+    snapshot = IdentitySnapshot(args.cert, args.key, args.ca)
     try:
-        return asyncio.run(run_agent(config))
+        snapshot.install()
+        tls = dataclasses.replace(
+            config.session.tls,
+            cert_file=snapshot.cert_file,
+            key_file=snapshot.key_file,
+            ca_file=snapshot.ca_file,
+        )
+        config.session = dataclasses.replace(config.session, tls=tls)
+        return asyncio.run(
+            run_agent(config, snapshot, args.watch_certs_interval if args.watch_certs else None)
+        )
+    except ReloadError as exc:
+        log.error(f"load tls: {exc}")
+        return 1
     except KeyboardInterrupt:  # pragma: no cover - signal arrived before the handler
         return 0
+    finally:
+        snapshot.remove()
 
 
 if __name__ == "__main__":

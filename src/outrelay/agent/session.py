@@ -168,6 +168,8 @@ class RelaySession:
         self.resume_window = config.resume_window
         self._ever_connected = False
         self._closing = False
+        self._planned_reconnect = False
+        """The current link was closed by :meth:`reconnect`, not lost."""
         self._accepting = True
         self._connections = 0
 
@@ -246,7 +248,9 @@ class RelaySession:
                 await asyncio.sleep(backoff * random.uniform(0.8, 1.2))
                 backoff = min(backoff * 2, self.config.backoff_max)
                 continue
-            log.warning(
+            planned, self._planned_reconnect = self._planned_reconnect, False
+            log.log(
+                logging.INFO if planned else logging.WARNING,  # a reload's reconnect is no fault
                 "session: lost; reconnecting",
                 extra=kv(relay=link.address, reason=link.conn.close_reason),
             )
@@ -588,6 +592,22 @@ class RelaySession:
         for stream in streams:
             stream.abort(code)
         return len(streams)
+
+    def reconnect(self, reason: str) -> bool:
+        """Drop the relay link as a link failure so a new one is dialled (certificate reload).
+
+        The close code is 0, not AGENT_GONE: the relay parks every spliced half
+        for resume, and our streams resume on the next link exactly as after a
+        network failure, so nothing is lost. Returns False when there is no
+        link (the next dial presents the new certificate anyway).
+        """
+        link = self._link
+        if link is None or self._closing:
+            return False
+        log.info("session: reconnecting", extra=kv(relay=link.address, reason=reason))
+        self._planned_reconnect = True
+        link.conn.close(0, reason)
+        return True
 
     async def close(self) -> None:
         """End every stream (``AGENT_GONE``), then close the relay connection with that code.

@@ -5,6 +5,12 @@ missing or a flag value is malformed (addresses, ports, ``--log-format``,
 ``--log-level``: ours, the reference falls back to text/info), with the reason
 on one line; 1 when TLS material, the policy file or the listen address is
 unusable, 0 for ``--version``/``--help`` and SIGINT/SIGTERM.
+
+SIGHUP re-reads the policy file and the certificate, key and CA bundle
+(:mod:`outrelay.pki.reload`; also on a file change with ``--watch-certs``): new
+files are validated first, then new QUIC and TCP handshakes present the new
+server certificate and verify agents against the new CA, while established
+agent connections stay. A failed reload keeps the old identity and logs why.
 """
 
 from __future__ import annotations
@@ -21,16 +27,25 @@ from outrelay import __version__
 from outrelay.cliutil import (
     FlagError,
     FlagParser,
+    add_cert_watch_flags,
     add_log_flags,
     add_quic_datagram_flag,
     apply_quic_datagram_flag,
     flag_error,
     go_style_argv,
     parse_host_port,
+    watch_cert_files,
 )
 from outrelay.config import add_config_flag, config_argv
 from outrelay.observe import kv, setup_logging
 from outrelay.pki import PkiError, load_certificates, load_identity
+from outrelay.pki.reload import (
+    IdentitySnapshot,
+    ReloadError,
+    ReloadStatus,
+    chains_to_ca,
+    validate_identity,
+)
 from outrelay.relay import Relay, RelayConfig
 from outrelay.relay.policy import PolicyFileError, PolicyService, load_policy_document
 from outrelay.transport import RetryMode
@@ -56,7 +71,9 @@ refuses:
     {"id": "web-providers", "provider": "outrelay://acme/agent/1f0c*",
      "service": "web", "decision": "allow"}
 Without --policy every open and every registration is allowed (a warning is
-logged at start). SIGHUP re-reads the policy file (both kinds of rules).
+logged at start). SIGHUP re-reads the policy file (both kinds of rules) and
+reloads --cert/--key/--ca (validated first; established agents stay connected,
+new handshakes get the new certificate; a failed reload keeps the old one).
 """
 
 
@@ -99,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
             "handshake pressure only, always, never (default %(default)s)"
         ),
     )
+    add_cert_watch_flags(p)
     add_quic_datagram_flag(p)
     add_log_flags(p)
     add_config_flag(p)
@@ -112,7 +130,57 @@ def _load_policy(path: str) -> PolicyService:
     return service
 
 
-async def run_relay(config: RelayConfig, policy_path: str = "") -> int:
+class RelayIdentityReloader:
+    """SIGHUP / ``--watch-certs``: validate new files, install them, re-arm the listeners."""
+
+    def __init__(
+        self, relay: Relay, snapshot: IdentitySnapshot, status: ReloadStatus | None = None
+    ) -> None:
+        self.relay = relay
+        self.snapshot = snapshot
+        self.status = status if status is not None else ReloadStatus()
+        # Hold new files to the chain check only if the running ones pass it.
+        self.check_chain = chains_to_ca(snapshot.cert_file, snapshot.key_file, snapshot.ca_file)
+        """Last reload outcome (for the admin endpoint)."""
+
+    def reload(self, trigger: str) -> bool:
+        """Returns False (old identity kept, WARN logged) when the files are unusable."""
+        snap = self.snapshot
+        try:
+            loaded = validate_identity(
+                snap.source_cert,
+                snap.source_key,
+                snap.source_ca,
+                server=True,
+                check_chain=self.check_chain,
+            )
+            snap.install()
+            self.relay.reload_tls()
+        except (ReloadError, OSError, ValueError, PkiError) as exc:
+            self.status.record(False, str(exc))
+            log.warning(
+                "certificate reload failed; keeping the current identity",
+                extra=kv(trigger=trigger, err=str(exc)),
+            )
+            return False
+        self.status.record(True, trigger, loaded)
+        log.info(
+            "certificate reloaded",
+            extra=kv(trigger=trigger, serial=loaded.serial, not_after=loaded.not_after.isoformat()),
+        )
+        return True
+
+
+async def run_relay(
+    config: RelayConfig,
+    policy_path: str = "",
+    snapshot: IdentitySnapshot | None = None,
+    watch_interval: float | None = None,
+    reload_status: ReloadStatus | None = None,
+) -> int:
+    """Serve until SIGINT/SIGTERM; ``snapshot`` (the files ``config`` names) makes
+    SIGHUP reload the identity, ``watch_interval`` polls its source files too, and
+    ``reload_status`` receives every reload's outcome (for the admin endpoint)."""
     relay = Relay(config)
     try:
         host, port = await relay.start()
@@ -127,9 +195,28 @@ async def run_relay(config: RelayConfig, policy_path: str = "") -> int:
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
 
+    reloader = (
+        RelayIdentityReloader(relay, snapshot, reload_status) if snapshot is not None else None
+    )
+    watcher: asyncio.Task[None] | None = None
+    if reloader is not None and watch_interval is not None:
+        snap = reloader.snapshot
+        watcher = loop.create_task(
+            watch_cert_files(
+                (snap.source_cert, snap.source_key, snap.source_ca), watch_interval, reloader.reload
+            ),
+            name="watch-certs",
+        )
+
+    def on_sighup() -> None:
+        reload_policy()
+        if reloader is not None:
+            reloader.reload("SIGHUP")
+
     def reload_policy() -> None:
         if not policy_path or config.policy is None:
-            log.warning("SIGHUP: no --policy file to reload")
+            if reloader is None:
+                log.warning("SIGHUP: no --policy file to reload")
             return
         try:
             config.policy.load(load_policy_document(policy_path))
@@ -142,7 +229,7 @@ async def run_relay(config: RelayConfig, policy_path: str = "") -> int:
         )
 
     with contextlib.suppress(NotImplementedError, RuntimeError):
-        loop.add_signal_handler(signal.SIGHUP, reload_policy)
+        loop.add_signal_handler(signal.SIGHUP, on_sighup)
     log.info(
         "relay listening",
         extra=kv(
@@ -156,6 +243,8 @@ async def run_relay(config: RelayConfig, policy_path: str = "") -> int:
         ),
     )
     await stop.wait()
+    if watcher is not None:
+        watcher.cancel()
     log.info("shutting down")
     await relay.stop()
     return 0
@@ -211,10 +300,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.warning(
             "no --policy given: every open and registration is allowed (no enforcement, no audit)"
         )
+    # The listeners load a private copy, replaced only by a validated reload.
+    snapshot = IdentitySnapshot(args.cert, args.key, args.ca)
+    try:
+        snapshot.install()
+    except ReloadError as exc:
+        snapshot.remove()
+        log.error("load tls", extra=kv(err=str(exc)))
+        return 1
     config = RelayConfig(
-        cert_file=args.cert,
-        key_file=args.key,
-        ca_file=args.ca,
+        cert_file=snapshot.cert_file,
+        key_file=snapshot.key_file,
+        ca_file=snapshot.ca_file,
         listen_host=host,
         listen_port=port,
         listen_tcp=listen_tcp,
@@ -226,9 +323,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         quic_retry=RetryMode(args.quic_retry),
     )
     try:
-        return asyncio.run(run_relay(config, args.policy))
+        return asyncio.run(
+            run_relay(
+                config,
+                args.policy,
+                snapshot,
+                args.watch_certs_interval if args.watch_certs else None,
+            )
+        )
     except KeyboardInterrupt:  # pragma: no cover
         return 0
+    finally:
+        snapshot.remove()
 
 
 if __name__ == "__main__":

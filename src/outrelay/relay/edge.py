@@ -215,6 +215,25 @@ class Relay:
 
     # -- acceptance (spec 02 §2) ----------------------------------------------------------
 
+    def reload_tls(self) -> None:
+        """Re-read the configured cert, key and CA files for new handshakes.
+
+        The relay runs on an :class:`~outrelay.pki.reload.IdentitySnapshot`: the
+        CLI validates and installs new files first, then calls this. New QUIC and
+        TCP handshakes present the new server certificate and verify clients
+        against the new CA; established agent connections are not touched.
+
+        Raises:
+            OSError, ValueError, PkiError, ssl.SSLError: a file cannot be loaded.
+        """
+        tls = QuicTlsConfig(self.config.cert_file, self.config.key_file, self.config.ca_file)
+        verifier = ClientVerifier(load_certificates(self.config.ca_file))
+        if self._server is not None:
+            self._server.reload_tls(tls)
+        if self._tcp_server is not None:
+            self._tcp_server.reload_tls(tls)
+        self._verifier = verifier
+
     def _verify_client(
         self, leaf: x509.Certificate | None, chain: tuple[x509.Certificate, ...]
     ) -> str:
@@ -329,7 +348,13 @@ class Relay:
         agents = self.state.agents
         previous = agents.get(uri)
         agents[uri] = session
-        log.info("agent connected", extra=kv(uri=uri, remote=remote))
+        leaf = conn.peer.certificate
+        log.info(
+            "agent connected",
+            extra=kv(  # the serial shows which certificate a (rotated) agent presented
+                uri=uri, remote=remote, serial=f"{leaf.serial_number:x}" if leaf else "-"
+            ),
+        )
         replaced = self.state.instances.hello(uri, session.instance)
         if replaced:
             # Ours: a new process of this agent. The old one's streams can never

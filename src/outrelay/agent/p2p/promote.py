@@ -150,6 +150,18 @@ class P2PService:
         """Stream id -> capabilities the peer's offer announced (responder side)."""
         self._direct: set[Connection] = set()
 
+    def reload_tls(self) -> None:
+        """Certificate reload: inbound direct dials get our new certificate and are
+        verified against the new CA bundle (the files at ``tls``'s paths changed).
+
+        Raises:
+            OSError, ValueError, PkiError: the files cannot be loaded (nothing changed).
+        """
+        verifier = ClientVerifier(load_certificates(self.tls.ca_file))
+        if self.endpoint is not None:
+            self.endpoint.reload_tls(self.tls)
+        self._verifier = verifier
+
     @property
     def candidates(self) -> list[Candidate]:
         """What we offer and answer now (advertised, srflx, hosts)."""
@@ -162,13 +174,14 @@ class P2PService:
             OSError: the listen address could not be bound.
         """
         self.session = session
-        verifier = ClientVerifier(load_certificates(self.tls.ca_file))
+        self._verifier = ClientVerifier(load_certificates(self.tls.ca_file))
         host, port = self.config.listen
         self.endpoint = await open_shared_udp(
             host,
             port,
             self.tls,
-            verify_client=verifier.verify,
+            # Looked up per handshake: :meth:`reload_tls` swaps the verifier.
+            verify_client=lambda leaf, chain: self._verifier.verify(leaf, chain),
             on_connection=self._on_connection,
             on_refused=lambda addr, why: log.warning(
                 "p2p: direct dial refused", extra=kv(remote=f"{addr[0]}:{addr[1]}", reason=why)

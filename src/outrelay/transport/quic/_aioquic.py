@@ -412,6 +412,12 @@ class ServerBase(QuicServer):
     def quic_configuration(self) -> QuicConfiguration:
         return self._configuration
 
+    @quic_configuration.setter
+    def quic_configuration(self, configuration: QuicConfiguration) -> None:
+        # aioquic copies nothing from it at bind time: each new connection reads
+        # ``self._configuration``, so a certificate reload just swaps it.
+        self._configuration = configuration
+
     def start_connection(self, connection: QuicConnection, dcid: bytes) -> Any:
         """aioquic's own connection set-up (``QuicServer.datagram_received``) for ``connection``.
 

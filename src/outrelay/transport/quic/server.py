@@ -102,6 +102,14 @@ class QuicServerHandle:
             connections=len(self._protocols), routed_ids=len(self._server.routes)
         )
 
+    def reload_tls(self, tls: QuicTlsConfig) -> None:
+        """New handshakes use ``tls`` (certificate reload); open connections keep theirs.
+
+        Raises:
+            OSError, ValueError: the files cannot be loaded (the old configuration stays).
+        """
+        self._server.quic_configuration = server_configuration(tls)
+
     def close(self) -> None:
         for protocol in list(self._protocols):
             protocol.conn.close(0, "")

@@ -175,6 +175,11 @@ class SharedUdpEndpoint:
             raise OSError("the shared UDP socket is closed")
         self._sock.sendto(data, self._sockaddr(host, port))
 
+    def reload_tls(self, tls: QuicTlsConfig) -> None:
+        """Inbound handshakes use ``tls`` from now on (certificate reload)."""
+        self._demux.quic_configuration = server_configuration(tls)
+        self._tls = tls
+
     def close(self) -> None:
         if self._closed:
             return

@@ -158,10 +158,24 @@ class TcpServerHandle:
         server: asyncio.Server,
         protocols: set[YamuxProtocol],
         tasks: set[asyncio.Task[None]],
+        contexts: list[ssl.SSLContext | None] | None = None,
     ) -> None:
         self._server = server
         self._protocols = protocols
         self._tasks = tasks
+        self._contexts = contexts if contexts is not None else []
+
+    def reload_tls(self, tls: QuicTlsConfig) -> None:
+        """New handshakes use ``tls`` (certificate reload); open connections keep theirs.
+
+        Raises:
+            ssl.SSLError, OSError: the files cannot be loaded (the old context stays).
+        """
+        ctx = _server_context(tls)
+        if self._contexts:
+            self._contexts[0] = ctx
+        else:
+            self._contexts.append(ctx)
 
     @property
     def address(self) -> tuple[str, int]:
@@ -216,11 +230,10 @@ async def serve_tcp(
     Raises:
         OSError: the address could not be bound.
     """
-    ctx = _server_context(tls)
     return await _serve(
         host,
         port,
-        ctx,
+        _server_context(tls),
         verify_client,
         on_connection,
         on_refused,
@@ -265,6 +278,7 @@ async def _serve(
     loop = asyncio.get_running_loop()
     protocols: set[YamuxProtocol] = set()
     tasks: set[asyncio.Task[None]] = set()
+    contexts = [ctx]  # [0] is replaced by TcpServerHandle.reload_tls (certificate reload)
     over_cap = [0]
     """Sockets closed for the caps since the last one that fitted (for one warning per episode)."""
 
@@ -343,7 +357,7 @@ async def _serve(
         task.add_done_callback(lambda _: half_open.close(source))
 
     def factory() -> YamuxProtocol:
-        return YamuxProtocol(tls=ctx, server_side=True, config=config, on_made=on_made)
+        return YamuxProtocol(tls=contexts[0], server_side=True, config=config, on_made=on_made)
 
     server = await loop.create_server(factory, host, port)
-    return TcpServerHandle(server, protocols, tasks)
+    return TcpServerHandle(server, protocols, tasks, contexts)
