@@ -37,6 +37,7 @@ from outrelay.agent.intercept import (
     check_platform,
     parse_dns_upstream,
 )
+from outrelay.agent.metrics import admin_routes
 from outrelay.agent.p2p.promote import P2PConfig
 from outrelay.agent.session import SessionConfig
 from outrelay.cliutil import (
@@ -51,7 +52,7 @@ from outrelay.cliutil import (
     parse_host_port,
 )
 from outrelay.identity import InvalidIdentity, parse_identity
-from outrelay.observe import kv, setup_logging
+from outrelay.observe import AdminServer, kv, setup_logging
 from outrelay.pki import IdentityCheckFailed, PkiError, check_own_identity
 from outrelay.transport import QUIC_BACKENDS, QuicTlsConfig, select_quic_backend
 
@@ -223,6 +224,23 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="on SIGINT/SIGTERM, how long in-flight streams may finish (default %(default)s)",
     )
+    p.add_argument(
+        "--admin-listen",
+        default="",
+        metavar="HOST:PORT",
+        help="serve /healthz, /readyz and /metrics (Prometheus) over HTTP here, e.g. "
+        "127.0.0.1:9901; empty: off (default). Not authenticated: keep it on loopback "
+        "or a pod-private address",
+    )
+    p.add_argument(
+        "--drain-delay",
+        type=duration,
+        default=0.0,
+        metavar="SECONDS",
+        help="on SIGTERM, how long /readyz answers 503 while the listeners still accept, "
+        "before they close (lets a load balancer or Kubernetes stop sending new "
+        "connections first); default %(default)s",
+    )
     add_quic_datagram_flag(p)
     add_log_flags(p)
     p.add_argument("--version", action="store_true", help="print the version and exit")
@@ -345,7 +363,19 @@ def build_config(args: argparse.Namespace) -> AgentConfig:
         consumes=consumes,
         shutdown_grace=args.shutdown_grace,
         tproxy=tproxy,
+        admin_listen=_admin_address(args.admin_listen),
+        drain_delay=args.drain_delay,
     )
+
+
+def _admin_address(value: str) -> tuple[str, int] | None:
+    """``--admin-listen``: None when empty (off)."""
+    if not value:
+        return None
+    try:
+        return parse_host_port(value, what="--admin-listen")
+    except ValueError as exc:
+        raise FlagError(str(exc)) from exc
 
 
 def _endpoints(value: str, flag: str) -> list[tuple[str, int]]:
@@ -389,6 +419,29 @@ async def run_agent(config: AgentConfig) -> int:
     with contextlib.suppress(NotImplementedError, RuntimeError, AttributeError):
         loop.add_signal_handler(signal.SIGHUP, _reload_requested)
     agent = Agent(config)
+    admin: AdminServer | None = None
+    admin_listen = config.admin_listen
+    if admin_listen is not None:
+        admin = AdminServer(admin_routes(agent))
+        try:
+            host, port = await admin.start(*admin_listen)
+        except OSError as exc:
+            log.error(
+                "admin listen",
+                extra=kv(addr=f"{admin_listen[0]}:{admin_listen[1]}", err=str(exc)),
+            )
+            return 1
+        log.info("admin listening", extra=kv(addr=f"{host}:{port}"))
+    try:
+        return await _run_started(agent, admin)
+    finally:
+        if admin is not None:
+            await admin.close()
+
+
+async def _run_started(agent: Agent, admin: AdminServer | None) -> int:
+    config = agent.config
+    loop = asyncio.get_running_loop()
     try:
         await agent.start()
     except ListenerError as exc:
@@ -421,6 +474,10 @@ async def run_agent(config: AgentConfig) -> int:
             loop.add_signal_handler(sig, lambda: None)  # later signals are swallowed
     if agent.refused is None:
         log.info("shutting down")
+        # Readiness off first (/readyz 503), listeners still open for drain_delay.
+        agent.begin_drain()
+        if config.drain_delay > 0 and admin is not None:
+            await asyncio.sleep(config.drain_delay)
     await agent.shutdown()
     return 1 if agent.refused is not None else 0
 
