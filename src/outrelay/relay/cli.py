@@ -16,6 +16,7 @@ import logging
 import signal
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from outrelay import __version__
 from outrelay.cliutil import (
@@ -24,13 +25,15 @@ from outrelay.cliutil import (
     add_log_flags,
     add_quic_datagram_flag,
     apply_quic_datagram_flag,
+    duration,
     flag_error,
     go_style_argv,
     parse_host_port,
 )
-from outrelay.observe import kv, setup_logging
+from outrelay.observe import AdminServer, kv, setup_logging
 from outrelay.pki import PkiError, load_certificates, load_identity
 from outrelay.relay import Relay, RelayConfig
+from outrelay.relay.metrics import admin_routes, dump_metrics
 from outrelay.relay.policy import PolicyFileError, PolicyService, load_policy_document
 from outrelay.transport import RetryMode
 
@@ -98,6 +101,36 @@ def build_parser() -> argparse.ArgumentParser:
             "handshake pressure only, always, never (default %(default)s)"
         ),
     )
+    p.add_argument(
+        "--admin-listen",
+        default="",
+        metavar="HOST:PORT",
+        help="serve /healthz, /readyz, /metrics (Prometheus) and /debug/metrics (the "
+        "reference's JSON snapshot) over HTTP here, e.g. 127.0.0.1:9902; empty: off "
+        "(default). Not authenticated: keep it on loopback or a private address",
+    )
+    p.add_argument(
+        "--metrics-dump",
+        default="",
+        metavar="FILE",
+        help="append the JSON metrics snapshot to FILE as one line at start, then every "
+        "--metrics-interval (created 0600); empty: off",
+    )
+    p.add_argument(
+        "--metrics-interval",
+        type=duration,
+        default=10.0,
+        metavar="SECONDS",
+        help="period of --metrics-dump; a value <= 0 becomes 10 s (default %(default)s)",
+    )
+    p.add_argument(
+        "--drain-delay",
+        type=duration,
+        default=0.0,
+        metavar="SECONDS",
+        help="on SIGTERM, how long /readyz answers 503 before the listeners close "
+        "(default %(default)s)",
+    )
     add_quic_datagram_flag(p)
     add_log_flags(p)
     p.add_argument("--version", action="store_true", help="print the version and exit")
@@ -110,7 +143,20 @@ def _load_policy(path: str) -> PolicyService:
     return service
 
 
-async def run_relay(config: RelayConfig, policy_path: str = "") -> int:
+@dataclass(frozen=True)
+class AdminOptions:
+    """The admin endpoint and metrics dump flags."""
+
+    listen: tuple[str, int] | None = None
+    metrics_dump: str = ""
+    metrics_interval: float = 10.0
+    drain_delay: float = 0.0
+
+
+async def run_relay(
+    config: RelayConfig, policy_path: str = "", admin: AdminOptions | None = None
+) -> int:
+    admin = admin or AdminOptions()
     relay = Relay(config)
     try:
         host, port = await relay.start()
@@ -119,6 +165,55 @@ async def run_relay(config: RelayConfig, policy_path: str = "") -> int:
             "listen", extra=kv(addr=f"{config.listen_host}:{config.listen_port}", err=str(exc))
         )
         return 1
+    draining = [False]
+    server: AdminServer | None = None
+    dumper: asyncio.Task[None] | None = None
+    if admin.listen is not None:
+        server = AdminServer(admin_routes(relay, draining))
+        try:
+            bound = await server.start(*admin.listen)
+        except OSError as exc:
+            log.error(
+                "admin listen",
+                extra=kv(addr=f"{admin.listen[0]}:{admin.listen[1]}", err=str(exc)),
+            )
+            await relay.stop()
+            return 1
+        log.info("admin listening", extra=kv(addr=f"{bound[0]}:{bound[1]}"))
+    if admin.metrics_dump:
+        interval = admin.metrics_interval if admin.metrics_interval > 0 else 10.0
+        dumper = asyncio.get_running_loop().create_task(
+            _dump(relay, admin.metrics_dump, interval), name="metrics-dump"
+        )
+    try:
+        return await _serve(relay, config, policy_path, host, port, draining, admin, server)
+    finally:
+        if dumper is not None:
+            dumper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await dumper
+        if server is not None:
+            await server.close()
+
+
+async def _dump(relay: Relay, path: str, interval: float) -> None:
+    """The JSONL dumper; a file that cannot be opened only logs a warning (spec 02 §1)."""
+    try:
+        await dump_metrics(relay, path, interval)
+    except OSError as exc:
+        log.warning("metrics dump disabled", extra=kv(path=path, err=str(exc)))
+
+
+async def _serve(
+    relay: Relay,
+    config: RelayConfig,
+    policy_path: str,
+    host: str,
+    port: int,
+    draining: list[bool],
+    admin: AdminOptions,
+    server: AdminServer | None,
+) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -155,6 +250,9 @@ async def run_relay(config: RelayConfig, policy_path: str = "") -> int:
     )
     await stop.wait()
     log.info("shutting down")
+    draining[0] = True  # readiness off first
+    if admin.drain_delay > 0 and server is not None:
+        await asyncio.sleep(admin.drain_delay)
     await relay.stop()
     return 0
 
@@ -185,8 +283,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.listen_forward
             else None
         )
+        admin_listen = (
+            parse_host_port(args.admin_listen, what="--admin-listen") if args.admin_listen else None
+        )
     except ValueError as exc:
         return flag_error(parser, words, str(exc), log)
+    admin = AdminOptions(admin_listen, args.metrics_dump, args.metrics_interval, args.drain_delay)
     try:
         load_identity(args.cert, args.key)
         load_certificates(args.ca)
@@ -223,7 +325,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         quic_retry=RetryMode(args.quic_retry),
     )
     try:
-        return asyncio.run(run_relay(config, args.policy))
+        return asyncio.run(run_relay(config, args.policy, admin))
     except KeyboardInterrupt:  # pragma: no cover
         return 0
 
