@@ -325,3 +325,34 @@ def test_admin_flags_are_checked(cluster: Cluster) -> None:
     assert bad.returncode == 2 and "--admin-listen" in bad.stderr, bad.stderr
     bad = run_cli([*cli_relay_argv(cluster.pki), "--admin-listen", "1.2.3.4:x"])
     assert bad.returncode == 2 and "--admin-listen" in bad.stderr, bad.stderr
+
+
+@pytest.mark.timeout(180)
+def test_resume_is_counted_with_its_stall(cluster: Cluster, backends: Backends) -> None:
+    relay = cluster.start_relay()
+    echo = backends.echo()
+    cluster.start_agent(cluster.pki.agent(0), relay, expose={"echo": echo.addr})
+    admin = free_tcp_port()
+    consumer = _admin_agent(cluster, relay, 1, admin, consume=["echo"])
+    transfer = Transfer(consumer.port("echo"), 8 * MiB, pace=0.02)
+    transfer.wait_received(0.3, timeout=60)
+    before = _samples(_get(admin, "/metrics")[1])
+    live = before[
+        'outrelay_stream_bytes_total{direction="received",role="consumer",service="echo"}'
+    ]
+    assert live >= 0.3 * 8 * MiB, "bytes are counted while the stream runs"
+    relay.kill()
+    cluster.start_relay(port=relay.port, name="relay")
+    transfer.wait(timeout=120)
+    transfer.check_exact()
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        after = _samples(_get(admin, "/metrics")[1])
+        if after.get('outrelay_stream_resumes_total{service="echo"}', 0) >= 1:
+            break
+        time.sleep(0.1)
+    assert after["outrelay_resume_stall_seconds_count"] >= 1, after
+    assert after["outrelay_resume_stall_seconds_sum"] > 0
+    assert after['outrelay_stream_resumes_total{service="echo"}'] >= 1
+    assert after["outrelay_relay_connects_total"] == 2
+    assert after["outrelay_p2p_promotions_total"] == 0

@@ -131,3 +131,11 @@ def test_refusal_reasons_are_bounded_labels() -> None:
     assert refusal_reason("chain does not verify against CA: x") == "untrusted_chain"
     assert refusal_reason("no client certificate") == "no_certificate"
     assert refusal_reason("something new") == "other"
+
+
+def test_resume_stalls_fill_cumulative_buckets() -> None:
+    stats = StreamStats()
+    stats.resumed(0.3)
+    stats.resumed(2.0, demoted=True)
+    assert stats.resume_stall_buckets == [0, 0, 0, 1, 1, 2, 2, 2, 2, 2]
+    assert stats.resume_stall_count == 2 and stats.demotions == 1

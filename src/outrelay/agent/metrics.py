@@ -12,10 +12,16 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 from outrelay.agent.agent import Agent
+from outrelay.agent.stats import RESUME_STALL_BUCKETS
 from outrelay.observe import Response, Route
 
 __all__ = ["AgentCollector", "admin_routes", "readiness"]
@@ -107,6 +113,31 @@ class AgentCollector(Collector):
         for service, n in sorted(stats.resumes.items()):
             resumes.add_metric([service], n)
         yield resumes
+        stall = HistogramMetricFamily(
+            "outrelay_resume_stall_seconds",
+            "Time a broken relay stream waited until it was resumed",
+        )
+        stall.add_metric(
+            [],
+            [
+                (_bound(bound), float(n))
+                for bound, n in zip(RESUME_STALL_BUCKETS, stats.resume_stall_buckets, strict=True)
+            ],
+            stats.resume_stall_sum,
+        )
+        yield stall
+        yield CounterMetricFamily(
+            "outrelay_p2p_promotions", "Streams moved to a direct path", value=stats.promotions
+        )
+        yield CounterMetricFamily(
+            "outrelay_p2p_demotions",
+            "Streams moved back from a direct path to the relay",
+            value=stats.demotions,
+        )
+
+
+def _bound(value: float) -> str:
+    return "+Inf" if value == float("inf") else repr(value)
 
 
 def readiness_of(agent: Agent) -> list[str]:

@@ -164,11 +164,11 @@ class RelaySession:
         self._mode_waiters: dict[int, asyncio.Future[str]] = {}
         self._addr_waiters: dict[int, asyncio.Future[tuple[str, int]]] = {}
         self._streams: dict[int, ResumableStream] = {}
-        self._resumes = ResumeSupervisor(lambda: self._link)
+        self.stats = StreamStats()
+        """Stream counters the bridges and the resume supervisor update (``/metrics``)."""
+        self._resumes = ResumeSupervisor(lambda: self._link, self.stats)
         self.connected = asyncio.Event()
         """Set while a relay link is up and every ``--expose`` got its REGISTER_ACK."""
-        self.stats = StreamStats()
-        """Stream counters the bridges update (``/metrics``)."""
         self.resume_window = config.resume_window
         self._ever_connected = False
         self._closing = False

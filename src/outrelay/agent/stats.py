@@ -14,7 +14,11 @@ from dataclasses import dataclass, field
 
 from outrelay.splice import SpliceResult
 
-__all__ = ["StreamStats"]
+__all__ = ["RESUME_STALL_BUCKETS", "StreamStats"]
+
+RESUME_STALL_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, float("inf"))
+"""Upper bounds (seconds) of the resume stall histogram: a reconnect takes from tens of
+milliseconds (a new QUIC handshake) to the 30 s resume window."""
 
 
 @dataclass
@@ -27,6 +31,14 @@ class StreamStats:
     """(service, role, reject code) -> opens refused (by the relay, the provider or us)."""
     resumes: Counter[str] = field(default_factory=Counter)
     """service -> resumes of finished streams."""
+    promotions: int = 0
+    """Streams moved to a direct path (P2P)."""
+    demotions: int = 0
+    """Streams moved back from a direct path to the relay."""
+    resume_stall_buckets: list[int] = field(default_factory=lambda: [0] * len(RESUME_STALL_BUCKETS))
+    """Cumulative counts per :data:`RESUME_STALL_BUCKETS` upper bound (Prometheus style)."""
+    resume_stall_sum: float = 0.0
+    resume_stall_count: int = 0
     _closed_bytes: Counter[tuple[str, str, str]] = field(default_factory=Counter)
     _live: dict[int, tuple[str, str, SpliceResult]] = field(default_factory=dict)
 
@@ -51,6 +63,16 @@ class StreamStats:
         self._closed_bytes[(service, role, "received")] += received
         if resumes:
             self.resumes[service] += resumes
+
+    def resumed(self, stall: float, *, demoted: bool = False) -> None:
+        """A broken stream was resumed on the relay after ``stall`` seconds without a path."""
+        for i, bound in enumerate(RESUME_STALL_BUCKETS):
+            if stall <= bound:
+                self.resume_stall_buckets[i] += 1
+        self.resume_stall_sum += stall
+        self.resume_stall_count += 1
+        if demoted:
+            self.demotions += 1
 
     def reject(self, service: str, role: str, code: int) -> None:
         self.rejected[(service, role, code)] += 1
