@@ -238,8 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.0,
         metavar="SECONDS",
         help="on SIGTERM, how long /readyz answers 503 while the listeners still accept, "
-        "before they close (lets a load balancer or Kubernetes stop sending new "
-        "connections first); default %(default)s",
+        "before they close, with --admin-listen (lets a load balancer or Kubernetes stop "
+        "sending new connections first); default %(default)s",
     )
     add_quic_datagram_flag(p)
     add_log_flags(p)

@@ -126,6 +126,14 @@ class AgentCollector(Collector):
             stats.resume_stall_sum,
         )
         yield stall
+        reloads = CounterMetricFamily(
+            "outrelay_identity_reloads",
+            "Certificate and key reloads by result (ok: the new identity is in use)",
+            labels=["result"],
+        )
+        for result in ("ok", "failed"):
+            reloads.add_metric([result], stats.identity_reloads[result])
+        yield reloads
         yield CounterMetricFamily(
             "outrelay_p2p_promotions", "Streams moved to a direct path", value=stats.promotions
         )

@@ -37,6 +37,9 @@ class StreamStats:
     """Streams moved back from a direct path to the relay."""
     resume_stall_buckets: list[int] = field(default_factory=lambda: [0] * len(RESUME_STALL_BUCKETS))
     """Cumulative counts per :data:`RESUME_STALL_BUCKETS` upper bound (Prometheus style)."""
+    identity_reloads: Counter[str] = field(default_factory=Counter)
+    """Certificate reloads by result (``ok``, ``failed``): the reload code calls
+    :meth:`reloaded`."""
     resume_stall_sum: float = 0.0
     resume_stall_count: int = 0
     _closed_bytes: Counter[tuple[str, str, str]] = field(default_factory=Counter)
@@ -73,6 +76,10 @@ class StreamStats:
         self.resume_stall_count += 1
         if demoted:
             self.demotions += 1
+
+    def reloaded(self, ok: bool) -> None:
+        """A certificate and key reload was tried (SIGHUP or file watch)."""
+        self.identity_reloads["ok" if ok else "failed"] += 1
 
     def reject(self, service: str, role: str, code: int) -> None:
         self.rejected[(service, role, code)] += 1

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from outrelay.observe.logging import kv
 
 __all__ = [
+    "MAX_CONNECTIONS",
     "MAX_HEAD",
     "READ_TIMEOUT",
     "AdminServer",
@@ -34,6 +35,9 @@ MAX_HEAD = 8192
 """Bytes of request line plus headers we accept; more is a 431 and a close."""
 READ_TIMEOUT = 5.0
 """Seconds a client has to send its whole request head (the reference's debug server: 5 s)."""
+MAX_CONNECTIONS = 32
+"""Admin connections served at once; more are closed at once. Probes and scrapers need a
+few; the cap keeps a flood from taking file descriptors the data path needs."""
 
 _REASONS = {
     200: "OK",
@@ -109,6 +113,7 @@ class AdminServer:
         self.routes = routes
         self._server: asyncio.Server | None = None
         self.address: tuple[str, int] | None = None
+        self._open = 0
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
         """Bind and serve. Raises OSError when the address cannot be bound."""
@@ -138,6 +143,16 @@ class AdminServer:
             return Response(500, b"internal error\n")
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._open >= MAX_CONNECTIONS:
+            writer.transport.abort()
+            return
+        self._open += 1
+        try:
+            await self._answer(reader, writer)
+        finally:
+            self._open -= 1
+
+    async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         method = "GET"
         try:
             try:

@@ -128,8 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=duration,
         default=0.0,
         metavar="SECONDS",
-        help="on SIGTERM, how long /readyz answers 503 before the listeners close "
-        "(default %(default)s)",
+        help="on SIGTERM, how long /readyz answers 503 before the listeners close, with "
+        "--admin-listen (default %(default)s)",
     )
     add_quic_datagram_flag(p)
     add_log_flags(p)

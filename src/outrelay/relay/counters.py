@@ -94,6 +94,13 @@ class RelayCounters:
     rejects_by_code: Counter[int] = field(default_factory=Counter)
     refusals: Counter[str] = field(default_factory=Counter)
     """Refused connections by :func:`refusal_reason` label."""
+    identity_reloads: Counter[str] = field(default_factory=Counter)
+    """Certificate reloads by result (``ok``, ``failed``): the reload code calls
+    :meth:`reloaded`."""
+
+    def reloaded(self, ok: bool) -> None:
+        """A certificate and key reload was tried (SIGHUP or file watch)."""
+        self.identity_reloads["ok" if ok else "failed"] += 1
 
     def handler_started(self, kind: str) -> None:
         self.stream_active += 1

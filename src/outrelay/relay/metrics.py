@@ -116,6 +116,14 @@ class RelayCollector(Collector):
         for reason, n in sorted(counters.refusals.items()):
             refusals.add_metric([reason], n)
         yield refusals
+        reloads = CounterMetricFamily(
+            "outrelay_identity_reloads",
+            "Certificate and key reloads by result (ok: new connections use it)",
+            labels=["result"],
+        )
+        for result in ("ok", "failed"):
+            reloads.add_metric([result], counters.identity_reloads[result])
+        yield reloads
         yield CounterMetricFamily(
             "outrelay_refused_not_owner",
             "Frames refused because they named another agent's stream",
