@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from outrelay.pki import create_ca
+
 from .harness import (
     Agent,
     Backends,
@@ -356,3 +358,21 @@ def test_resume_is_counted_with_its_stall(cluster: Cluster, backends: Backends) 
     assert after['outrelay_stream_resumes_total{service="echo"}'] >= 1
     assert after["outrelay_relay_connects_total"] == 2
     assert after["outrelay_p2p_promotions_total"] == 0
+
+
+@pytest.mark.timeout(60)
+def test_relay_counts_handshake_refusals_by_reason(cluster: Cluster, tmp_path: Path) -> None:
+    other_ca = create_ca("Other CA")
+    foreign = cluster.pki.issue_agent("foreign", out=tmp_path / "certs", ca=other_ca)
+    bundle = tmp_path / "both-cas.crt"
+    bundle.write_bytes(cluster.pki.ca_cert.read_bytes() + other_ca.cert_pem())
+    admin = free_tcp_port()
+    relay = cluster.start_relay(args=["--admin-listen", f"127.0.0.1:{admin}"])
+    agent = cluster.start_agent(
+        foreign, relay, args=["--ca", str(bundle)], name="foreign", wait=False
+    )
+    relay.wait_for("reject conn: client certificate refused")
+    assert agent.wait_exit(30) == 1
+    metrics = _samples(_curl(admin, "/metrics")[1])
+    assert metrics['outrelay_handshake_refusals_total{reason="untrusted_chain"}'] == 1, metrics
+    assert metrics['outrelay_agents_connected{transport="quic"}'] == 0
