@@ -122,6 +122,10 @@ def test_agent_readiness_follows_relay_and_drains_before_listeners_close(
     assert _curl(admin, "/healthz") == (200, "ok\n")
     status, body = _curl(admin, "/readyz")
     assert status == 503 and "not connected to a relay" in body, body
+    with connect(agent.port("echo")) as sock:  # no relay: the open fails, and is counted
+        read_until_closed(sock, 20)
+    failed = 'outrelay_streams_failed_total{role="consumer",service="echo"}'
+    assert _samples(_get(admin, "/metrics")[1])[failed] == 1
     # The relay appears: ready once connected and the service registered.
     cluster.start_relay(port=relay_port)
     _wait_status(admin, "/readyz", 200, 30)

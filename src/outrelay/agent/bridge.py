@@ -131,6 +131,8 @@ class AccessLog:
 
     def failed(self, reason: str) -> None:
         """The stream never got as far as the bridge (no relay, lost during the open)."""
+        if self.stats is not None:
+            self.stats.failed[(self.service, self.role)] += 1
         self._emit("failed", 0, 0, reason=reason)
 
     def bridged(self, result: SpliceResult, relay: Stream) -> None:

@@ -97,6 +97,14 @@ class AgentCollector(Collector):
         for (service, role, code), n in sorted(stats.rejected.items()):
             rejected.add_metric([service, role, str(code)], n)
         yield rejected
+        failed = CounterMetricFamily(
+            "outrelay_streams_failed",
+            "Opens that never reached the bridge: no relay connected, or lost during the open",
+            labels=["service", "role"],
+        )
+        for (service, role), n in sorted(stats.failed.items()):
+            failed.add_metric([service, role], n)
+        yield failed
         moved = CounterMetricFamily(
             "outrelay_stream_bytes",
             "Application bytes bridged, counted live; sent = toward the peer agent",

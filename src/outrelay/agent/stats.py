@@ -29,6 +29,8 @@ class StreamStats:
     """(service, role) -> streams bridged."""
     rejected: Counter[tuple[str, str, int]] = field(default_factory=Counter)
     """(service, role, reject code) -> opens refused (by the relay, the provider or us)."""
+    failed: Counter[tuple[str, str]] = field(default_factory=Counter)
+    """(service, role) -> opens that never reached the bridge (no relay, lost meanwhile)."""
     resumes: Counter[str] = field(default_factory=Counter)
     """service -> resumes of finished streams."""
     promotions: int = 0
