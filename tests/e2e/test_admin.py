@@ -167,7 +167,7 @@ def test_metrics_after_a_known_transfer(
             "--metrics-dump",
             str(dump),
             "--metrics-interval",
-            "0.5",
+            "500ms",
         ]
     )
     echo = backends.echo()

@@ -13,6 +13,8 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import math
+import re
 import signal
 import sys
 from collections.abc import Sequence
@@ -118,10 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--metrics-interval",
-        type=duration,
+        type=_go_duration,
         default=10.0,
-        metavar="SECONDS",
-        help="period of --metrics-dump; a value <= 0 becomes 10 s (default %(default)s)",
+        metavar="DURATION",
+        help="period of --metrics-dump: seconds, or a Go duration as the reference takes "
+        "(10s, 500ms, 1m30s); a value <= 0 becomes 10 s (default %(default)s)",
     )
     p.add_argument(
         "--drain-delay",
@@ -135,6 +138,33 @@ def build_parser() -> argparse.ArgumentParser:
     add_log_flags(p)
     p.add_argument("--version", action="store_true", help="print the version and exit")
     return p
+
+
+_GO_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
+_GO_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def _go_duration(text: str) -> float:
+    """argparse ``type``: a number of seconds, or a Go duration (``10s``, ``-1s``, ``1m30s``).
+
+    The reference's ``--metrics-interval`` is a Go duration; both spellings keep scripts
+    written for it working. Negative values are allowed (spec 02 §1: <= 0 means 10 s).
+    """
+    body = text.strip()
+    try:
+        value = float(body)
+    except ValueError:
+        sign = -1.0 if body.startswith("-") else 1.0
+        body = body.lstrip("+-")
+        parts = _GO_DURATION_PART.findall(body)
+        if not body or "".join(n + u for n, u in parts) != body:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is neither seconds nor a Go duration (e.g. 10s, 500ms)"
+            ) from None
+        value = sign * sum(float(n) * _GO_UNITS[u] for n, u in parts)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite duration")
+    return value
 
 
 def _load_policy(path: str) -> PolicyService:
