@@ -186,6 +186,7 @@ async def splice(
     abort_source_on_write_error: bool = False,
     buffer_size: int = SPLICE_BUFFER,
     on_first_bytes: FirstBytes | None = None,
+    result: SpliceResult | None = None,
 ) -> SpliceResult:
     """Run both copy directions until both have ended, then close both streams.
 
@@ -205,12 +206,15 @@ async def splice(
             the code is the one the other option derives from the
             destination's error.
         on_first_bytes: see :data:`FirstBytes`.
+        result: where to count, if the caller wants to read the counts while the
+            copy runs (the agent's live byte metrics); a fresh one otherwise.
 
     Returns:
         Byte counts and errors per direction. Never raises transport errors;
         cancellation propagates after both streams are aborted.
     """
-    result = SpliceResult(DirectionResult(), DirectionResult())
+    if result is None:
+        result = SpliceResult(DirectionResult(), DirectionResult())
     try:
         async with asyncio.TaskGroup() as tg:
             tg.create_task(

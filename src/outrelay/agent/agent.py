@@ -49,6 +49,10 @@ class AgentConfig:
     """Tproxy mode (``--intercept tproxy`` with at least one ``--consume``)."""
     p2p: P2PConfig | None = None
     """Direct paths (``--p2p-listen``); None: off, every byte goes through the relay."""
+    admin_listen: tuple[str, int] | None = None
+    """``--admin-listen``: where /healthz, /readyz and /metrics are served; None: off."""
+    drain_delay: float = 0.0
+    """``--drain-delay``: seconds between readiness off and the listeners closing (SIGTERM)."""
 
 
 class Agent:
@@ -76,6 +80,8 @@ class Agent:
         """(service, host, port) of every explicit listener, once bound."""
         self.capture: TransparentCapture | None = None
         """Tproxy mode's VIPs, DNS server and listener, once started."""
+        self.draining = False
+        """Set by :meth:`begin_drain` (SIGTERM): readiness is off from then on."""
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -151,8 +157,18 @@ class Agent:
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
 
+    def begin_drain(self) -> None:
+        """Turn readiness off (``/readyz`` 503) before anything closes.
+
+        Probes then take the pod out of rotation while the listeners still accept.
+        """
+        if not self.draining:
+            self.draining = True
+            log.info("shutdown: draining; not ready")
+
     async def shutdown(self) -> None:
         """Stop accepting, drain in-flight streams (bounded), close everything."""
+        self.begin_drain()
         for server in self._servers:
             server.close()
         if self.capture is not None:

@@ -23,9 +23,10 @@ import time
 from dataclasses import dataclass
 
 from outrelay.agent.resumable import ABORTED, ResumableStream
+from outrelay.agent.stats import StreamStats
 from outrelay.observe import kv
 from outrelay.orp import StreamEndCode, end_code_name, is_final
-from outrelay.splice import FirstBytes, SpliceResult, splice
+from outrelay.splice import DirectionResult, FirstBytes, SpliceResult, splice
 from outrelay.transport import BrokenResourceError, Stream, TransportError
 
 __all__ = ["AccessLog", "bridge"]
@@ -38,11 +39,16 @@ def _application_closed(_: TransportError) -> int:
 
 
 async def bridge(
-    local: Stream, relay: Stream, *, on_first_bytes: FirstBytes | None = None
+    local: Stream,
+    relay: Stream,
+    *,
+    on_first_bytes: FirstBytes | None = None,
+    result: SpliceResult | None = None,
 ) -> SpliceResult:
     """Copy both ways between ``local`` and ``relay`` until both directions end.
 
-    ``on_first_bytes``: timing marks (:data:`outrelay.splice.FirstBytes`).
+    ``on_first_bytes``: timing marks (:data:`outrelay.splice.FirstBytes`); ``result``:
+    counts readable while the bridge runs (:class:`outrelay.agent.stats.StreamStats`).
 
     Returns:
         The splice's byte counts and errors (``a`` is ``local``, ``b`` is ``relay``).
@@ -54,6 +60,7 @@ async def bridge(
         abort_b_on_a_error=_application_closed,
         abort_source_on_write_error=True,
         on_first_bytes=on_first_bytes,
+        result=result,
     )
 
 
@@ -75,6 +82,8 @@ class AccessLog:
     pipelined: int = 0
     """Application bytes the consumer wrote behind OPEN_STREAM (``orp.CAP_PIPELINE``);
     logged when not 0."""
+    stats: StreamStats | None = None
+    """The agent's counters (``/metrics``): opens, rejects, live bytes."""
 
     def __post_init__(self) -> None:
         if not self.started:
@@ -100,10 +109,30 @@ class AccessLog:
 
     def rejected(self, code: int, reason: str) -> None:
         """The open was refused (by the relay, the provider agent or ourselves)."""
+        if self.stats is not None:
+            self.stats.reject(self.service, self.role, code)
         self._emit("rejected", 0, 0, code=code, reason=reason)
+
+    def live(self) -> SpliceResult:
+        """The counts a bridge should update in place: the metrics read them while it runs.
+
+        Pair with :meth:`ended` in a ``finally``.
+        """
+        result = SpliceResult(DirectionResult(), DirectionResult())
+        if self.stats is not None:
+            self.stats.bridge_started(self.service, self.role, result, self.pipelined)
+        return result
+
+    def ended(self, result: SpliceResult, relay: Stream) -> None:
+        """The bridge counting into ``result`` is over (however it ended)."""
+        if self.stats is not None:
+            resumes = relay.resumes if isinstance(relay, ResumableStream) else 0
+            self.stats.bridge_ended(result, resumes)
 
     def failed(self, reason: str) -> None:
         """The stream never got as far as the bridge (no relay, lost during the open)."""
+        if self.stats is not None:
+            self.stats.failed[(self.service, self.role)] += 1
         self._emit("failed", 0, 0, reason=reason)
 
     def bridged(self, result: SpliceResult, relay: Stream) -> None:

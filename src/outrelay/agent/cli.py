@@ -42,6 +42,7 @@ from outrelay.agent.intercept import (
     check_platform,
     parse_dns_upstream,
 )
+from outrelay.agent.metrics import admin_routes
 from outrelay.agent.p2p.promote import P2PConfig
 from outrelay.agent.session import SessionConfig
 from outrelay.cliutil import (
@@ -59,7 +60,7 @@ from outrelay.cliutil import (
 )
 from outrelay.config import add_config_flag, config_argv
 from outrelay.identity import InvalidIdentity, parse_identity
-from outrelay.observe import kv, setup_logging
+from outrelay.observe import AdminServer, kv, setup_logging
 from outrelay.pki import IdentityCheckFailed, PkiError, check_own_identity
 from outrelay.pki.reload import IdentitySnapshot, ReloadError, ReloadStatus, validate_identity
 from outrelay.transport import QUIC_BACKENDS, QuicTlsConfig, select_quic_backend
@@ -235,6 +236,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="on SIGINT/SIGTERM, how long in-flight streams may finish (default %(default)s)",
     )
     add_cert_watch_flags(p)
+    p.add_argument(
+        "--admin-listen",
+        default="",
+        metavar="HOST:PORT",
+        help="serve /healthz, /readyz and /metrics (Prometheus) over HTTP here, e.g. "
+        "127.0.0.1:9901; empty: off (default). Not authenticated: keep it on loopback "
+        "or a pod-private address",
+    )
+    p.add_argument(
+        "--drain-delay",
+        type=duration,
+        default=0.0,
+        metavar="SECONDS",
+        help="on SIGTERM, how long /readyz answers 503 while the listeners still accept, "
+        "before they close, with --admin-listen (lets a load balancer or Kubernetes stop "
+        "sending new connections first); default %(default)s",
+    )
     add_quic_datagram_flag(p)
     add_log_flags(p)
     add_config_flag(p)
@@ -358,7 +376,19 @@ def build_config(args: argparse.Namespace) -> AgentConfig:
         consumes=consumes,
         shutdown_grace=args.shutdown_grace,
         tproxy=tproxy,
+        admin_listen=_admin_address(args.admin_listen),
+        drain_delay=args.drain_delay,
     )
+
+
+def _admin_address(value: str) -> tuple[str, int] | None:
+    """``--admin-listen``: None when empty (off)."""
+    if not value:
+        return None
+    try:
+        return parse_host_port(value, what="--admin-listen")
+    except ValueError as exc:
+        raise FlagError(str(exc)) from exc
 
 
 def _endpoints(value: str, flag: str) -> list[tuple[str, int]]:
@@ -429,12 +459,14 @@ class IdentityReloader:
             snap.install()
         except ReloadError as exc:
             self.status.record(False, str(exc))
+            self.agent.session.stats.reloaded(False)
             log.warning(
                 "certificate reload failed; keeping the current identity",
                 extra=kv(trigger=trigger, err=str(exc)),
             )
             return False
         self.status.record(True, trigger, loaded)
+        self.agent.session.stats.reloaded(True)
         p2p = self.agent.p2p
         if p2p is not None:
             try:
@@ -489,6 +521,35 @@ async def run_agent(
             ),
             name="watch-certs",
         )
+    admin: AdminServer | None = None
+    admin_listen = config.admin_listen
+    if admin_listen is not None:
+        admin = AdminServer(admin_routes(agent))
+        try:
+            host, port = await admin.start(*admin_listen)
+        except OSError as exc:
+            log.error(
+                "admin listen",
+                extra=kv(addr=f"{admin_listen[0]}:{admin_listen[1]}", err=str(exc)),
+            )
+            if watcher is not None:
+                watcher.cancel()
+            return 1
+        log.info("admin listening", extra=kv(addr=f"{host}:{port}"))
+    try:
+        return await _run_started(agent, admin, watcher)
+    finally:
+        if watcher is not None:
+            watcher.cancel()
+        if admin is not None:
+            await admin.close()
+
+
+async def _run_started(
+    agent: Agent, admin: AdminServer | None, watcher: asyncio.Task[None] | None
+) -> int:
+    config = agent.config
+    loop = asyncio.get_running_loop()
     try:
         await agent.start()
     except ListenerError as exc:
@@ -523,6 +584,10 @@ async def run_agent(
         watcher.cancel()
     if agent.refused is None:
         log.info("shutting down")
+        # Readiness off first (/readyz 503), listeners still open for drain_delay.
+        agent.begin_drain()
+        if config.drain_delay > 0 and admin is not None:
+            await asyncio.sleep(config.drain_delay)
     await agent.shutdown()
     return 1 if agent.refused is not None else 0
 

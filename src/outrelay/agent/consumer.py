@@ -109,7 +109,7 @@ async def handle_consumer_connection(
     """Carry one accepted application connection to ``service``."""
     accepted_at = time.monotonic()
     peer = f"{local.peername[0]}:{local.peername[1]}" if local.peername else "?"
-    access = AccessLog("consumer", service, session.link_address or "", "app")
+    access = AccessLog("consumer", service, session.link_address or "", "app", stats=session.stats)
     try:
         stream, sid, mode, may_pipeline = await session.open_stream(service)
     except (NotConnected, TransportError) as exc:
@@ -179,6 +179,7 @@ async def handle_consumer_connection(
             return
         relay_stream = session.wrap(sid, stream, prefix, sent=bytes(pipelined))
         marks = hop_marks(sid, "c_up_first", "c_down_first")
+        live = access.live()
         try:
             p2p = session.p2p
             if p2p is not None and isinstance(relay_stream, ResumableStream):
@@ -187,13 +188,16 @@ async def handle_consumer_connection(
                 async with asyncio.TaskGroup() as tg:
                     promotion = tg.create_task(p2p.promote(relay_stream))
                     try:
-                        result = await bridge(local, relay_stream, on_first_bytes=marks)
+                        result = await bridge(
+                            local, relay_stream, on_first_bytes=marks, result=live
+                        )
                     finally:
                         promotion.cancel()
             else:
-                result = await bridge(local, relay_stream, on_first_bytes=marks)
+                result = await bridge(local, relay_stream, on_first_bytes=marks, result=live)
         finally:
             session.unwrap(relay_stream)
+            access.ended(live, relay_stream)
         log.debug(
             "bridge teardown",
             extra=kv(

@@ -104,7 +104,9 @@ async def handle_incoming_stream(
     hop("p_incoming", sid)
     service = incoming.target_service
     fields = {"svc": service, "stream_id": sid, "consumer": incoming.source_agent_uri}
-    access = AccessLog("provider", service, incoming.source_agent_uri, "backend", sid)
+    access = AccessLog(
+        "provider", service, incoming.source_agent_uri, "backend", sid, stats=session.stats
+    )
     target = services.get(service)
     if target is None:
         log.warning("stream for unknown service; rejecting 404", extra=kv(**fields))
@@ -166,14 +168,17 @@ async def handle_incoming_stream(
         prefix = reader.take_leftover() + early
         log.debug("bridging", extra=kv(**fields, target=target))
         relay_stream = session.wrap(sid, stream, prefix, peer_uri=incoming.source_agent_uri)
+        live = access.live()
         try:
             result = await bridge(
                 backend,
                 relay_stream,
                 on_first_bytes=hop_marks(sid, "p_from_backend_first", "p_to_backend_first"),
+                result=live,
             )
         finally:
             session.unwrap(relay_stream)
+            access.ended(live, relay_stream)
         log.debug(
             "bridge teardown",
             extra=kv(**fields, to_backend=result.b_to_a.bytes, from_backend=result.a_to_b.bytes),

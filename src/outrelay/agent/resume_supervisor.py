@@ -23,6 +23,7 @@ from typing import Final
 
 from outrelay.agent.dial import Link
 from outrelay.agent.resumable import ResumableStream, ResumeFailed, exchange_resume
+from outrelay.agent.stats import StreamStats
 from outrelay.observe import kv, ms
 from outrelay.orp import CAP_CLOSE_ACK, FrameType, OrpError, StreamCheckpoint, is_final
 from outrelay.resume import ResumeError
@@ -46,8 +47,12 @@ class ResumeSupervisor:
         current_link: the live relay connection, or None while reconnecting.
     """
 
-    def __init__(self, current_link: Callable[[], Link | None]) -> None:
+    def __init__(
+        self, current_link: Callable[[], Link | None], stats: StreamStats | None = None
+    ) -> None:
         self._current_link = current_link
+        self._stats = stats
+        """Where resume stalls and demotions are counted (``/metrics``)."""
         self._to_resume: set[ResumableStream] = set()
         self._wakeup = asyncio.Event()
 
@@ -125,7 +130,10 @@ class ResumeSupervisor:
         self._to_resume.discard(stream)
         stream.close_ack = CAP_CLOSE_ACK in link.accepted  # the relay may have changed
         stream.install(new, leftover)
-        if stream.path != "relay":
+        demoted = stream.path != "relay"
+        if self._stats is not None:
+            self._stats.resumed(time.monotonic() - broken_at, demoted=demoted)
+        if demoted:
             stream.path = "relay"
             log.info(
                 "p2p: demoted to relay",

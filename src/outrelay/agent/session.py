@@ -46,6 +46,7 @@ from outrelay.agent.control import (
 from outrelay.agent.dial import AllFailed, Link, RelayDialer, RelayRefused, SessionConfig
 from outrelay.agent.resumable import ResumableStream
 from outrelay.agent.resume_supervisor import ResumeSupervisor, emit_checkpoints
+from outrelay.agent.stats import StreamStats
 from outrelay.observe import kv
 from outrelay.orp import (
     CAP_CLOSE_ACK,
@@ -163,8 +164,11 @@ class RelaySession:
         self._mode_waiters: dict[int, asyncio.Future[str]] = {}
         self._addr_waiters: dict[int, asyncio.Future[tuple[str, int]]] = {}
         self._streams: dict[int, ResumableStream] = {}
-        self._resumes = ResumeSupervisor(lambda: self._link)
+        self.stats = StreamStats()
+        """Stream counters the bridges and the resume supervisor update (``/metrics``)."""
+        self._resumes = ResumeSupervisor(lambda: self._link, self.stats)
         self.connected = asyncio.Event()
+        """Set while a relay link is up and every ``--expose`` got its REGISTER_ACK."""
         self.resume_window = config.resume_window
         self._ever_connected = False
         self._closing = False
@@ -187,6 +191,16 @@ class RelaySession:
     def p2p_mode(self, stream_id: int) -> P2PMode | None:
         """The relay's word on P2P for ``stream_id`` (None: not told)."""
         return self._control.p2p_mode(stream_id)
+
+    @property
+    def current_link(self) -> Link | None:
+        """The relay link in use (None while there is none)."""
+        return self._link
+
+    @property
+    def connections(self) -> int:
+        """Relay links established so far (the first and every reconnect)."""
+        return self._connections
 
     @property
     def link_address(self) -> str | None:

@@ -1,7 +1,8 @@
-"""Observability: structured logs (and later metrics and the admin endpoint)."""
+"""Observability: structured logs and the admin endpoint (probes, metrics)."""
 
 from __future__ import annotations
 
+from outrelay.observe.admin import AdminServer, Response, Route
 from outrelay.observe.logging import (
     HOP_LOGGER,
     LOG_FORMATS,
@@ -18,7 +19,10 @@ __all__ = [
     "HOP_LOGGER",
     "LOG_FORMATS",
     "LOG_LEVELS",
+    "AdminServer",
     "KeyValueFormatter",
+    "Response",
+    "Route",
     "hop",
     "hop_marks",
     "kv",

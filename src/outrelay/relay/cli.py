@@ -19,9 +19,12 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import math
+import re
 import signal
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from outrelay import __version__
 from outrelay.cliutil import (
@@ -31,13 +34,14 @@ from outrelay.cliutil import (
     add_log_flags,
     add_quic_datagram_flag,
     apply_quic_datagram_flag,
+    duration,
     flag_error,
     go_style_argv,
     parse_host_port,
     watch_cert_files,
 )
 from outrelay.config import add_config_flag, config_argv
-from outrelay.observe import kv, setup_logging
+from outrelay.observe import AdminServer, kv, setup_logging
 from outrelay.pki import PkiError, load_certificates, load_identity
 from outrelay.pki.reload import (
     IdentitySnapshot,
@@ -47,6 +51,7 @@ from outrelay.pki.reload import (
     validate_identity,
 )
 from outrelay.relay import Relay, RelayConfig
+from outrelay.relay.metrics import admin_routes, dump_metrics
 from outrelay.relay.policy import PolicyFileError, PolicyService, load_policy_document
 from outrelay.transport import RetryMode
 
@@ -117,11 +122,69 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     add_cert_watch_flags(p)
+    p.add_argument(
+        "--admin-listen",
+        default="",
+        metavar="HOST:PORT",
+        help="serve /healthz, /readyz, /metrics (Prometheus) and /debug/metrics (the "
+        "reference's JSON snapshot) over HTTP here, e.g. 127.0.0.1:9902; empty: off "
+        "(default). Not authenticated: keep it on loopback or a private address",
+    )
+    p.add_argument(
+        "--metrics-dump",
+        default="",
+        metavar="FILE",
+        help="append the JSON metrics snapshot to FILE as one line at start, then every "
+        "--metrics-interval (created 0600); empty: off",
+    )
+    p.add_argument(
+        "--metrics-interval",
+        type=_go_duration,
+        default=10.0,
+        metavar="DURATION",
+        help="period of --metrics-dump: seconds, or a Go duration as the reference takes "
+        "(10s, 500ms, 1m30s); a value <= 0 becomes 10 s (default %(default)s)",
+    )
+    p.add_argument(
+        "--drain-delay",
+        type=duration,
+        default=0.0,
+        metavar="SECONDS",
+        help="on SIGTERM, how long /readyz answers 503 before the listeners close, with "
+        "--admin-listen (default %(default)s)",
+    )
     add_quic_datagram_flag(p)
     add_log_flags(p)
     add_config_flag(p)
     p.add_argument("--version", action="store_true", help="print the version and exit")
     return p
+
+
+_GO_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
+_GO_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def _go_duration(text: str) -> float:
+    """argparse ``type``: a number of seconds, or a Go duration (``10s``, ``-1s``, ``1m30s``).
+
+    The reference's ``--metrics-interval`` is a Go duration; both spellings keep scripts
+    written for it working. Negative values are allowed (spec 02 §1: <= 0 means 10 s).
+    """
+    body = text.strip()
+    try:
+        value = float(body)
+    except ValueError:
+        sign = -1.0 if body.startswith("-") else 1.0
+        body = body.lstrip("+-")
+        parts = _GO_DURATION_PART.findall(body)
+        if not body or "".join(n + u for n, u in parts) != body:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is neither seconds nor a Go duration (e.g. 10s, 500ms)"
+            ) from None
+        value = sign * sum(float(n) * _GO_UNITS[u] for n, u in parts)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite duration")
+    return value
 
 
 def _load_policy(path: str) -> PolicyService:
@@ -158,12 +221,14 @@ class RelayIdentityReloader:
             self.relay.reload_tls()
         except (ReloadError, OSError, ValueError, PkiError) as exc:
             self.status.record(False, str(exc))
+            self.relay.state.counters.reloaded(False)
             log.warning(
                 "certificate reload failed; keeping the current identity",
                 extra=kv(trigger=trigger, err=str(exc)),
             )
             return False
         self.status.record(True, trigger, loaded)
+        self.relay.state.counters.reloaded(True)
         log.info(
             "certificate reloaded",
             extra=kv(trigger=trigger, serial=loaded.serial, not_after=loaded.not_after.isoformat()),
@@ -171,16 +236,29 @@ class RelayIdentityReloader:
         return True
 
 
+@dataclass(frozen=True)
+class AdminOptions:
+    """The admin endpoint and metrics dump flags."""
+
+    listen: tuple[str, int] | None = None
+    metrics_dump: str = ""
+    metrics_interval: float = 10.0
+    drain_delay: float = 0.0
+
+
 async def run_relay(
     config: RelayConfig,
     policy_path: str = "",
+    admin: AdminOptions | None = None,
     snapshot: IdentitySnapshot | None = None,
     watch_interval: float | None = None,
     reload_status: ReloadStatus | None = None,
 ) -> int:
-    """Serve until SIGINT/SIGTERM; ``snapshot`` (the files ``config`` names) makes
-    SIGHUP reload the identity, ``watch_interval`` polls its source files too, and
-    ``reload_status`` receives every reload's outcome (for the admin endpoint)."""
+    """Serve until SIGINT/SIGTERM. ``admin``: the admin endpoint and metrics dump;
+    ``snapshot`` (the files ``config`` names) makes SIGHUP reload the identity,
+    ``watch_interval`` polls its source files too, and ``reload_status`` receives
+    every reload's outcome."""
+    admin = admin or AdminOptions()
     relay = Relay(config)
     try:
         host, port = await relay.start()
@@ -189,15 +267,77 @@ async def run_relay(
             "listen", extra=kv(addr=f"{config.listen_host}:{config.listen_port}", err=str(exc))
         )
         return 1
+    draining = [False]
+    server: AdminServer | None = None
+    dumper: asyncio.Task[None] | None = None
+    if admin.listen is not None:
+        server = AdminServer(admin_routes(relay, draining))
+        try:
+            bound = await server.start(*admin.listen)
+        except OSError as exc:
+            log.error(
+                "admin listen",
+                extra=kv(addr=f"{admin.listen[0]}:{admin.listen[1]}", err=str(exc)),
+            )
+            await relay.stop()
+            return 1
+        log.info("admin listening", extra=kv(addr=f"{bound[0]}:{bound[1]}"))
+    if admin.metrics_dump:
+        interval = admin.metrics_interval if admin.metrics_interval > 0 else 10.0
+        dumper = asyncio.get_running_loop().create_task(
+            _dump(relay, admin.metrics_dump, interval), name="metrics-dump"
+        )
+    try:
+        reloader = (
+            RelayIdentityReloader(relay, snapshot, reload_status) if snapshot is not None else None
+        )
+        return await _serve(
+            relay,
+            config,
+            policy_path,
+            host,
+            port,
+            draining,
+            admin,
+            server,
+            reloader,
+            watch_interval,
+        )
+    finally:
+        if dumper is not None:
+            dumper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await dumper
+        if server is not None:
+            await server.close()
+
+
+async def _dump(relay: Relay, path: str, interval: float) -> None:
+    """The JSONL dumper; a file that cannot be opened only logs a warning (spec 02 §1)."""
+    try:
+        await dump_metrics(relay, path, interval)
+    except OSError as exc:
+        log.warning("metrics dump disabled", extra=kv(path=path, err=str(exc)))
+
+
+async def _serve(
+    relay: Relay,
+    config: RelayConfig,
+    policy_path: str,
+    host: str,
+    port: int,
+    draining: list[bool],
+    admin: AdminOptions,
+    server: AdminServer | None,
+    reloader: RelayIdentityReloader | None,
+    watch_interval: float | None,
+) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
 
-    reloader = (
-        RelayIdentityReloader(relay, snapshot, reload_status) if snapshot is not None else None
-    )
     watcher: asyncio.Task[None] | None = None
     if reloader is not None and watch_interval is not None:
         snap = reloader.snapshot
@@ -246,6 +386,9 @@ async def run_relay(
     if watcher is not None:
         watcher.cancel()
     log.info("shutting down")
+    draining[0] = True  # readiness off first
+    if admin.drain_delay > 0 and server is not None:
+        await asyncio.sleep(admin.drain_delay)
     await relay.stop()
     return 0
 
@@ -277,8 +420,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.listen_forward
             else None
         )
+        admin_listen = (
+            parse_host_port(args.admin_listen, what="--admin-listen") if args.admin_listen else None
+        )
     except ValueError as exc:
         return flag_error(parser, words, str(exc), log)
+    admin = AdminOptions(admin_listen, args.metrics_dump, args.metrics_interval, args.drain_delay)
     try:
         load_identity(args.cert, args.key)
         load_certificates(args.ca)
@@ -327,6 +474,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             run_relay(
                 config,
                 args.policy,
+                admin,
                 snapshot,
                 args.watch_certs_interval if args.watch_certs else None,
             )

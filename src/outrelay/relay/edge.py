@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from dataclasses import dataclass
 
 from cryptography import x509
@@ -97,6 +98,14 @@ class RelayConfig:
     """``--quic-retry``: when new QUIC clients must answer a Retry first."""
 
 
+_HANDLER_KINDS = {
+    FrameType.OPEN_STREAM: "open",
+    FrameType.STREAM_RESUME: "resume",
+    FrameType.MIGRATE_TO_RELAY: "migrate",
+}
+"""First frames that start a data-stream handler (spec 02 §11.1 ``stream_active``)."""
+
+
 class Relay:
     """A relay with an embedded control plane. ``await relay.start()``, then ``run``."""
 
@@ -121,6 +130,11 @@ class Relay:
     def plane(self) -> ForwardPlane | None:
         """The UDP forward plane (spec 02 §8), once :meth:`start` bound it."""
         return self.state.plane
+
+    @property
+    def listening(self) -> bool:
+        """True while the listeners are bound and :meth:`stop` has not begun."""
+        return self._server is not None and not self._stopping.is_set()
 
     def statistics(self) -> RelayStatistics:
         """A snapshot of the relay's tables and counters."""
@@ -240,6 +254,7 @@ class Relay:
         return self._verifier.verify(leaf, chain)
 
     def _on_refused(self, address: tuple[str, int], reason: str) -> None:
+        self.state.counters.refused(reason)
         log.warning(
             "reject conn: client certificate refused",
             extra=kv(remote=f"{address[0]}:{address[1]}", reason=reason),
@@ -254,6 +269,7 @@ class Relay:
         try:
             identity = parse_identity(uri)
         except InvalidIdentity as exc:
+            self.state.counters.refused("bad identity uri")
             log.warning("reject conn: bad identity URI", extra=kv(remote=remote, err=str(exc)))
             conn.close(0, close_phrase(f"bad client certificate: identity URI: {exc}"))
             return
@@ -404,15 +420,31 @@ class Relay:
         if frame is None:
             await stream.aclose()
             return
-        if frame.type in (FrameType.STREAM_RESUME, FrameType.MIGRATE_TO_RELAY):
-            await self._resume.run(session, stream, frame, reader.take_leftover())
-        elif frame.type == FrameType.OPEN_STREAM:
+        if frame.type in (
+            FrameType.STREAM_RESUME,
+            FrameType.MIGRATE_TO_RELAY,
+            FrameType.OPEN_STREAM,
+        ):
+            kind = {
+                FrameType.STREAM_RESUME: "resume",
+                FrameType.MIGRATE_TO_RELAY: "migrate",
+                FrameType.OPEN_STREAM: "open",
+            }[FrameType(frame.type)]
+            counters = self.state.counters
+            counters.handler_started(kind)
+            started = time.perf_counter_ns()
             try:
-                open_msg = expect_message(frame, FrameType.OPEN_STREAM, OpenStream)
-            except OrpError:
-                await stream.aclose()
-                return
-            await self._open.run(session, stream, open_msg, reader.take_leftover())
+                if kind == "open":
+                    try:
+                        open_msg = expect_message(frame, FrameType.OPEN_STREAM, OpenStream)
+                    except OrpError:
+                        await stream.aclose()
+                        return
+                    await self._open.run(session, stream, open_msg, reader.take_leftover())
+                else:
+                    await self._resume.run(session, stream, frame, reader.take_leftover())
+            finally:
+                counters.handler_ended(time.perf_counter_ns() - started)
         else:
             log.warning(
                 "first frame not OPEN_STREAM",

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeAlias
@@ -179,13 +180,20 @@ class OpenFlow:
         self._state = state
         self._required_timeout = required_promotion_timeout
 
+    async def _reject(self, c_stream: Stream, code: int, reason: str) -> None:
+        """STREAM_REJECT + FIN, counted (``stream_rejects``, by code)."""
+        self._state.counters.rejected(int(code))
+        await reject(c_stream, code, reason)
+
     def decide(self, caller: str, target: str, method: str, side: str) -> PolicyResult | None:
         """One audited policy evaluation (spec 02 §6.2.7); None without a policy."""
         policy = self._state.policy
         if policy is None:
             return None
         now = now_ms()
+        started = time.perf_counter_ns()
         result = policy.decide(caller, target, method, now)
+        self._state.counters.policy_eval_duration.observe(time.perf_counter_ns() - started)
         try:
             tenant = parse_identity(caller).authority
         except InvalidIdentity:
@@ -232,7 +240,7 @@ class OpenFlow:
             if decision.policy_reason is not None:
                 extra = kv(**fields["attrs"], reason=decision.policy_reason)
             log.info(decision.log_message, extra=extra)
-            await reject(c_stream, decision.code, decision.reason)
+            await self._reject(c_stream, decision.code, decision.reason)
             return
         provider = state.agents[decision.provider_uri]
         p_uri = provider.uri
@@ -254,14 +262,14 @@ class OpenFlow:
             await p_stream.send_all(incoming + c_leftover if early else incoming)
         except TransportError as exc:
             log.warning("provider stream open failed", extra=kv(**fields["attrs"], err=str(exc)))
-            await reject(c_stream, RejectCode.BAD_GATEWAY, "provider stream open failed")
+            await self._reject(c_stream, RejectCode.BAD_GATEWAY, "provider stream open failed")
             return
 
         hop("r_incoming_sent", sid)
         if not state.pairs.record(sid, c_uri, p_uri):
             log.warning("stream id collision rejected", extra=fields)
             await p_stream.aclose()
-            await reject(c_stream, RejectCode.STREAM_ID_COLLISION, "stream id collision")
+            await self._reject(c_stream, RejectCode.STREAM_ID_COLLISION, "stream id collision")
             return
         if decision.p2p_mode == P2PMode.FORBIDDEN:
             state.p2p_forbidden.add(sid)  # before STREAM_READY: no offer may slip through
@@ -337,7 +345,7 @@ class OpenFlow:
                 )
                 code, reason = rejected.code or code, rejected.reason or reason
             await p_stream.aclose()
-            await reject(c_stream, code, reason)
+            await self._reject(c_stream, code, reason)
             return
 
         if decision.relay_mode == RelayMode.FORWARD and state.plane is not None:

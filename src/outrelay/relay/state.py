@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from outrelay.observe import kv
 from outrelay.orp import FrameType, StreamEndCode
 from outrelay.relay.audit import AuditLog
+from outrelay.relay.counters import RelayCounters
 from outrelay.relay.outbox import ControlOutbox
 from outrelay.relay.pairs import AgentInstances, EndedPairs, Member, MigratedCache, PairTable
 from outrelay.relay.plane import ForwardPlane
@@ -136,6 +137,8 @@ class RelayState:
         """The forward plane (spec 02 §8) once bound; None: forward rules are spliced."""
         self.refused_not_owner = 0
         """Frames naming a stream of other agents (resume, checkpoint, migrate, candidates)."""
+        self.counters = RelayCounters()
+        """Observability counters (spec 02 §11 snapshot, Prometheus ``/metrics``)."""
 
     def owners(self, stream_id: int) -> tuple[str, str] | None:
         """The URIs of a stream's two agents, if the relay knows them (live or broken splice)."""

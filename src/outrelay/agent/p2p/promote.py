@@ -395,6 +395,7 @@ class P2PService:
             )
         target.install(stream, reader.take_leftover())
         target.path = "direct"
+        self.session.stats.promotions += 1
         log.info(
             "p2p: migrated to direct",
             extra=kv(
@@ -486,6 +487,7 @@ class P2PService:
             if not swapped:
                 conn.close(0, "")
                 return
+            self.session.stats.promotions += 1
             log.info(
                 "p2p: migrated to direct",
                 extra=kv(
