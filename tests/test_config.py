@@ -114,11 +114,17 @@ def test_value_starting_with_a_dash_is_a_value(tmp_path: Path) -> None:
 
 def test_a_flag_added_later_is_configurable_without_new_code(tmp_path: Path) -> None:
     parser = relay_parser()
-    parser.add_argument("--admin-listen", default="")
-    parser.add_argument("--watch-certs", action="store_true")
-    path = _write(tmp_path, 'admin-listen = "127.0.0.1:9901"\nwatch-certs = true\n')
+    parser.add_argument("--made-up-later", default="")
+    parser.add_argument("--made-up-switch", action="store_true")
+    path = _write(tmp_path, 'made-up-later = "127.0.0.1:9901"\nmade-up-switch = true\n')
     args = _parse(parser, ["--config", path])
-    assert (args.admin_listen, args.watch_certs) == ("127.0.0.1:9901", True)
+    assert (args.made_up_later, args.made_up_switch) == ("127.0.0.1:9901", True)
+
+
+def test_the_admin_and_reload_flags_are_configurable(tmp_path: Path) -> None:
+    path = _write(tmp_path, 'admin-listen = "127.0.0.1:9902"\nwatch-certs = true\n')
+    args = _parse(relay_parser(), ["--config", path])
+    assert (args.admin_listen, args.watch_certs) == ("127.0.0.1:9902", True)
 
 
 @pytest.mark.parametrize(
