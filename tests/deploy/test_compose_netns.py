@@ -28,6 +28,7 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.deploy.scripts import ECHO_CLIENT, ECHO_SERVER
 from tests.e2e.harness import child_env
 from tests.e2e.netns import Namespace, Network, free_block, network
 
@@ -37,48 +38,6 @@ IMAGE_PREFIX = "localhost/outrelay:"
 ENTRYPOINTS = {"outrelay-agent": "outrelay.agent.cli", "outrelay-relay": "outrelay.relay.cli"}
 
 pytestmark = pytest.mark.timeout(120)
-
-_ECHO_SERVER = """
-import socket, sys, threading
-host, port = sys.argv[1], int(sys.argv[2])
-srv = socket.create_server((host, port), reuse_port=False)
-def serve(c):
-    with c:
-        while data := c.recv(65536):
-            c.sendall(data)
-while True:
-    conn, _ = srv.accept()
-    threading.Thread(target=serve, args=(conn,), daemon=True).start()
-"""
-
-_ECHO_CLIENT = """
-import socket, sys, time
-payload = bytes(range(256)) * 4096  # 1 MiB
-deadline = time.monotonic() + 30
-while True:
-    try:
-        s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=10)
-        s.sendall(payload[:16])
-        got = b""
-        while len(got) < 16:
-            chunk = s.recv(16 - len(got))
-            if not chunk:
-                raise ConnectionError("closed before the echo")
-            got += chunk
-        break
-    except OSError:
-        if time.monotonic() > deadline:
-            raise
-        time.sleep(0.5)
-s.sendall(payload[16:])
-s.shutdown(socket.SHUT_WR)
-while len(got) < len(payload):
-    chunk = s.recv(65536)
-    if not chunk:
-        break
-    got += chunk
-print(len(got), got == payload)
-"""
 
 
 def _interpolate(text: str, env: dict[str, str]) -> str:
@@ -194,7 +153,7 @@ def test_compose_topology_echoes(tmp_path: Path) -> None:
                     port = re.search(r"TCP-LISTEN:(\d+)", spec)
                     bind = re.search(r"bind=([0-9.]+)", spec)
                     assert port and bind, spec
-                    starts.insert(0, (ns, [sys.executable, "-c", _ECHO_SERVER,
+                    starts.insert(0, (ns, [sys.executable, "-c", ECHO_SERVER,
                                            bind.group(1), port.group(1)]))  # fmt: skip
         assert consumer_port is not None
         consumer_ns = spaces[next(o for o, m in groups.items() if "app" in m)]
@@ -202,7 +161,7 @@ def test_compose_topology_echoes(tmp_path: Path) -> None:
         logs.mkdir()
         with _started(starts, logs):
             got = consumer_ns.exec(
-                sys.executable, "-c", _ECHO_CLIENT, str(consumer_port), timeout=60, check=False
+                sys.executable, "-c", ECHO_CLIENT, str(consumer_port), "30", timeout=60, check=False
             )
             detail = "\n".join(p.read_text()[-2000:] for p in sorted(logs.glob("*.log")))
             assert got.returncode == 0, f"{got.stderr}\n{detail}"

@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 import outrelay
+from tests.deploy.scripts import ECHO_CLIENT, ECHO_SERVER
 
 ROOT = Path(__file__).resolve().parents[2]
 BUILD = ROOT / "deployments" / "image" / "build.sh"
@@ -37,47 +38,6 @@ RUNTIME_LIMITS = ("cgroups in hybrid mode", "setrlimit", "OCI permission denied"
                   "cannot set up namespace", "OCI runtime error")  # fmt: skip
 
 pytestmark = pytest.mark.timeout(900)
-
-_ECHO_SERVER = """
-import socket, threading
-srv = socket.create_server(("127.0.0.1", 8080))
-def serve(c):
-    with c:
-        while data := c.recv(65536):
-            c.sendall(data)
-while True:
-    conn, _ = srv.accept()
-    threading.Thread(target=serve, args=(conn,), daemon=True).start()
-"""
-
-_ECHO_CLIENT = """
-import socket, time
-payload = bytes(range(256)) * 4096
-deadline = time.monotonic() + 60
-while True:
-    try:
-        s = socket.create_connection(("127.0.0.1", 30001), timeout=10)
-        s.sendall(payload[:16])
-        got = b""
-        while len(got) < 16:
-            chunk = s.recv(16 - len(got))
-            if not chunk:
-                raise ConnectionError("closed before the echo")
-            got += chunk
-        break
-    except OSError:
-        if time.monotonic() > deadline:
-            raise
-        time.sleep(0.5)
-s.sendall(payload[16:])
-s.shutdown(socket.SHUT_WR)
-while len(got) < len(payload):
-    chunk = s.recv(65536)
-    if not chunk:
-        break
-    got += chunk
-print(len(got), got == payload)
-"""
 
 
 def _podman(
@@ -169,12 +129,12 @@ def test_relay_and_two_agents_in_containers(image: str, tmp_path: Path) -> None:
                      *ident, "--cert=/etc/outrelay/agent-a.crt", "--key=/etc/outrelay/agent-a.key",
                      f"--uri={uri['agent-a']}", "--expose=svc-echo=127.0.0.1:8080")  # fmt: skip
         run_detached(f"{tag}-echo", "--network", f"container:{tag}-prov", "--entrypoint",
-                     "python3", image, "-c", _ECHO_SERVER)  # fmt: skip
+                     "python3", image, "-c", ECHO_SERVER, "127.0.0.1", "8080")  # fmt: skip
         run_detached(f"{tag}-cons", "--network", tag, *mount, image, f"--relay={relay_ip}:7443",
                      *ident, "--cert=/etc/outrelay/agent-b.crt", "--key=/etc/outrelay/agent-b.key",
                      f"--uri={uri['agent-b']}", "--consume=svc-echo@127.0.0.1:30001")  # fmt: skip
         got = _podman("run", "--rm", *ULIMITS, "--network", f"container:{tag}-cons",
-                      "--entrypoint", "python3", image, "-c", _ECHO_CLIENT,
+                      "--entrypoint", "python3", image, "-c", ECHO_CLIENT, "30001", "60",
                       timeout=120, check=False)  # fmt: skip
         if got.returncode != 0 or got.stdout.split() != [str(256 * 4096), "True"]:
             logs = "\n".join(_podman("logs", c, check=False).stderr[-2000:] for c in containers)
