@@ -11,18 +11,18 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.core import (
-    CounterMetricFamily,
-    GaugeMetricFamily,
-    HistogramMetricFamily,
-    Metric,
-)
-from prometheus_client.registry import Collector
-
 from outrelay.agent.agent import Agent
 from outrelay.agent.stats import RESUME_STALL_BUCKETS
-from outrelay.observe import Response, Route
+from outrelay.observe import Route
+from outrelay.observe.prometheus import (
+    Collector,
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    Metric,
+    histogram,
+    labelled,
+    probe_routes,
+)
 
 __all__ = ["AgentCollector", "admin_routes", "readiness"]
 
@@ -58,15 +58,17 @@ class AgentCollector(Collector):
         session = agent.session
         stats = session.stats
         link = session.current_link
-        up = GaugeMetricFamily(
+        connected = link is not None and session.connected.is_set()
+        yield labelled(
+            GaugeMetricFamily,
             "outrelay_relay_connected",
             "1 while a relay link is up and every exposed service is registered",
-            labels=["transport"],
+            ["transport"],
+            (
+                ([t], 1.0 if connected and link is not None and link.kind == t else 0.0)
+                for t in ("quic", "tcp")
+            ),
         )
-        for transport in ("quic", "tcp"):
-            live = link is not None and session.connected.is_set() and link.kind == transport
-            up.add_metric([transport], 1.0 if live else 0.0)
-        yield up
         yield CounterMetricFamily(
             "outrelay_relay_connects",
             "Relay links established (the first connection and every reconnect)",
@@ -75,73 +77,62 @@ class AgentCollector(Collector):
         ready = GaugeMetricFamily("outrelay_ready", "1 when /readyz answers 200")
         ready.add_metric([], 0.0 if readiness_of(agent) else 1.0)
         yield ready
-        active = GaugeMetricFamily(
-            "outrelay_streams_active", "Streams being bridged now", labels=["service", "role"]
+        yield labelled(
+            GaugeMetricFamily,
+            "outrelay_streams_active",
+            "Streams being bridged now",
+            ["service", "role"],
+            sorted(stats.active().items()),
         )
-        for (service, role), n in sorted(stats.active().items()):
-            active.add_metric([service, role], n)
-        yield active
-        opened = CounterMetricFamily(
+        yield labelled(
+            CounterMetricFamily,
             "outrelay_streams_opened",
             "Streams that reached the bridge (accepted opens)",
-            labels=["service", "role"],
+            ["service", "role"],
+            sorted(stats.opened.items()),
         )
-        for (service, role), n in sorted(stats.opened.items()):
-            opened.add_metric([service, role], n)
-        yield opened
-        rejected = CounterMetricFamily(
+        yield labelled(
+            CounterMetricFamily,
             "outrelay_streams_rejected",
             "Opens refused, by the relay, the provider agent or us, by reject code",
-            labels=["service", "role", "code"],
+            ["service", "role", "code"],
+            sorted(stats.rejected.items()),
         )
-        for (service, role, code), n in sorted(stats.rejected.items()):
-            rejected.add_metric([service, role, str(code)], n)
-        yield rejected
-        failed = CounterMetricFamily(
+        yield labelled(
+            CounterMetricFamily,
             "outrelay_streams_failed",
             "Opens that never reached the bridge: no relay connected, or lost during the open",
-            labels=["service", "role"],
+            ["service", "role"],
+            sorted(stats.failed.items()),
         )
-        for (service, role), n in sorted(stats.failed.items()):
-            failed.add_metric([service, role], n)
-        yield failed
-        moved = CounterMetricFamily(
+        yield labelled(
+            CounterMetricFamily,
             "outrelay_stream_bytes",
             "Application bytes bridged, counted live; sent = toward the peer agent",
-            labels=["service", "role", "direction"],
+            ["service", "role", "direction"],
+            sorted(stats.bytes().items()),
         )
-        for (service, role, direction), n in sorted(stats.bytes().items()):
-            moved.add_metric([service, role, direction], n)
-        yield moved
-        resumes = CounterMetricFamily(
+        yield labelled(
+            CounterMetricFamily,
             "outrelay_stream_resumes",
             "Resumes of relay streams after a lost relay link, by service (finished streams)",
-            labels=["service"],
+            ["service"],
+            (([service], n) for service, n in sorted(stats.resumes.items())),
         )
-        for service, n in sorted(stats.resumes.items()):
-            resumes.add_metric([service], n)
-        yield resumes
-        stall = HistogramMetricFamily(
+        yield histogram(
             "outrelay_resume_stall_seconds",
             "Time a broken relay stream waited until it was resumed",
-        )
-        stall.add_metric(
-            [],
-            [
-                (_bound(bound), float(n))
-                for bound, n in zip(RESUME_STALL_BUCKETS, stats.resume_stall_buckets, strict=True)
-            ],
+            RESUME_STALL_BUCKETS,
+            stats.resume_stall_buckets,
             stats.resume_stall_sum,
         )
-        yield stall
-        reloads = CounterMetricFamily(
+        yield labelled(
+            CounterMetricFamily,
             "outrelay_identity_reloads",
             "Certificate and key reloads by result (ok: the new identity is in use)",
-            labels=["result"],
+            ["result"],
+            (([r], stats.identity_reloads[r]) for r in ("ok", "failed")),
         )
-        for result in ("ok", "failed"):
-            reloads.add_metric([result], stats.identity_reloads[result])
-        yield reloads
         yield CounterMetricFamily(
             "outrelay_p2p_promotions", "Streams moved to a direct path", value=stats.promotions
         )
@@ -150,10 +141,6 @@ class AgentCollector(Collector):
             "Streams moved back from a direct path to the relay",
             value=stats.demotions,
         )
-
-
-def _bound(value: float) -> str:
-    return "+Inf" if value == float("inf") else repr(value)
 
 
 def readiness_of(agent: Agent) -> list[str]:
@@ -170,19 +157,4 @@ def readiness_of(agent: Agent) -> list[str]:
 
 def admin_routes(agent: Agent) -> dict[str, Route]:
     """``/healthz``, ``/readyz`` and ``/metrics`` for ``agent``."""
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(AgentCollector(agent))
-
-    def healthz() -> Response:
-        return Response(200, b"ok\n")
-
-    def readyz() -> Response:
-        missing = readiness_of(agent)
-        if missing:
-            return Response(503, ("not ready: " + "; ".join(missing) + "\n").encode())
-        return Response(200, b"ready\n")
-
-    def metrics() -> Response:
-        return Response(200, generate_latest(registry), CONTENT_TYPE_LATEST)
-
-    return {"/healthz": healthz, "/readyz": readyz, "/metrics": metrics}
+    return probe_routes(AgentCollector(agent), lambda: readiness_of(agent))

@@ -19,11 +19,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
-
 from outrelay.observe import Response, Route, kv
+from outrelay.observe.prometheus import (
+    Collector,
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    Metric,
+    labelled,
+    probe_routes,
+)
 from outrelay.relay.edge import Relay
 
 __all__ = ["RelayCollector", "admin_routes", "dump_metrics", "snapshot"]
@@ -58,15 +62,16 @@ class RelayCollector(Collector):
             "1 while the relay listens and is not draining",
             value=1.0 if relay.listening and not self._draining[0] else 0.0,
         )
-        agents = GaugeMetricFamily(
-            "outrelay_agents_connected", "Connected agents, by transport", labels=["transport"]
-        )
         by_transport = {"quic": 0, "tcp": 0}
         for session in relay.state.agents.values():
             by_transport[_transport(session.conn)] += 1
-        for transport, n in by_transport.items():
-            agents.add_metric([transport], n)
-        yield agents
+        yield labelled(
+            GaugeMetricFamily,
+            "outrelay_agents_connected",
+            "Connected agents, by transport",
+            ["transport"],
+            (([transport], n) for transport, n in by_transport.items()),
+        )
         yield GaugeMetricFamily(
             "outrelay_services_registered",
             "Registered (tenant, service, provider) bindings",
@@ -92,38 +97,34 @@ class RelayCollector(Collector):
             "Streams in the migrated cache (moved to a direct path)",
             value=stats.migrated,
         )
-        opens = CounterMetricFamily(
+        yield labelled(
+            CounterMetricFamily,
             "outrelay_relay_opens",
             "Data streams by first frame: open (OPEN_STREAM), resume, migrate (to relay)",
-            labels=["kind"],
+            ["kind"],
+            (([kind], counters.opens[kind]) for kind in ("open", "resume", "migrate")),
         )
-        for kind in ("open", "resume", "migrate"):
-            opens.add_metric([kind], counters.opens[kind])
-        yield opens
-        rejects = CounterMetricFamily(
+        yield labelled(
+            CounterMetricFamily,
             "outrelay_streams_rejected",
             "Opens answered with STREAM_REJECT, by code",
-            labels=["code"],
+            ["code"],
+            (([code], n) for code, n in sorted(counters.rejects_by_code.items())),
         )
-        for code, n in sorted(counters.rejects_by_code.items()):
-            rejects.add_metric([str(code)], n)
-        yield rejects
-        refusals = CounterMetricFamily(
+        yield labelled(
+            CounterMetricFamily,
             "outrelay_handshake_refusals",
             "Refused agent connections (mTLS, identity), by reason",
-            labels=["reason"],
+            ["reason"],
+            (([reason], n) for reason, n in sorted(counters.refusals.items())),
         )
-        for reason, n in sorted(counters.refusals.items()):
-            refusals.add_metric([reason], n)
-        yield refusals
-        reloads = CounterMetricFamily(
+        yield labelled(
+            CounterMetricFamily,
             "outrelay_identity_reloads",
             "Certificate and key reloads by result (ok: new connections use it)",
-            labels=["result"],
+            ["result"],
+            (([r], counters.identity_reloads[r]) for r in ("ok", "failed")),
         )
-        for result in ("ok", "failed"):
-            reloads.add_metric([result], counters.identity_reloads[result])
-        yield reloads
         yield CounterMetricFamily(
             "outrelay_refused_not_owner",
             "Frames refused because they named another agent's stream",
@@ -141,32 +142,19 @@ def admin_routes(relay: Relay, draining: list[bool]) -> dict[str, Route]:
 
     ``draining``: a one-item list the CLI sets on SIGTERM (readiness off first).
     """
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(RelayCollector(relay, draining))
 
-    def healthz() -> Response:
-        return Response(200, b"ok\n")
-
-    def readyz() -> Response:
+    def not_ready() -> list[str]:
         if draining[0]:
-            return Response(503, b"not ready: draining: shutting down\n")
-        if not relay.listening:
-            return Response(503, b"not ready: not listening\n")
-        return Response(200, b"ready\n")
-
-    def metrics() -> Response:
-        return Response(200, generate_latest(registry), CONTENT_TYPE_LATEST)
+            return ["draining: shutting down"]
+        return [] if relay.listening else ["not listening"]
 
     def debug_metrics() -> Response:
         body = json.dumps(snapshot(relay), separators=(",", ":")).encode()
         return Response(200, body, "application/json")
 
-    return {
-        "/healthz": healthz,
-        "/readyz": readyz,
-        "/metrics": metrics,
-        "/debug/metrics": debug_metrics,
-    }
+    routes = probe_routes(RelayCollector(relay, draining), not_ready)
+    routes["/debug/metrics"] = debug_metrics
+    return routes
 
 
 def _open_dump(path: str) -> int:
