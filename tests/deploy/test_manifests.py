@@ -51,26 +51,22 @@ def test_validator_rejects_a_broken_manifest() -> None:
         kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
 
 
-def test_manifests_use_the_secrets_pki_dev_emits(tmp_path: Path) -> None:
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "outrelay.cli",
-            "pki",
-            "dev",
-            "--out",
-            str(tmp_path / "pki"),
-            "--k8s-secret",
-            "outrelay",
-            "--k8s-namespace",
-            "outrelay",
-        ],
+PKI_DEV = [sys.executable, "-m", "outrelay.cli", "pki", "dev"]
+
+
+def _pki_dev(out: Path, secret: str, *more: str) -> subprocess.CompletedProcess[str]:
+    """``outrelay pki dev --out OUT --k8s-secret SECRET [MORE...]``."""
+    return subprocess.run(
+        [*PKI_DEV, "--out", str(out), "--k8s-secret", secret, *more],
         capture_output=True,
         text=True,
-        check=True,
         timeout=30,
     )
+
+
+def test_manifests_use_the_secrets_pki_dev_emits(tmp_path: Path) -> None:
+    out = _pki_dev(tmp_path / "pki", "outrelay", "--k8s-namespace", "outrelay")
+    assert out.returncode == 0, out.stderr
     secrets = _docs(out.stdout)
     assert [s["metadata"]["name"] for s in secrets] == [
         "outrelay-relay",
@@ -102,22 +98,7 @@ def test_manifests_use_the_secrets_pki_dev_emits(tmp_path: Path) -> None:
 
 
 def test_bad_secret_name_is_a_usage_error(tmp_path: Path) -> None:
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "outrelay.cli",
-            "pki",
-            "dev",
-            "--out",
-            str(tmp_path / "p"),
-            "--k8s-secret",
-            "Not_Valid",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    proc = _pki_dev(tmp_path / "p", "Not_Valid")
     assert proc.returncode == 2
     assert "invalid Secret name" in proc.stderr
     assert not (tmp_path / "p").exists()
