@@ -97,6 +97,9 @@ OUR_EXTENSIONS = [
     ("StreamResume", "outrelay_peer_uri", 100, FieldDescriptor.TYPE_STRING, False),
     ("StreamReady", "outrelay_peer_uri", 101, FieldDescriptor.TYPE_STRING, False),
     ("IncomingStream", "outrelay_spliced", 100, FieldDescriptor.TYPE_BOOL, False),
+    # FORWARD_STREAM between two of our relays (issue 18).
+    ("IncomingStream", "outrelay_p2p_mode", 101, FieldDescriptor.TYPE_UINT32, False),
+    ("IncomingStream", "outrelay_provider_uri", 102, FieldDescriptor.TYPE_STRING, False),
 ]
 
 
