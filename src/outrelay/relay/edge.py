@@ -40,9 +40,11 @@ from outrelay.pki import ClientVerifier, load_certificates
 from outrelay.relay.audit import AuditLog
 from outrelay.relay.control import ControlDispatch
 from outrelay.relay.limits import MAX_CONTROL_FRAME
+from outrelay.relay.mesh import Mesh
 from outrelay.relay.open_flow import OpenFlow
 from outrelay.relay.outbox import ControlOutbox
 from outrelay.relay.pairs import Member
+from outrelay.relay.peers import DIAL_TIMEOUT, PeerPool
 from outrelay.relay.plane import ForwardPlane
 from outrelay.relay.policy import PolicyService
 from outrelay.relay.resume_flow import ResumeFlow
@@ -96,6 +98,12 @@ class RelayConfig:
     required_promotion_timeout: float = REQUIRED_PROMOTION_TIMEOUT
     quic_retry: RetryMode = RetryMode.AUTO
     """``--quic-retry``: when new QUIC clients must answer a Retry first."""
+    mesh: Mesh | None = None
+    """The shared registry of a relay mesh (issue 18); None: this relay is alone. With a
+    mesh, ``cert_file`` must be a relay-role certificate: it is also the client
+    certificate to peer relays (spec 02 §10.2)."""
+    peer_dial_timeout: float = DIAL_TIMEOUT
+    """Bound of one dial to a peer relay (:mod:`.peers`)."""
 
 
 _HANDLER_KINDS = {
@@ -117,6 +125,19 @@ class Relay:
         )
         self._control = ControlDispatch(self.state)
         self._open = OpenFlow(self.state, config.required_promotion_timeout)
+        mesh = self.state.mesh = config.mesh
+        if mesh is not None:
+
+            def endpoint_of(relay_id: str) -> str | None:
+                record = mesh.relay(relay_id)
+                return record.endpoint if record is not None else None
+
+            self.state.peers = PeerPool(
+                QuicTlsConfig(config.cert_file, config.key_file, config.ca_file),
+                endpoint_of,
+                self._on_peer_dialled,
+                dial_timeout=config.peer_dial_timeout,
+            )
         self._resume = ResumeFlow(self.state)
         self._verifier = ClientVerifier(load_certificates(config.ca_file))
         self._server: QuicServerHandle | None = None
@@ -206,6 +227,8 @@ class Relay:
             self._tcp_server.close()
         if self.state.plane is not None:
             self.state.plane.close()
+        if self.state.peers is not None:
+            self.state.peers.close()
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
@@ -263,6 +286,9 @@ class Relay:
     def _on_connection(self, conn: Connection) -> None:
         self._spawn(self._handle_connection(conn), "connection")
 
+    def _on_peer_dialled(self, relay_id: str, conn: Connection) -> None:
+        self._spawn(self._open.inter.serve_connection(relay_id, conn, dialled=True), "peer")
+
     async def _handle_connection(self, conn: Connection) -> None:
         uri = getattr(conn, "identity", None) or ""
         remote = f"{conn.peer.address[0]}:{conn.peer.address[1]}"
@@ -274,9 +300,12 @@ class Relay:
             conn.close(0, close_phrase(f"bad client certificate: identity URI: {exc}"))
             return
         if isinstance(identity, RelayIdentity):
-            # Inter-relay forwarding (spec 02 §10) is not part of this relay yet.
-            log.warning("peer relay connections are not supported", extra=kv(uri=uri))
-            conn.close(0, "peer relay connections are not supported")
+            # Spec 02 §10.1: a peer relay; no HELLO, never in the agent map.
+            log.info("peer relay connected", extra=kv(uri=uri, remote=remote))
+            try:
+                await self._open.inter.serve_connection(identity.relay_id, conn, dialled=False)
+            finally:
+                conn.close(0, "")
             return
         session = await self._hello(conn, uri, identity, remote)
         if session is None:
@@ -397,6 +426,8 @@ class Relay:
         if state.agents.get(session.uri) is session:
             del state.agents[session.uri]
             removed = state.registry.deregister_agent(session.tenant, session.uri)
+            if state.mesh is not None:
+                state.mesh.withdraw_agent(session.tenant, session.uri)
             log.info(
                 "agent disconnected",
                 extra=kv(
