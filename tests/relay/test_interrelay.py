@@ -15,6 +15,7 @@ from outrelay.orp import (
     StreamCheckpoint,
     StreamEndCode,
     StreamReject,
+    StreamResume,
     encode_message,
     encode_reject,
 )
@@ -243,3 +244,69 @@ async def test_ready_frames_name_the_remote_peer(pki: Pki) -> None:
         assert dict(pair.c_ready.fields())[101] == provider.uri.encode()
         assert dict(pair.p_ready.fields())[101] == consumer.uri.encode()
         assert pair.c_ready.type == STREAM_READY
+
+
+async def _resume_half(agent: RawAgent, sid: int, mine: int, acked: int, peer: str) -> Buffered:
+    stream = await agent.conn.open_stream()
+    half = StreamResume(
+        stream_id=sid, my_position=mine, peer_ack_position=acked, outrelay_peer_uri=peer
+    )
+    await stream.send_all(encode_message(FrameType.STREAM_RESUME, half) + b"surplus;")
+    return Buffered(stream)
+
+
+async def _echo_of(half: Buffered) -> tuple[int, int]:
+    got = await half.read_frame()
+    assert got.type == FrameType.STREAM_RESUME
+    echo = StreamResume()
+    echo.ParseFromString(got.payload)
+    return echo.my_position, echo.peer_ack_position
+
+
+@pytest.mark.parametrize("first", ["r1", "r2"])
+async def test_halves_parked_on_two_relays_meet_through_the_mesh(pki: Pki, first: str) -> None:
+    async with mesh_relays(pki, "r1", "r2") as mesh:
+        a = await mesh.agent("r1")
+        b = await mesh.agent("r2")
+        sid = new_sid()
+        if first == "r1":
+            a_half = await _resume_half(a, sid, 10, 20, b.uri)
+            await until(lambda: len(mesh.hub.halves) == 1)
+            b_half = await _resume_half(b, sid, 30, 5, a.uri)
+        else:
+            b_half = await _resume_half(b, sid, 30, 5, a.uri)
+            await until(lambda: len(mesh.hub.halves) == 1)
+            a_half = await _resume_half(a, sid, 10, 20, b.uri)
+        # Each agent gets the other's positions (the [REC] echo), then the other's bytes.
+        assert await _echo_of(a_half) == (30, 5)
+        assert await _echo_of(b_half) == (10, 20)
+        assert await a_half.read_exact(8) == b"surplus;"
+        assert await b_half.read_exact(8) == b"surplus;"
+        await a_half.stream.send_all(b"a->b")
+        assert await b_half.read_exact(4) == b"a->b"
+        await b_half.stream.send_all(b"b->a")
+        assert await a_half.read_exact(4) == b"b->a"
+        assert not mesh.hub.halves  # withdrawn on the match
+        # The pair is recorded on both relays: checkpoints cross.
+        checkpoint = encode_message(
+            FrameType.STREAM_CHECKPOINT,
+            StreamCheckpoint(stream_id=sid, my_position=14, peer_ack_position=24),
+        )
+        await a.send(checkpoint)
+        assert (await b.next_frame()).raw == checkpoint
+        later = mesh.relays["r2" if first == "r1" else "r1"]
+        assert later._resume.remote is not None and later._resume.remote.forwarded == 1
+
+
+async def test_halves_that_name_other_peers_do_not_meet(pki: Pki) -> None:
+    async with mesh_relays(pki, "r1", "r2") as mesh:
+        a = await mesh.agent("r1")
+        b = await mesh.agent("r2")
+        sid = new_sid()
+        a_half = await _resume_half(a, sid, 10, 20, "outrelay://acme/someone-else")
+        await until(lambda: len(mesh.hub.halves) == 1)
+        await _resume_half(b, sid, 30, 5, a.uri)
+        await until(lambda: len(mesh.hub.halves) == 2)
+        await a_half.assert_open()
+        assert mesh.relays["r1"].statistics().parked_halves == 1
+        assert mesh.relays["r2"].statistics().parked_halves == 1

@@ -139,6 +139,8 @@ class Relay:
                 dial_timeout=config.peer_dial_timeout,
             )
         self._resume = ResumeFlow(self.state)
+        if self._resume.remote is not None:
+            self._open.inter.on_peer_resume = self._resume.remote.serve
         self._verifier = ClientVerifier(load_certificates(config.ca_file))
         self._server: QuicServerHandle | None = None
         self._tcp_server: TcpServerHandle | None = None

@@ -68,7 +68,7 @@ from outrelay.splice import SpliceResult, copy_until, splice
 from outrelay.transport import BrokenResourceError, Connection, Stream, TransportError
 from outrelay.wire import FrameReader, expect_message
 
-__all__ = ["PEER_ANSWER_TIMEOUT", "InterRelay", "peer_end_code"]
+__all__ = ["PEER_ANSWER_TIMEOUT", "InterRelay", "peer_end_code", "splice_with_peer"]
 
 PEER_ANSWER_TIMEOUT: Final = 35.0
 """Ours: how long R1 waits for R2's answer (R2 waits 30 s for its provider's)."""
@@ -193,37 +193,20 @@ class InterRelay:
             await self._reject(c_stream, code, reason)
             return
         _post_ready(consumer, sid, p2p_mode, p_uri)
-        await self._splice(
-            sid, consumer, c_stream, Member(p_uri, ""), f_stream, b"", f_reader.take_leftover()
+        await splice_with_peer(
+            self._state,
+            sid,
+            consumer,
+            c_stream,
+            Member(p_uri, ""),
+            f_stream,
+            b"",
+            f_reader.take_leftover(),
         )
 
     async def _reject(self, stream: Stream, code: int, reason: str) -> None:
         self._state.counters.rejected(int(code))
         await reject(stream, code, reason)
-
-    async def _splice(
-        self,
-        sid: int,
-        local: AgentSession,
-        l_stream: Stream,
-        remote: Member,
-        r_stream: Stream,
-        l_prefix: bytes,
-        r_prefix: bytes,
-    ) -> SpliceResult:
-        """Splice an agent's stream with a peer stream (close semantics: module docstring)."""
-        result = await splice(
-            l_stream,
-            r_stream,
-            a_to_b_prefix=l_prefix,
-            b_to_a_prefix=r_prefix,
-            abort_a_on_b_error=peer_end_code,
-            abort_b_on_a_error=lambda exc: end_code(local, exc),
-            abort_source_on_write_error=True,
-        )
-        if not (result.a_to_b.clean and result.b_to_a.clean):
-            self._state.ended.note(sid, local.member, remote, now_ms())
-        return result
 
     # -- serving a peer connection (R2, §10.1) -----------------------------------------------
 
@@ -402,7 +385,9 @@ class InterRelay:
         current = self._state.agents.get(provider.uri)
         if current is not None:
             _post_ready(current, sid, p2p_mode, c_uri)
-        await self._splice(sid, provider, p_stream, Member(c_uri, ""), f_stream, b"", f_prefix)
+        await splice_with_peer(
+            self._state, sid, provider, p_stream, Member(c_uri, ""), f_stream, b"", f_prefix
+        )
 
     async def _answer_reference(
         self, f_stream: Stream, p_stream: Stream, provider: AgentSession, leftover: bytes
@@ -426,7 +411,9 @@ class InterRelay:
         except TransportError:
             p_stream.abort(StreamEndCode.LINK)
             return
-        await self._splice(0, provider, p_stream, Member("", ""), f_stream, b"", leftover)
+        await splice_with_peer(
+            self._state, 0, provider, p_stream, Member("", ""), f_stream, b"", leftover
+        )
 
     # -- the peer control stream (ours) --------------------------------------------------------
 
@@ -481,6 +468,32 @@ class InterRelay:
             return
         data = encode_frame(frame.type, frame.payload, version=frame.version, flags=frame.flags)
         target.ctrl.post_raw(data, droppable=checkpoint)
+
+
+async def splice_with_peer(
+    state: RelayState,
+    sid: int,
+    local: AgentSession,
+    l_stream: Stream,
+    remote: Member,
+    r_stream: Stream,
+    l_prefix: bytes,
+    r_prefix: bytes,
+) -> SpliceResult:
+    """Splice an agent's stream with a peer stream (close semantics: module docstring);
+    a splice that broke is noted with both ends for the resume flow."""
+    result = await splice(
+        l_stream,
+        r_stream,
+        a_to_b_prefix=l_prefix,
+        b_to_a_prefix=r_prefix,
+        abort_a_on_b_error=peer_end_code,
+        abort_b_on_a_error=lambda exc: end_code(local, exc),
+        abort_source_on_write_error=True,
+    )
+    if not (result.a_to_b.clean and result.b_to_a.clean):
+        state.ended.note(sid, local.member, remote, now_ms())
+    return result
 
 
 def _post_ready(agent: AgentSession, sid: int, p2p_mode: P2PMode, peer_uri: str) -> None:
