@@ -52,13 +52,18 @@ class MeshRelays:
     agents: list[RawAgent] = field(default_factory=list)
 
     async def start(
-        self, relay_id: str, rules: list[dict] | None = None, *, peer_dial_timeout: float = 5.0
+        self,
+        relay_id: str,
+        rules: list[dict] | None = None,
+        *,
+        peer_dial_timeout: float = 5.0,
+        port: int | None = None,
     ) -> Relay:
         cert, key = self.pki.dev.write(
             f"relay-{relay_id}-{uuid.uuid4().hex[:6]}",
             issue_relay(self.pki.dev.ca, relay_id=relay_id),
         )
-        port = free_udp_port()
+        port = port or free_udp_port()
         view = self.hub.view(relay_id, "local", f"127.0.0.1:{port}")
         policy = None
         if rules is not None:

@@ -98,6 +98,8 @@ class PeerControls:
 
     def __init__(self) -> None:
         self._by_relay: dict[str, list[ControlOutbox]] = {}
+        self.posted = 0
+        """Frames handed to a peer relay's channel (statistics)."""
 
     def add(self, relay_id: str, outbox: ControlOutbox) -> None:
         self._by_relay.setdefault(relay_id, []).insert(0, outbox)
@@ -113,7 +115,10 @@ class PeerControls:
         """Queue encoded frames to ``relay_id``; False if no live channel took them."""
         for outbox in self._by_relay.get(relay_id, []):
             if outbox.dead is None:
-                return outbox.post_raw(data, droppable=droppable) is not None or droppable
+                if outbox.post_raw(data, droppable=droppable) is None:
+                    return droppable
+                self.posted += 1
+                return True
         return False
 
     def __contains__(self, relay_id: object) -> bool:
