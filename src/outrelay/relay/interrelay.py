@@ -22,11 +22,15 @@ is still served that way (a reference relay may forward to us). Between our rela
   reject closes one stream, never the pooled connection (the [REC] of §15 item 6);
 * STREAM_READY to both agents, and the pair recorded on both relays with the remote
   member marked (:class:`~.remote.RemoteSides`), so STREAM_CHECKPOINT and CANDIDATE_* of
-  the pair travel over the connection's control stream (first frame PEER_CONTROL) and
+  the pair travel over the connection's control stream (first frame PEER_CONTROL,
+  :mod:`.peer_control`) and
   close-acks keep working (closed pairs, :mod:`.pairs`).
 
 A peer stream that breaks resets the agent's stream with ``StreamEndCode.LINK`` (the agent
-resumes); a final code (APPLICATION_CLOSED, AGENT_GONE) passes through across the hop.
+resumes); a final code (APPLICATION_CLOSED, AGENT_GONE) passes through across the hop
+(:func:`~.splicing.splice_with_peer`). Forward mode (§6.4) and the p2p REQUIRED timer
+(§7.5) do not cross relays: a forwarded stream is spliced, and its agents are told the
+p2p mode in STREAM_READY.
 """
 
 from __future__ import annotations
@@ -50,42 +54,30 @@ from outrelay.orp import (
     StreamEndCode,
     StreamReady,
     StreamReject,
-    decode_message,
     decode_p2p_mode,
-    encode_frame,
     encode_message,
     encode_p2p_mode,
-    is_final,
 )
 from outrelay.relay.limits import MAX_CONTROL_FRAME
-from outrelay.relay.outbox import ControlOutbox
 from outrelay.relay.pairs import Member
+from outrelay.relay.peer_control import serve_peer_control
 from outrelay.relay.peers import PeerUnreachable
 from outrelay.relay.policy import P2PMode, PolicyResult
-from outrelay.relay.splicing import end_code, reject
+from outrelay.relay.splicing import peer_end_code, reject, splice_with_peer
 from outrelay.relay.state import AgentSession, RelayState, log, now_ms
-from outrelay.splice import SpliceResult, copy_until, splice
-from outrelay.transport import BrokenResourceError, Connection, Stream, TransportError
+from outrelay.splice import copy_until
+from outrelay.transport import Connection, Stream, TransportError
 from outrelay.wire import FrameReader, expect_message
 
-__all__ = ["PEER_ANSWER_TIMEOUT", "InterRelay", "peer_end_code", "splice_with_peer"]
+__all__ = ["PEER_ANSWER_TIMEOUT", "InterRelay"]
 
 PEER_ANSWER_TIMEOUT: Final = 35.0
 """Ours: how long R1 waits for R2's answer (R2 waits 30 s for its provider's)."""
 FIRST_FRAME_TIMEOUT: Final = 30.0
 """Ours: how long a peer stream may take to send its first frame."""
-_ROUTED = (FrameType.STREAM_CHECKPOINT, FrameType.CANDIDATE_OFFER, FrameType.CANDIDATE_ANSWER)
 
 Decide = Callable[[str, str, str, str], PolicyResult | None]
 PeerResumeHandler = Callable[[str, Stream, Frame, bytes], Awaitable[None]]
-
-
-def peer_end_code(error: TransportError) -> int:
-    """The reset code for an agent's stream when its peer stream broke: a final code
-    passes through (the far agent's application closed, or the agent left), anything
-    else (the peer relay or the link between the relays failed) is ``LINK``: resume."""
-    code = error.code if isinstance(error, BrokenResourceError) else None
-    return code if code is not None and is_final(code) else StreamEndCode.LINK
 
 
 class InterRelay:
@@ -225,7 +217,9 @@ class InterRelay:
                     log.info("peer control stream failed", extra=kv(relay=relay_id, err=str(exc)))
                     conn.close(0, "")
                     return
-                tg.create_task(self._control(relay_id, conn, control, FrameReader(control)))
+                tg.create_task(
+                    serve_peer_control(self._state, relay_id, conn, control, FrameReader(control))
+                )
             try:
                 while True:
                     stream = await conn.accept_stream()
@@ -247,7 +241,7 @@ class InterRelay:
         elif frame.type == FrameType.FORWARD_STREAM:
             await self._serve_forward(relay_id, stream, frame, reader.take_leftover())
         elif frame.type == FrameType.PEER_CONTROL:
-            await self._control(relay_id, conn, stream, reader)
+            await serve_peer_control(self._state, relay_id, conn, stream, reader)
         elif frame.type == FrameType.PEER_RESUME and self.on_peer_resume is not None:
             await self.on_peer_resume(relay_id, stream, frame, reader.take_leftover())
         else:
@@ -401,7 +395,10 @@ class InterRelay:
         except (TimeoutError, TransportError, OrpError):
             answer = None
         if answer is None or answer.type != FrameType.STREAM_ACCEPT:
-            p_stream.abort(StreamEndCode.LINK) if answer is None else await p_stream.aclose()
+            if answer is None:
+                p_stream.abort(StreamEndCode.LINK)
+            else:
+                await p_stream.aclose()
             await self._reject(f_stream, RejectCode.UNAVAILABLE, "provider rejected")
             return
         try:
@@ -414,86 +411,6 @@ class InterRelay:
         await splice_with_peer(
             self._state, 0, provider, p_stream, Member("", ""), f_stream, b"", leftover
         )
-
-    # -- the peer control stream (ours) --------------------------------------------------------
-
-    async def _control(
-        self, relay_id: str, conn: Connection, stream: Stream, reader: FrameReader
-    ) -> None:
-        """Carry STREAM_CHECKPOINT / CANDIDATE_* of split pairs both ways until it ends."""
-        state = self._state
-
-        def overflow(reason: str) -> None:
-            log.warning(
-                "peer relay not reading its control stream", extra=kv(relay=relay_id, err=reason)
-            )
-            conn.close(0, "peer control stream not read")
-
-        outbox = ControlOutbox(stream, on_overflow=overflow)
-        state.peer_controls.add(relay_id, outbox)
-        writer = asyncio.get_running_loop().create_task(outbox.run())
-        try:
-            while True:
-                try:
-                    frame = await reader.read_frame()
-                except (TransportError, OrpError) as exc:
-                    log.debug("peer control stream ended", extra=kv(relay=relay_id, err=str(exc)))
-                    return
-                if frame is None:
-                    return
-                if frame.type in _ROUTED:
-                    with contextlib.suppress(OrpError):
-                        self._deliver(relay_id, frame)
-        finally:
-            state.peer_controls.remove(relay_id, outbox)
-            outbox.close()
-            writer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await writer
-
-    def _deliver(self, relay_id: str, frame: Frame) -> None:
-        """A frame of the remote member of a split pair: to the pair's local agent."""
-        state = self._state
-        sid = int(getattr(decode_message(frame), "stream_id", 0))
-        now = now_ms()
-        member = state.remote.get(sid, now)
-        if member is None or member.relay_id != relay_id:
-            return
-        checkpoint = frame.type == FrameType.STREAM_CHECKPOINT
-        target_uri = state.pairs.route(sid, member.uri)
-        if target_uri is None and checkpoint:
-            target_uri = state.pairs.route_closed(sid, member.uri, now)
-        target = state.agents.get(target_uri) if target_uri else None
-        if target is None:
-            return
-        data = encode_frame(frame.type, frame.payload, version=frame.version, flags=frame.flags)
-        target.ctrl.post_raw(data, droppable=checkpoint)
-
-
-async def splice_with_peer(
-    state: RelayState,
-    sid: int,
-    local: AgentSession,
-    l_stream: Stream,
-    remote: Member,
-    r_stream: Stream,
-    l_prefix: bytes,
-    r_prefix: bytes,
-) -> SpliceResult:
-    """Splice an agent's stream with a peer stream (close semantics: module docstring);
-    a splice that broke is noted with both ends for the resume flow."""
-    result = await splice(
-        l_stream,
-        r_stream,
-        a_to_b_prefix=l_prefix,
-        b_to_a_prefix=r_prefix,
-        abort_a_on_b_error=peer_end_code,
-        abort_b_on_a_error=lambda exc: end_code(local, exc),
-        abort_source_on_write_error=True,
-    )
-    if not (result.a_to_b.clean and result.b_to_a.clean):
-        state.ended.note(sid, local.member, remote, now_ms())
-    return result
 
 
 def _post_ready(agent: AgentSession, sid: int, p2p_mode: P2PMode, peer_uri: str) -> None:

@@ -38,11 +38,11 @@ from outrelay.orp import (
     StreamResume,
     encode_message,
 )
-from outrelay.relay.interrelay import splice_with_peer
 from outrelay.relay.mesh import HalfRecord
 from outrelay.relay.pairs import Member
 from outrelay.relay.peers import PeerUnreachable
 from outrelay.relay.resume_matcher import Half, HalfKind, ResumeMatcher
+from outrelay.relay.splicing import splice_with_peer
 from outrelay.relay.state import RelayState, log, now_ms
 from outrelay.transport import Stream, TransportError
 from outrelay.wire import expect_message
