@@ -12,6 +12,7 @@ import pytest
 from outrelay.orp import (
     FrameType,
     IncomingStream,
+    MigrateToRelay,
     StreamCheckpoint,
     StreamEndCode,
     StreamReject,
@@ -310,3 +311,48 @@ async def test_halves_that_name_other_peers_do_not_meet(pki: Pki) -> None:
         await a_half.assert_open()
         assert mesh.relays["r1"].statistics().parked_halves == 1
         assert mesh.relays["r2"].statistics().parked_halves == 1
+
+
+@pytest.mark.parametrize("closer", ["consumer", "provider"])
+async def test_an_applications_close_passes_through_the_hop(pki: Pki, closer: str) -> None:
+    async with mesh_relays(pki, "r1", "r2") as mesh:
+        consumer = await mesh.agent("r1")
+        provider = await mesh.agent("r2")
+        await provider.register("svc-a")
+        pair = await open_pair(consumer, provider, "svc-a", new_sid())
+        await pair.exchange(b"x")
+        closing, other = (pair.c, pair.p) if closer == "consumer" else (pair.p, pair.c)
+        closing.stream.abort(StreamEndCode.APPLICATION_CLOSED)
+        with pytest.raises(BrokenResourceError) as caught:
+            async with asyncio.timeout(WAIT):
+                while await other.stream.receive_some(65536):
+                    pass
+        assert caught.value.code == StreamEndCode.APPLICATION_CLOSED
+
+
+@pytest.mark.parametrize("first", ["migrate", "resume"])
+async def test_a_migrate_to_relay_half_meets_a_resume_half_on_another_relay(
+    pki: Pki, first: str
+) -> None:
+    async with mesh_relays(pki, "r1", "r2") as mesh:
+        a = await mesh.agent("r1")
+        b = await mesh.agent("r2")
+        sid = new_sid()
+
+        async def migrate_half() -> Buffered:
+            stream = await a.conn.open_stream()
+            half = MigrateToRelay(stream_id=sid, my_position=10, peer_ack_position=20)
+            await stream.send_all(encode_message(FrameType.MIGRATE_TO_RELAY, half) + b"m;")
+            return Buffered(stream)
+
+        if first == "migrate":
+            a_half = await migrate_half()
+            await until(lambda: len(mesh.hub.halves) == 1)
+            b_half = await _resume_half(b, sid, 30, 5, a.uri)
+        else:
+            b_half = await _resume_half(b, sid, 30, 5, a.uri)
+            await until(lambda: len(mesh.hub.halves) == 1)
+            a_half = await migrate_half()
+        assert await _echo_of(b_half) == (10, 20)  # only the STREAM_RESUME half is echoed
+        assert await a_half.read_exact(8) == b"surplus;"  # no echo before B's bytes
+        assert await b_half.read_exact(2) == b"m;"
