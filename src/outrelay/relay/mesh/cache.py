@@ -67,6 +67,8 @@ __all__ = [
     "decode_component",
     "encode_component",
     "half_value",
+    "parse_registry_url",
+    "parse_rule",
     "provider_value",
     "relay_value",
 ]
@@ -549,3 +551,26 @@ class Publisher:
     @property
     def pending(self) -> int:
         return len(self._pending)
+
+
+def parse_registry_url(url: str) -> list[tuple[str, int]]:
+    """The etcd client endpoints of ``etcd://host:port[,host:port...]`` (``[v6]:port`` too).
+
+    Raises:
+        ValueError: Not an ``etcd://`` URL with at least one valid ``host:port``.
+    """
+    scheme = "etcd://"
+    if not url.startswith(scheme):
+        raise ValueError(f"registry must be 'memory' or etcd://host:port[,...], got {url!r}")
+    endpoints: list[tuple[str, int]] = []
+    for item in url[len(scheme) :].split(","):
+        host, sep, port_text = item.strip().rpartition(":")
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+        if not sep or not host or "/" in host or not port_text.isdigit():
+            raise ValueError(f"bad etcd endpoint {item!r} in {url!r} (expected host:port)")
+        port = int(port_text)
+        if not 0 < port < 65536:
+            raise ValueError(f"bad etcd port {port} in {url!r}")
+        endpoints.append((host, port))
+    return endpoints
