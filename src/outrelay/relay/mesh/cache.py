@@ -59,10 +59,14 @@ __all__ = [
     "MAX_PENDING_WRITES",
     "MAX_VALUE_BYTES",
     "Changes",
+    "DuplicateRelayId",
     "EventKind",
     "KeyLayout",
     "MeshCache",
     "Publisher",
+    "RegistryError",
+    "RegistryOptions",
+    "RegistryUnavailable",
     "WatchEvent",
     "decode_component",
     "encode_component",
@@ -574,3 +578,29 @@ def parse_registry_url(url: str) -> list[tuple[str, int]]:
             raise ValueError(f"bad etcd port {port} in {url!r}")
         endpoints.append((host, port))
     return endpoints
+
+
+@dataclass(frozen=True, slots=True)
+class RegistryOptions:
+    """``--registry etcd://...`` and its companions (relay CLI)."""
+
+    endpoints: tuple[tuple[str, int], ...]
+    prefix: str = DEFAULT_PREFIX
+    lease_ttl: int = 5
+    """``--registry-lease`` seconds."""
+    advertise: str = ""
+    """``--advertise``; "" = the bound listen address."""
+    start_timeout: float = 15.0
+    """Bound on joining the mesh at start (the relay exits 1 after it)."""
+
+
+class RegistryError(Exception):
+    """The relay cannot join the mesh (it exits 1 with this message)."""
+
+
+class DuplicateRelayId(RegistryError):
+    """Another live relay holds this ``--relay-id``."""
+
+
+class RegistryUnavailable(RegistryError):
+    """No etcd endpoint answered in time."""

@@ -46,10 +46,13 @@ from outrelay.observe import kv
 from outrelay.relay.mesh.cache import (
     DEFAULT_PREFIX,
     Changes,
+    DuplicateRelayId,
     EventKind,
     KeyLayout,
     MeshCache,
     Publisher,
+    RegistryError,
+    RegistryUnavailable,
     WatchEvent,
     half_value,
     provider_value,
@@ -80,18 +83,6 @@ BACKOFF_MAX: Final = 1.0
 CLOSE_TIMEOUT: Final = 1.0
 """Bound on closing a gRPC channel and on revoking the lease at shutdown."""
 _LEASE_LOST_TTL: Final = 0
-
-
-class RegistryError(Exception):
-    """The relay cannot join the mesh (it exits 1 with this message)."""
-
-
-class DuplicateRelayId(RegistryError):
-    """Another live relay holds this ``--relay-id``."""
-
-
-class RegistryUnavailable(RegistryError):
-    """No etcd endpoint answered in time."""
 
 
 class _SessionEnd(Exception):
