@@ -565,7 +565,7 @@ def parse_registry_url(url: str) -> list[tuple[str, int]]:
     """
     scheme = "etcd://"
     if not url.startswith(scheme):
-        raise ValueError(f"registry must be 'memory' or etcd://host:port[,...], got {url!r}")
+        raise ValueError(f"registry must be etcd://host:port[,host:port...], got {url!r}")
     endpoints: list[tuple[str, int]] = []
     for item in url[len(scheme) :].split(","):
         host, sep, port_text = item.strip().rpartition(":")
