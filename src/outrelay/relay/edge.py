@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from cryptography import x509
 
@@ -41,12 +42,14 @@ from outrelay.relay.audit import AuditLog
 from outrelay.relay.control import ControlDispatch
 from outrelay.relay.limits import MAX_CONTROL_FRAME
 from outrelay.relay.mesh import Mesh
+from outrelay.relay.mesh.cache import RegistryOptions
+from outrelay.relay.mesh.policy import TenantPolicy
 from outrelay.relay.open_flow import OpenFlow
 from outrelay.relay.outbox import ControlOutbox
 from outrelay.relay.pairs import Member
 from outrelay.relay.peers import DIAL_TIMEOUT, PeerPool
 from outrelay.relay.plane import ForwardPlane
-from outrelay.relay.policy import PolicyService
+from outrelay.relay.policy import PolicyDocument, PolicyService
 from outrelay.relay.resume_flow import ResumeFlow
 from outrelay.relay.state import AgentSession, RelayState, RelayStatistics, log
 from outrelay.transport import (
@@ -62,6 +65,9 @@ from outrelay.transport import (
     serve_tcp,
 )
 from outrelay.wire import FrameReader, expect_message, frame_name
+
+if TYPE_CHECKING:
+    from outrelay.relay.mesh.etcd import EtcdMesh
 
 __all__ = ["Relay", "RelayConfig"]
 
@@ -98,8 +104,10 @@ class RelayConfig:
     required_promotion_timeout: float = REQUIRED_PROMOTION_TIMEOUT
     quic_retry: RetryMode = RetryMode.AUTO
     """``--quic-retry``: when new QUIC clients must answer a Retry first."""
+    registry: RegistryOptions | None = None
+    """``--registry etcd://...``: join the mesh on etcd at :meth:`Relay.start`; None: memory."""
     mesh: Mesh | None = None
-    """The shared registry of a relay mesh (issue 18); None: this relay is alone. With a
+    """A mesh to use as is (an in-process :class:`~.mesh.MemoryMesh` view, tests). With a
     mesh, ``cert_file`` must be a relay-role certificate: it is also the client
     certificate to peer relays (spec 02 §10.2)."""
     peer_dial_timeout: float = DIAL_TIMEOUT
@@ -123,24 +131,12 @@ class Relay:
         self.state = RelayState(
             self.relay_id, config.policy, AuditLog(config.audit_file, logger=log)
         )
+        self._etcd: EtcdMesh | None = None
         self._control = ControlDispatch(self.state)
         self._open = OpenFlow(self.state, config.required_promotion_timeout)
-        mesh = self.state.mesh = config.mesh
-        if mesh is not None:
-
-            def endpoint_of(relay_id: str) -> str | None:
-                record = mesh.relay(relay_id)
-                return record.endpoint if record is not None else None
-
-            self.state.peers = PeerPool(
-                QuicTlsConfig(config.cert_file, config.key_file, config.ca_file),
-                endpoint_of,
-                self._on_peer_dialled,
-                dial_timeout=config.peer_dial_timeout,
-            )
         self._resume = ResumeFlow(self.state)
-        if self._resume.remote is not None:
-            self._open.inter.on_peer_resume = self._resume.remote.serve
+        if config.mesh is not None:
+            self._attach_mesh(config.mesh)
         self._verifier = ClientVerifier(load_certificates(config.ca_file))
         self._server: QuicServerHandle | None = None
         self._tcp_server: TcpServerHandle | None = None
@@ -212,9 +208,70 @@ class Relay:
                 if self._tcp_server is not None:
                     self._tcp_server.close()
                 raise
+        if self.config.registry is not None:
+            try:
+                await self._join_mesh(self.config.registry, self._server.address)
+            except BaseException:
+                self._close_listeners()
+                raise
         audit = self.state.audit
         self._audit_task = asyncio.get_running_loop().create_task(audit.run())
         return self._server.address
+
+    def _close_listeners(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        if self._tcp_server is not None:
+            self._tcp_server.close()
+        if self.state.plane is not None:
+            self.state.plane.close()
+
+    async def _join_mesh(self, options: RegistryOptions, bound: tuple[str, int]) -> None:
+        """``--registry etcd://``: the relay record, the cache, and registry policy.
+
+        Raises:
+            RegistryError: the id is held by a live relay, or etcd is unreachable.
+        """
+        from outrelay.relay.mesh.etcd import EtcdMesh  # grpc is loaded only for a mesh
+
+        mesh = EtcdMesh(
+            options.endpoints,
+            relay_id=self.relay_id,
+            region=self.config.region,
+            advertise=options.advertise or f"{bound[0]}:{bound[1]}",
+            prefix=options.prefix,
+            lease_ttl=options.lease_ttl,
+        )
+        policy = self.state.policy
+        if isinstance(policy, TenantPolicy):
+            mesh.on_policy(lambda documents: _install_policy(policy, documents))
+        await mesh.start(options.start_timeout)
+        self._etcd = mesh
+        self._attach_mesh(mesh)
+
+    def _attach_mesh(self, mesh: Mesh) -> None:
+        """Resolve through ``mesh``, forward to peer relays (spec 02 §10, :mod:`.interrelay`)
+        and resume across relays (:mod:`.remote_resume`)."""
+        self.state.mesh = mesh
+
+        def endpoint_of(relay_id: str) -> str | None:
+            record = mesh.relay(relay_id)
+            return record.endpoint if record is not None else None
+
+        config = self.config
+        self.state.peers = PeerPool(
+            QuicTlsConfig(config.cert_file, config.key_file, config.ca_file),
+            endpoint_of,
+            self._on_peer_dialled,
+            dial_timeout=config.peer_dial_timeout,
+        )
+        self._open.inter.on_peer_resume = self._resume.attach_mesh().serve
+
+    @property
+    def mesh_ready_reasons(self) -> list[str]:
+        """Why the shared registry makes this relay not ready (``/readyz``); [] if fine."""
+        mesh = self.state.mesh
+        return [] if mesh is None else mesh.not_ready_reasons()
 
     async def run(self) -> None:
         """Serve until :meth:`stop` is called."""
@@ -235,6 +292,8 @@ class Relay:
             task.cancel()
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=STOP_TIMEOUT)
+        if self._etcd is not None:  # a clean stop leaves the mesh at once (lease revoked)
+            await self._etcd.aclose()
         await self.state.audit.aclose()
         if self._audit_task is not None:
             self._audit_task.cancel()
@@ -428,7 +487,7 @@ class Relay:
         if state.agents.get(session.uri) is session:
             del state.agents[session.uri]
             removed = state.registry.deregister_agent(session.tenant, session.uri)
-            if state.mesh is not None:
+            if state.mesh is not None:  # its bindings in the shared registry too (issue 18)
                 state.mesh.withdraw_agent(session.tenant, session.uri)
             log.info(
                 "agent disconnected",
@@ -484,3 +543,12 @@ class Relay:
                 extra=kv(uri=session.uri, type=frame_name(frame.type)),
             )
             await stream.aclose()
+
+
+def _install_policy(policy: TenantPolicy, documents: dict[str, PolicyDocument]) -> None:
+    """The registry's rules changed: swap them in (as a SIGHUP reload of the file does)."""
+    policy.replace(documents)
+    log.info(
+        "registry policy installed",
+        extra=kv(tenants=",".join(sorted(policy.tenants)) or "-", rules=policy.statistics().rules),
+    )

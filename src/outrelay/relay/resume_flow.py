@@ -96,12 +96,14 @@ class ResumeFlow:
         self._matcher: ResumeMatcher[HalfHandle] = ResumeMatcher()
         self._parked: Counter[str] = Counter()
         """Parked resume halves per agent URI (bounded by MAX_PARKED_HALVES_PER_AGENT)."""
-        self.remote = (
-            RemoteResume(state, self._matcher)
-            if state.mesh is not None and state.peers is not None
-            else None
-        )
+        self.remote: RemoteResume | None = None
         """Halves meeting their peer on another relay (with a mesh, :mod:`.remote_resume`)."""
+
+    def attach_mesh(self) -> RemoteResume:
+        """The relay joined a mesh (``state.mesh`` and ``state.peers`` are set): park
+        halves there too (:mod:`.remote_resume`)."""
+        self.remote = RemoteResume(self._state, self._matcher)
+        return self.remote
 
     @property
     def parked(self) -> int:

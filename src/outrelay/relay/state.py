@@ -20,6 +20,7 @@ from outrelay.observe import kv
 from outrelay.orp import FrameType, StreamEndCode
 from outrelay.relay.audit import AuditLog
 from outrelay.relay.counters import RelayCounters
+from outrelay.relay.mesh import Mesh
 from outrelay.relay.outbox import ControlOutbox
 from outrelay.relay.pairs import AgentInstances, EndedPairs, Member, MigratedCache, PairTable
 from outrelay.relay.plane import ForwardPlane
@@ -146,7 +147,7 @@ class RelayState:
         self.counters = RelayCounters()
         """Observability counters (spec 02 §11 snapshot, Prometheus ``/metrics``)."""
         self.mesh: Mesh | None = None
-        """The shared registry of a relay mesh (issue 18); None: this relay is alone."""
+        """The shared registry of a relay mesh (issue 18); None: the embedded registry only."""
         self.peers: PeerPool | None = None
         """Pooled connections to peer relays (spec 02 §10.2), with a mesh."""
         self.remote = RemoteSides()
