@@ -15,6 +15,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from outrelay.pki import issue_relay
 from outrelay.relay import Relay, RelayConfig
@@ -61,8 +62,9 @@ class MeshRelays:
         *,
         peer_dial_timeout: float = 5.0,
         port: int | None = None,
+        cert: tuple[Path, Path] | None = None,
     ) -> Relay:
-        cert, key = self.pki.dev.write(
+        cert, key = cert or self.pki.dev.write(
             f"relay-{relay_id}-{uuid.uuid4().hex[:6]}",
             issue_relay(self.pki.dev.ca, relay_id=relay_id),
         )

@@ -363,8 +363,12 @@ class Relay:
         if isinstance(identity, RelayIdentity):
             # Spec 02 §10.1: a peer relay; no HELLO, never in the agent map.
             log.info("peer relay connected", extra=kv(uri=uri, remote=remote))
+            # Keyed by connection, not by the certificate's relay id alone: the pairs a
+            # connection carries route their control frames back over that very
+            # connection, even when several peers present the same certificate.
+            link = f"{identity.relay_id}@{remote}"
             try:
-                await self._open.inter.serve_connection(identity.relay_id, conn, dialled=False)
+                await self._open.inter.serve_connection(link, conn, dialled=False)
             finally:
                 conn.close(0, "")
             return

@@ -206,6 +206,10 @@ class InterRelay:
         """Serve one peer connection's streams until it closes.
 
         Args:
+            relay_id: The link's key: the peer's relay id for a pooled connection, the
+                certificate's relay id and the remote address for an accepted one. Pairs
+                the connection carries are marked with it, and its PEER_CONTROL channel
+                is registered under it (:class:`~.remote.PeerControls`).
             dialled: We dialled it (the pool's): open its PEER_CONTROL stream first.
         """
         async with asyncio.TaskGroup() as tg:
@@ -262,6 +266,10 @@ class InterRelay:
         sid = msg.stream_id if ours else 0
         c_uri, target = msg.source_agent_uri, msg.target_service
         provider = state.agents.get(msg.outrelay_provider_uri) if ours else None
+        if provider is not None and (
+            provider.tenant != tenant or target not in provider.registrations
+        ):
+            provider = None  # not that agent's service (any more): resolve here
         if provider is None:
             binding = state.registry.resolve(tenant, target, state.agents.__contains__)
             provider = state.agents.get(binding.agent_uri) if binding is not None else None

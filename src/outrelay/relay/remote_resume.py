@@ -123,7 +123,7 @@ class RemoteResume:
         if not mine or not theirs:
             return
         other = max(theirs, key=lambda r: r.revision)
-        if mine[-1].revision < other.revision:
+        if max(r.revision for r in mine) < other.revision:
             return  # theirs is the later half: its relay forwards it to us
         if self._state.peers is None or not self._matcher.withdraw(half):
             return
@@ -215,7 +215,13 @@ class RemoteResume:
         sid = resume.stream_id
         half = self._matcher.pending(sid)
         record = HalfRecord(sid, relay_id, remote_uri, resume.outrelay_peer_uri, 0)
-        if half is None or half.handle.session.tenant != tenant or not _fits(half, record):
+        owners = self._state.owners(sid)
+        if (
+            half is None
+            or half.handle.session.tenant != tenant
+            or not _fits(half, record)
+            or (owners is not None and remote_uri not in owners)  # only the stream's agents
+        ):
             log.info(
                 "forwarded resume half refused: no fitting half here",
                 extra=kv(stream_id=sid, uri=remote_uri, relay=relay_id),
