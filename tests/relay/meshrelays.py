@@ -23,6 +23,7 @@ from outrelay.relay.mesh import MemoryMesh, MemoryMeshHub
 from outrelay.relay.mesh.cache import RegistryOptions
 from outrelay.relay.policy import PolicyService
 from outrelay.relay.policy.file import load_policy_file
+from outrelay.transport import QuicTlsConfig
 
 from .rawagent import Pki, RawAgent
 
@@ -118,8 +119,14 @@ class MeshRelays:
             for record in other.state.mesh.remote_providers(tenant, service)
         )
 
-    async def agent(self, relay_id: str, capabilities: tuple[str, ...] = ()) -> RawAgent:
-        tls, uri = self.pki.agent()
+    async def agent(
+        self,
+        relay_id: str,
+        capabilities: tuple[str, ...] = (),
+        *,
+        identity: tuple[QuicTlsConfig, str] | None = None,
+    ) -> RawAgent:
+        tls, uri = identity or self.pki.agent()
         agent = await RawAgent.connect("127.0.0.1", self.ports[relay_id], tls, uri, capabilities)
         self.agents.append(agent)
         return agent

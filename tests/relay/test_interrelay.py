@@ -378,3 +378,27 @@ async def test_peers_sharing_one_certificate_keep_their_pairs_apart(pki: Pki) ->
             )
             await provider.send(back)
             assert (await consumer.next_frame()).raw == back
+
+
+async def test_a_remote_agent_resuming_elsewhere_resets_our_side_at_once(pki: Pki) -> None:
+    """The provider's relay looks alive, but the provider parks a resume half on r3 (its
+    link to r2 broke): r1 resets the consumer's stream with LINK now, not after the QUIC
+    idle timeout, and the consumer's half meets the provider's through the mesh."""
+    async with mesh_relays(pki, "r1", "r2", "r3") as mesh:
+        consumer = await mesh.agent("r1")
+        p_identity = pki.agent()
+        provider = await mesh.agent("r2", identity=p_identity)
+        await provider.register("svc-a")
+        sid = new_sid()
+        pair = await open_pair(consumer, provider, "svc-a", sid)
+        await pair.exchange(b"x")
+        moved = await mesh.agent("r3", identity=p_identity)
+        p_half = await _resume_half(moved, sid, 1, 1, consumer.uri)
+        with pytest.raises(BrokenResourceError) as caught:
+            async with asyncio.timeout(WAIT):
+                while await pair.c.stream.receive_some(65536):
+                    pass
+        assert caught.value.code == StreamEndCode.LINK
+        c_half = await _resume_half(consumer, sid, 1, 1, provider.uri)
+        assert await _echo_of(c_half) == (1, 1)
+        assert await _echo_of(p_half) == (1, 1)
