@@ -402,3 +402,21 @@ async def test_a_remote_agent_resuming_elsewhere_resets_our_side_at_once(pki: Pk
         c_half = await _resume_half(consumer, sid, 1, 1, provider.uri)
         assert await _echo_of(c_half) == (1, 1)
         assert await _echo_of(p_half) == (1, 1)
+
+
+async def test_the_consumers_relay_decides_both_sides_before_forwarding(pki: Pki) -> None:
+    async with mesh_relays(pki, "r2") as mesh:
+        deny_callee = [
+            {"id": "c", "caller": "outrelay://acme/*", "target": "svc-*", "decision": "allow"},
+            {"id": "no", "caller": "*", "target": "outrelay://acme/*", "decision": "deny"},
+        ]
+        r1 = await mesh.start("r1", deny_callee)
+        consumer = await mesh.agent("r1")
+        provider = await mesh.agent("r2")
+        await provider.register("svc-a")
+        await until(lambda: mesh.sees("r2", "svc-a"))
+        reject = await _expect_reject(await _open(consumer, "svc-a", new_sid()))
+        assert reject.code == 403 and reject.reason.startswith("denied (callee): ")
+        assert r1.state.peers is not None and r1.state.peers.dials == 0  # never forwarded
+        reject = await _expect_reject(await _open(consumer, "other", new_sid()))
+        assert reject.code == 403 and reject.reason.startswith("denied: ")  # caller side
