@@ -245,7 +245,14 @@ class Relay:
         policy = self.state.policy
         if isinstance(policy, TenantPolicy):
             mesh.on_policy(lambda documents: _install_policy(policy, documents))
-        await mesh.start(options.start_timeout)
+        # Set first: an agent may REGISTER while the mesh joins; its binding is queued and
+        # written with everything else once the lease is granted.
+        self.state.mesh = mesh
+        try:
+            await mesh.start(options.start_timeout)
+        except BaseException:
+            self.state.mesh = self.config.mesh
+            raise
         self._etcd = mesh
         self._attach_mesh(mesh)
 
