@@ -354,8 +354,8 @@ class Relay:
     def _on_connection(self, conn: Connection) -> None:
         self._spawn(self._handle_connection(conn), "connection")
 
-    def _on_peer_dialled(self, relay_id: str, conn: Connection) -> None:
-        self._spawn(self._open.inter.serve_connection(relay_id, conn, dialled=True), "peer")
+    def _on_peer_dialled(self, relay_id: str, conn: Connection, control: Stream) -> None:
+        self._spawn(self._open.inter.serve_connection(relay_id, conn, control), "peer")
 
     async def _handle_connection(self, conn: Connection) -> None:
         uri = getattr(conn, "identity", None) or ""
@@ -375,7 +375,7 @@ class Relay:
             # connection, even when several peers present the same certificate.
             link = f"{identity.relay_id}@{remote}"
             try:
-                await self._open.inter.serve_connection(link, conn, dialled=False)
+                await self._open.inter.serve_connection(link, conn)
             finally:
                 conn.close(0, "")
             return

@@ -202,7 +202,9 @@ class InterRelay:
 
     # -- serving a peer connection (R2, §10.1) -----------------------------------------------
 
-    async def serve_connection(self, relay_id: str, conn: Connection, *, dialled: bool) -> None:
+    async def serve_connection(
+        self, relay_id: str, conn: Connection, control: Stream | None = None
+    ) -> None:
         """Serve one peer connection's streams until it closes.
 
         Args:
@@ -210,20 +212,14 @@ class InterRelay:
                 certificate's relay id and the remote address for an accepted one. Pairs
                 the connection carries are marked with it, and its PEER_CONTROL channel
                 is registered under it (:class:`~.remote.PeerControls`).
-            dialled: We dialled it (the pool's): open its PEER_CONTROL stream first.
+            control: A pooled connection's PEER_CONTROL stream, which the pool opened
+                before any forward (:mod:`.peers`); an accepted connection's comes as
+                one of its streams.
         """
         async with asyncio.TaskGroup() as tg:
-            if dialled:
-                try:
-                    control = await conn.open_stream()
-                    await control.send_all(encode_message(FrameType.PEER_CONTROL))
-                except TransportError as exc:
-                    log.info("peer control stream failed", extra=kv(relay=relay_id, err=str(exc)))
-                    conn.close(0, "")
-                    return
-                tg.create_task(
-                    serve_peer_control(self._state, relay_id, conn, control, FrameReader(control))
-                )
+            if control is not None:
+                reader = FrameReader(control)
+                tg.create_task(serve_peer_control(self._state, relay_id, conn, control, reader))
             try:
                 while True:
                     stream = await conn.accept_stream()
