@@ -10,6 +10,8 @@ import asyncio
 import pytest
 
 from outrelay.orp import (
+    CandidateAnswer,
+    CandidateOffer,
     FrameType,
     IncomingStream,
     MigrateToRelay,
@@ -420,3 +422,24 @@ async def test_the_consumers_relay_decides_both_sides_before_forwarding(pki: Pki
         assert r1.state.peers is not None and r1.state.peers.dials == 0  # never forwarded
         reject = await _expect_reject(await _open(consumer, "other", new_sid()))
         assert reject.code == 403 and reject.reason.startswith("denied: ")  # caller side
+
+
+async def test_candidates_cross_relays_and_strangers_are_refused(pki: Pki) -> None:
+    async with mesh_relays(pki, "r1", "r2") as mesh:
+        consumer = await mesh.agent("r1")
+        provider = await mesh.agent("r2")
+        await provider.register("svc-a")
+        sid = new_sid()
+        await open_pair(consumer, provider, "svc-a", sid)
+        offer = encode_message(FrameType.CANDIDATE_OFFER, CandidateOffer(stream_id=sid))
+        await consumer.send(offer)
+        assert (await provider.next_frame()).raw == offer
+        answer = encode_message(FrameType.CANDIDATE_ANSWER, CandidateAnswer(stream_id=sid))
+        await provider.send(answer)
+        assert (await consumer.next_frame()).raw == answer
+        # An agent that is not one of the pair's may not speak for it.
+        stranger = await mesh.agent("r1")
+        await stranger.send(offer)
+        await provider.ping_pong()  # nothing was queued for the provider before the PONG
+        await stranger.ping_pong()
+        assert mesh.relays["r1"].state.refused_not_owner == 1
