@@ -228,6 +228,13 @@ class Relay:
         """
         from outrelay.relay.mesh.etcd import EtcdMesh  # grpc is loaded only for a mesh
 
+        if not options.advertise and bound[0] in ("0.0.0.0", "::", ""):
+            log.warning(
+                "registry: listening on an unspecified address; peer relays cannot dial it: "
+                "set --advertise HOST:PORT",
+                extra=kv(listen=f"{bound[0]}:{bound[1]}"),
+            )
+
         mesh = EtcdMesh(
             options.endpoints,
             relay_id=self.relay_id,
