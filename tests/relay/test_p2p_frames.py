@@ -30,6 +30,7 @@ import socket
 
 import pytest
 
+from .meshrelays import mesh_relays
 from .rawagent import (
     CANDIDATE_ANSWER,
     CANDIDATE_OFFER,
@@ -401,3 +402,15 @@ async def test_forbidden_offer_from_stranger_dropped_silently(pki: Pki) -> None:
         await stranger.ping_pong()
         await consumer.ping_pong()
         await provider.ping_pong()
+
+
+async def test_hello_mesh_capability_is_echoed_only_by_a_relay_in_a_mesh(pki: Pki) -> None:
+    """``orp.CAP_MESH``: an agent may leave a dead relay for any other only in a mesh."""
+    async with running_relay(pki) as h:
+        alone = await h.agent(["mesh", "p2p-mode"])
+        assert alone.hello_ack is not None
+        assert alone.hello_ack.fields() == [(3, b"p2p-mode")]
+    async with mesh_relays(pki, "r1") as mesh:
+        meshed = await mesh.agent("r1", ("mesh", "p2p-mode"))
+        assert meshed.hello_ack is not None
+        assert sorted(meshed.hello_ack.fields()) == [(3, b"mesh"), (3, b"p2p-mode")]

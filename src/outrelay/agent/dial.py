@@ -27,6 +27,7 @@ from outrelay.observe import kv
 from outrelay.orp import (
     CAP_CLOSE_ACK,
     CAP_INSTANCE,
+    CAP_MESH,
     CAP_P2P_MODE,
     CAP_P2P_RESUME_V2,
     CAP_PIPELINE,
@@ -73,6 +74,9 @@ HELLO_CAPABILITIES: Final = (CAP_P2P_MODE, CAP_P2P_RESUME_V2)
 """What ``--p2p-listen`` adds to HELLO (see ``orp.extensions``); ``instance`` is always sent."""
 HANDSHAKE_TIMEOUT: Final = 5.0  # spec 01: QUIC handshake
 TCP_HANDSHAKE_TIMEOUT: Final = 10.0
+MESH_PREFERENCE_GRACE: Final = 0.25
+"""After losing a relay of a mesh (``orp.CAP_MESH``): once a later relay of the list
+answered, how long an earlier one that has not answered yet is still waited for."""
 
 QuicConnect = Callable[..., Awaitable[Connection]]
 
@@ -188,9 +192,16 @@ class RelayDialer:
         self._endpoint = endpoint
         """``--p2p-listen``: QUIC to the relay leaves from this socket (spec 03 §2.3)."""
         self._on_tcp = False
+        self._mesh = False
+        """The last relay shares a registry (``orp.CAP_MESH``): any relay will do."""
 
     async def connect_any(self) -> Link:
         """QUIC first, then the TLS + yamux fallback, as ``transport`` says (spec 03 §1.4)."""
+        link = await self._connect_any()
+        self._mesh = CAP_MESH in link.accepted
+        return link
+
+    async def _connect_any(self) -> Link:
         cfg = self.config
         quic_error: AllFailed | None = None
         if cfg.transport in ("auto", "quic") and cfg.relays:
@@ -240,7 +251,11 @@ class RelayDialer:
         much and never hangs it (spec 03 §3.2 [REC]). Among the endpoints
         that answer, the first in list order wins: without inter-relay
         forwarding, a consumer and its provider must meet on the same relay,
-        and so must both halves of a resumed stream.
+        and so must both halves of a resumed stream. Once the relay we had
+        shared a registry with others (``orp.CAP_MESH``), they need not meet:
+        a later endpoint that answered wins if the earlier ones still have not
+        answered :data:`MESH_PREFERENCE_GRACE` later (a dead relay would
+        otherwise hold the reconnect for its whole handshake timeout).
         """
         if not addresses:
             raise AllFailed("session: no relay addresses", None)
@@ -255,10 +270,18 @@ class RelayDialer:
         certificate = False
         winner: Link | None = None
         reported: set[int] = set()
+        grace_until: float | None = None
         try:
             while winner is None:
                 for i, task in enumerate(tasks):
                     if not task.done():
+                        later = self._later_answer(tasks, i) if self._mesh else None
+                        if later is not None:
+                            now = loop.time()
+                            if grace_until is None:
+                                grace_until = now + MESH_PREFERENCE_GRACE
+                            if now >= grace_until:
+                                winner = later
                         break
                     exc = task.exception()
                     if exc is None:
@@ -279,7 +302,9 @@ class RelayDialer:
                     break  # every attempt failed
                 if winner is None:
                     await asyncio.wait(
-                        [t for t in tasks if not t.done()], return_when=asyncio.FIRST_COMPLETED
+                        [t for t in tasks if not t.done()],
+                        timeout=None if grace_until is None else grace_until - loop.time(),
+                        return_when=asyncio.FIRST_COMPLETED,
                     )
         finally:
             for task in tasks:
@@ -296,6 +321,14 @@ class RelayDialer:
         if len(addresses) > 1:
             log.info("session: nearest-relay selected", extra=kv(addr=winner.address))
         return winner
+
+    @staticmethod
+    def _later_answer(tasks: list[asyncio.Task[Link]], after: int) -> Link | None:
+        """The first relay after index ``after`` whose HELLO was acknowledged, if any."""
+        for task in tasks[after + 1 :]:
+            if task.done() and not task.cancelled() and task.exception() is None:
+                return task.result()
+        return None
 
     async def _connect_one(self, host: str, port: int, kind: str, handshake_timeout: float) -> Link:
         address = f"{host}:{port}"
@@ -321,6 +354,7 @@ class RelayDialer:
                         CAP_RESUME_PEER,
                         CAP_PIPELINE,
                         CAP_CLOSE_ACK,
+                        CAP_MESH,
                     ],
                     outrelay_instance=self._instance,
                 ),

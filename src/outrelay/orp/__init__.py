@@ -42,6 +42,7 @@ from .errors import (
 from .extensions import (
     CAP_CLOSE_ACK,
     CAP_INSTANCE,
+    CAP_MESH,
     CAP_P2P_MODE,
     CAP_P2P_RESUME_V2,
     CAP_PIPELINE,
@@ -86,6 +87,7 @@ from .messages import (
 __all__ = [
     "CAP_CLOSE_ACK",
     "CAP_INSTANCE",
+    "CAP_MESH",
     "CAP_P2P_MODE",
     "CAP_P2P_RESUME_V2",
     "CAP_PIPELINE",

@@ -27,6 +27,7 @@ from typing import Final
 __all__ = [
     "CAP_CLOSE_ACK",
     "CAP_INSTANCE",
+    "CAP_MESH",
     "CAP_P2P_MODE",
     "CAP_P2P_RESUME_V2",
     "CAP_PIPELINE",
@@ -147,7 +148,13 @@ behind them arrived, which is when the relay ends the splice; a reference relay 
 the peer acknowledged every byte, so a relay dying just after both sides finished loses
 nothing; against a reference relay, whose forwarding stops with the splice, the agent does
 not wait for an acknowledgement that cannot come."""
+CAP_MESH: Final = "mesh"
+"""HELLO capability: our relay echoes it when it shares a registry with other relays
+(``--registry etcd://``, issue 18). A consumer then reaches a provider on any relay of the
+mesh, and the two halves of a resumed stream meet across relays, so after losing such a relay
+the agent takes the first relay of its list that answers instead of waiting for an earlier
+one (which, without a mesh, both agents must meet on). A reference relay never echoes it."""
 RELAY_CAPABILITIES: Final = frozenset(
-    {CAP_P2P_MODE, CAP_INSTANCE, CAP_RESUME_PEER, CAP_PIPELINE, CAP_CLOSE_ACK}
+    {CAP_P2P_MODE, CAP_INSTANCE, CAP_RESUME_PEER, CAP_PIPELINE, CAP_CLOSE_ACK, CAP_MESH}
 )
 """The HELLO capabilities our relay acts on and echoes in ``accepted_features``."""

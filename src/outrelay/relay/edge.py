@@ -29,6 +29,7 @@ from outrelay.identity import AgentIdentity, InvalidIdentity, RelayIdentity, par
 from outrelay.observe import kv
 from outrelay.orp import (
     CAP_INSTANCE,
+    CAP_MESH,
     RELAY_CAPABILITIES,
     FrameType,
     HelloAck,
@@ -463,6 +464,8 @@ class Relay:
 
         channel = ControlOutbox(ctrl, on_overflow=overflow, on_drop=dropping)
         accepted = RELAY_CAPABILITIES.intersection(hello.capabilities)
+        if self.state.mesh is None:
+            accepted -= {CAP_MESH}  # alone: agents must meet on one relay
         session = AgentSession(
             uri=uri,
             tenant=identity.tenant,
