@@ -301,12 +301,7 @@ class Relay:
     async def stop(self) -> None:
         """Close the listener and every connection; wait for handlers to finish."""
         self._stopping.set()
-        if self._server is not None:
-            self._server.close()
-        if self._tcp_server is not None:
-            self._tcp_server.close()
-        if self.state.plane is not None:
-            self.state.plane.close()
+        self._close_listeners()
         if self.state.peers is not None:
             self.state.peers.close()
         for task in list(self._tasks):

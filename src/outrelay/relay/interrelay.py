@@ -34,8 +34,6 @@ p2p mode in STREAM_READY.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from typing import Final
 
 from outrelay.observe import kv
@@ -44,22 +42,19 @@ from outrelay.orp import (
     CAP_RESUME_PEER,
     FrameType,
     IncomingStream,
-    OrpError,
     RejectCode,
     StreamEndCode,
     StreamReady,
-    StreamReject,
     encode_message,
     encode_p2p_mode,
 )
 from outrelay.relay.pairs import Member
 from outrelay.relay.peers import PeerUnreachable
 from outrelay.relay.policy import P2PMode
-from outrelay.relay.splicing import reject, splice_with_peer
+from outrelay.relay.splicing import read_answer, reject, rejection, splice_with_peer
 from outrelay.relay.state import AgentSession, RelayState, log, now_ms
-from outrelay.splice import copy_until
 from outrelay.transport import Stream, TransportError
-from outrelay.wire import FrameReader, expect_message
+from outrelay.wire import FrameReader
 
 __all__ = ["PEER_ANSWER_TIMEOUT", "InterRelay", "post_ready"]
 
@@ -154,28 +149,16 @@ class InterRelay:
         p2p_mode: P2PMode,
     ) -> None:
         """R2's answer (C's bytes flow on meanwhile), then STREAM_READY to C and splice."""
-        loop = asyncio.get_running_loop()
-        answered: asyncio.Future[None] = loop.create_future()
-        pump = loop.create_task(copy_until(c_stream, f_stream, answered))
         f_reader = FrameReader(f_stream)
-        try:
-            async with asyncio.timeout(PEER_ANSWER_TIMEOUT):
-                answer = await f_reader.read_frame()
-        except (TimeoutError, TransportError, OrpError) as exc:
-            log.info("peer relay did not answer", extra=kv(stream_id=sid, err=repr(exc)))
-            answer = None
-        finally:
-            answered.set_result(None)
-            await pump
-        if answer is None or answer.type not in (FrameType.STREAM_ACCEPT, FrameType.STREAM_REJECT):
+        answer, _ = await read_answer(
+            f_reader, PEER_ANSWER_TIMEOUT, sid, "peer relay", carry=(c_stream, f_stream)
+        )
+        if answer is None:
             f_stream.abort(StreamEndCode.LINK)
             await self._reject(c_stream, RejectCode.BAD_GATEWAY, "peer relay forward failed")
             return
         if answer.type == FrameType.STREAM_REJECT:
-            code, reason = int(RejectCode.BAD_GATEWAY), "peer relay forward failed"
-            with contextlib.suppress(OrpError):
-                rejected = expect_message(answer, FrameType.STREAM_REJECT, StreamReject)
-                code, reason = rejected.code or code, rejected.reason or reason
+            code, reason = rejection(answer, RejectCode.BAD_GATEWAY, "peer relay forward failed")
             log.info("forward rejected by peer", extra=kv(stream_id=sid, code=code, reason=reason))
             await f_stream.aclose()
             await self._reject(c_stream, code, reason)

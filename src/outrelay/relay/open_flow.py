@@ -48,10 +48,8 @@ from outrelay.orp import (
     FrameType,
     IncomingStream,
     OpenStream,
-    OrpError,
     RejectCode,
     StreamReady,
-    StreamReject,
     encode_message,
     encode_p2p_mode,
 )
@@ -60,11 +58,10 @@ from outrelay.relay.forward import forward_session
 from outrelay.relay.interrelay import InterRelay
 from outrelay.relay.mesh import ProviderRecord
 from outrelay.relay.policy import P2PMode, PolicyResult, RelayMode, combine_p2p
-from outrelay.relay.splicing import reject, splice_pair
+from outrelay.relay.splicing import read_answer, reject, rejection, splice_pair
 from outrelay.relay.state import AgentSession, RelayState, log, now_ms
-from outrelay.splice import copy_until
 from outrelay.transport import Stream, TransportError
-from outrelay.wire import FrameReader, expect_message
+from outrelay.wire import FrameReader
 
 __all__ = [
     "PROVIDER_ANSWER_TIMEOUT",
@@ -355,37 +352,22 @@ class OpenFlow:
         """
         state = self._state
         p_reader = FrameReader(p_stream)
-        loop = asyncio.get_running_loop()
-        answered: asyncio.Future[None] = loop.create_future()
         # Pipelining (module docstring): the consumer's bytes go on to the provider
         # while it makes up its mind.
-        pump = loop.create_task(copy_until(c_stream, p_stream, answered)) if early else None
-        early_bytes = len(c_leftover) if early else 0
-        try:
-            async with asyncio.timeout(PROVIDER_ANSWER_TIMEOUT):
-                answer = await p_reader.read_frame()
-        except (TimeoutError, TransportError, OrpError) as exc:
-            log.info("provider did not answer", extra=kv(stream_id=sid, err=repr(exc)))
-            answer = None
-        finally:
-            answered.set_result(None)
-            if pump is not None:
-                early_bytes += await pump
+        carry = (c_stream, p_stream) if early else None
+        answer, carried = await read_answer(
+            p_reader, PROVIDER_ANSWER_TIMEOUT, sid, "provider", carry
+        )
+        early_bytes = len(c_leftover) + carried if early else 0
         hop("r_answer", sid)
-        if answer is None or answer.type not in (FrameType.STREAM_ACCEPT, FrameType.STREAM_REJECT):
+        if answer is None:
             await asyncio.gather(c_stream.aclose(), p_stream.aclose())
             return
         if answer.type == FrameType.STREAM_REJECT:
             # [REC] spec 02 §13: the reference tells the consumer "503 provider
             # rejected"; we pass the provider's code and reason on unchanged.
-            code, reason = int(RejectCode.UNAVAILABLE), "provider rejected"
-            with contextlib.suppress(OrpError):
-                rejected = expect_message(answer, FrameType.STREAM_REJECT, StreamReject)
-                log.info(
-                    "provider rejected",
-                    extra=kv(stream_id=sid, code=rejected.code, reason=rejected.reason),
-                )
-                code, reason = rejected.code or code, rejected.reason or reason
+            code, reason = rejection(answer, RejectCode.UNAVAILABLE, "provider rejected")
+            log.info("provider rejected", extra=kv(stream_id=sid, code=code, reason=reason))
             await p_stream.aclose()
             await self._reject(c_stream, code, reason)
             return

@@ -20,7 +20,6 @@ consumer marked remote (:class:`~.remote.RemoteSides`).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Awaitable, Callable
 from typing import Final
 
@@ -34,7 +33,6 @@ from outrelay.orp import (
     OrpError,
     RejectCode,
     StreamEndCode,
-    StreamReject,
     decode_p2p_mode,
     encode_message,
 )
@@ -43,9 +41,14 @@ from outrelay.relay.limits import MAX_CONTROL_FRAME
 from outrelay.relay.pairs import Member
 from outrelay.relay.peer_control import serve_peer_control
 from outrelay.relay.policy import P2PMode, PolicyResult
-from outrelay.relay.splicing import peer_end_code, reject, splice_with_peer
+from outrelay.relay.splicing import (
+    peer_end_code,
+    read_answer,
+    reject,
+    rejection,
+    splice_with_peer,
+)
 from outrelay.relay.state import AgentSession, RelayState, log, now_ms
-from outrelay.splice import copy_until
 from outrelay.transport import Connection, Stream, TransportError
 from outrelay.wire import FrameReader, expect_message
 
@@ -223,29 +226,15 @@ class PeerServer:
         early: bool,
     ) -> None:
         """P's answer goes back to R1 as is; on STREAM_ACCEPT, STREAM_READY to P and splice."""
-        loop = asyncio.get_running_loop()
-        answered: asyncio.Future[None] = loop.create_future()
-        pump = loop.create_task(copy_until(f_stream, p_stream, answered)) if early else None
         p_reader = FrameReader(p_stream)
-        try:
-            async with asyncio.timeout(self._answer_timeout):
-                answer = await p_reader.read_frame()
-        except (TimeoutError, TransportError, OrpError) as exc:
-            log.info("provider did not answer", extra=kv(stream_id=sid, err=repr(exc)))
-            answer = None
-        finally:
-            answered.set_result(None)
-            if pump is not None:
-                await pump
-        if answer is None or answer.type not in (FrameType.STREAM_ACCEPT, FrameType.STREAM_REJECT):
+        carry = (f_stream, p_stream) if early else None
+        answer, _ = await read_answer(p_reader, self._answer_timeout, sid, "provider", carry)
+        if answer is None:
             p_stream.abort(StreamEndCode.LINK)
             await self._reject(f_stream, RejectCode.UNAVAILABLE, "provider rejected")
             return
         if answer.type == FrameType.STREAM_REJECT:
-            code, reason = int(RejectCode.UNAVAILABLE), "provider rejected"
-            with contextlib.suppress(OrpError):
-                rejected = expect_message(answer, FrameType.STREAM_REJECT, StreamReject)
-                code, reason = rejected.code or code, rejected.reason or reason
+            code, reason = rejection(answer, RejectCode.UNAVAILABLE, "provider rejected")
             await p_stream.aclose()
             await self._reject(f_stream, code, reason)
             return

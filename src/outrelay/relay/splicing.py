@@ -12,22 +12,31 @@ a broken peer stream resets the agent's with ``LINK``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
+from outrelay.observe import kv
 from outrelay.orp import (
+    Frame,
+    FrameType,
+    OrpError,
     StreamEndCode,
+    StreamReject,
     encode_reject,
     is_final,
 )
 from outrelay.relay.pairs import EndedPairs, Member
-from outrelay.relay.state import AgentSession, RelayState, now_ms
-from outrelay.splice import FirstBytes, SpliceResult, splice
+from outrelay.relay.state import AgentSession, RelayState, log, now_ms
+from outrelay.splice import FirstBytes, SpliceResult, copy_until, splice
 from outrelay.transport import BrokenResourceError, Stream, TransportError
+from outrelay.wire import FrameReader, expect_message
 
 __all__ = [
     "REJECT_DRAIN_TIMEOUT",
     "end_code",
     "peer_end_code",
+    "read_answer",
     "reject",
+    "rejection",
     "splice_pair",
     "splice_with_peer",
 ]
@@ -35,6 +44,57 @@ __all__ = [
 REJECT_DRAIN_TIMEOUT = 5.0
 """After a STREAM_REJECT we read (and drop) what the consumer still sends, so
 it never gets STOP_SENDING (the reference leaves C's direction untouched)."""
+
+
+async def read_answer(
+    reader: FrameReader,
+    within: float,
+    sid: int,
+    who: str,
+    carry: tuple[Stream, Stream] | None = None,
+) -> tuple[Frame | None, int]:
+    """Read the answer to an INCOMING_STREAM or FORWARD_STREAM (spec 02 §6.1 step 7, §10).
+
+    While it waits, ``carry = (src, dst)`` copies the consumer's pipelined bytes on
+    (``orp.CAP_PIPELINE``); the copy stops once the answer is in.
+
+    Args:
+        reader: Reads the answering stream.
+        within: How long the answer may take (seconds).
+        sid: The stream id, for the log.
+        who: Who answers, for the log line ``"<who> did not answer"``.
+        carry: The streams to copy between meanwhile, or None.
+
+    Returns:
+        The STREAM_ACCEPT or STREAM_REJECT frame, or None when no answer came (timeout, a
+        broken stream, a malformed or any other frame); and the bytes carried meanwhile.
+    """
+    loop = asyncio.get_running_loop()
+    answered: asyncio.Future[None] = loop.create_future()
+    pump = loop.create_task(copy_until(*carry, answered)) if carry is not None else None
+    carried = 0
+    try:
+        async with asyncio.timeout(within):
+            answer: Frame | None = await reader.read_frame()
+    except (TimeoutError, TransportError, OrpError) as exc:
+        log.info(f"{who} did not answer", extra=kv(stream_id=sid, err=repr(exc)))
+        answer = None
+    finally:
+        answered.set_result(None)
+        if pump is not None:
+            carried = await pump
+    if answer is not None and answer.type not in (FrameType.STREAM_ACCEPT, FrameType.STREAM_REJECT):
+        answer = None
+    return answer, carried
+
+
+def rejection(answer: Frame, code: int, reason: str) -> tuple[int, str]:
+    """A STREAM_REJECT's code and reason, ``code``/``reason`` where it gives none or cannot
+    be decoded ([REC] spec 02 §13: the rejecting side's code and reason are passed on)."""
+    with contextlib.suppress(OrpError):
+        rejected = expect_message(answer, FrameType.STREAM_REJECT, StreamReject)
+        code, reason = rejected.code or code, rejected.reason or reason
+    return code, reason
 
 
 async def reject(stream: Stream, code: int, reason: str) -> None:
