@@ -48,3 +48,9 @@ def pytest_runtest_makereport(
 def dev_pki(tmp_path_factory: pytest.TempPathFactory) -> DevPki:
     """``outrelay pki dev`` once per session: CA, relay, two agents, more on demand."""
     return make_dev_pki(tmp_path_factory.mktemp("dev-pki") / "pki")
+
+
+# The real etcd cluster fixtures of the mesh tests (tests/etcd_cluster.py).
+from etcd_cluster import etcd3, etcd_cluster  # noqa: E402
+
+__all__ = ["dev_pki", "etcd3", "etcd_cluster"]
