@@ -284,13 +284,13 @@ def resolve_microbench(lookups: int) -> dict[str, Any]:
 
 
 def _memory_mesh_filled(relays: int, services: int) -> tuple[Any, list[str]]:
-    """``MemoryMesh`` (the registry package's shared in-process mesh) with every relay
-    providing every service; returns relay 0's view and the names to look up."""
-    from outrelay.relay.mesh import MemoryMesh
+    """``MemoryMesh`` views of one hub (the registry package's in-process mesh) with every
+    other relay providing every service; returns relay 0's view and the names to look up."""
+    from outrelay.relay.mesh import MemoryMeshHub
 
-    shared = MemoryMesh()
+    hub = MemoryMeshHub()
     views = [
-        shared.join(relay_id=f"relay-{i}", region="eu" if i % 2 else "us", endpoint="x:1")
+        hub.view(f"relay-{i}", "eu" if i % 2 else "us", f"127.0.0.1:{7000 + i}")
         for i in range(relays)
     ]
     names = [f"svc-{k}" for k in range(services)]

@@ -22,24 +22,23 @@ while it lives, r2 after it died). Scenarios:
   through r3 is denied within 1 s.
 
 Every wait is bounded, every test carries a timeout mark; the ``cluster`` fixture stops every
-relay and agent and the ``etcd`` fixture every etcd member, even when a test fails.
+relay and agent and the ``etcd3`` fixture every etcd member, even when a test fails.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import shutil
+import os
 import socket
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pytest
 from devpki import DevPki, Identity
+from etcd_cluster import ETCD, EtcdCluster
 
 from .harness import (
     OUTRELAY_CMD,
@@ -59,8 +58,8 @@ from .harness import (
 pytestmark = [
     pytest.mark.e2e,
     pytest.mark.skipif(
-        shutil.which("etcd") is None and not Path("/usr/bin/etcd").exists(),
-        reason="etcd is not installed (apt-get install etcd-server etcd-client; .ci/run does)",
+        not os.access(ETCD, os.X_OK),
+        reason=f"{ETCD} is missing (apt-get install etcd-server etcd-client; .ci/run does)",
     ),
 ]
 
@@ -80,22 +79,9 @@ POLICY_DEADLINE = 1.0
 # --------------------------------------------------------------------------- etcd
 
 
-@pytest.fixture
-def etcd(tmp_path: Path) -> Iterator[object]:
-    """A fresh three-member etcd cluster on loopback for one test (the tests kill members)."""
-    from etcd_cluster import EtcdCluster
-
-    cluster = EtcdCluster(tmp_path / "etcd", members=3)
-    try:
-        yield cluster
-    finally:
-        cluster.close()
-
-
-def first_member(etcd: object) -> str:
+def first_member(etcd: EtcdCluster) -> str:
     """``etcd://host:port`` of the first member only (the others are not asked)."""
-    endpoints: str = etcd.endpoints  # type: ignore[attr-defined]
-    return "etcd://" + endpoints.removeprefix("etcd://").split(",")[0]
+    return "etcd://" + etcd.hostports[0]
 
 
 # --------------------------------------------------------------------------- the mesh
@@ -103,8 +89,7 @@ def first_member(etcd: object) -> str:
 
 @dataclass
 class Mesh:
-    etcd: object
-    """The :class:`etcd_cluster.EtcdCluster`."""
+    etcd: EtcdCluster
     relays: dict[str, Relay]
     admin: dict[str, int]
     """Relay id -> its ``--admin-listen`` port (``/readyz``)."""
@@ -120,7 +105,9 @@ class Mesh:
         return self.consumer.port("echo")
 
 
-def start_relays(cluster: Cluster, pki: DevPki, etcd: object) -> tuple[dict[str, Relay], dict]:
+def start_relays(
+    cluster: Cluster, pki: DevPki, etcd: EtcdCluster
+) -> tuple[dict[str, Relay], dict[str, int]]:
     """r1, r2, r3 on the etcd cluster, started together; returns them and their admin ports."""
     relays: dict[str, Relay] = {}
     admin: dict[str, int] = {}
@@ -135,7 +122,7 @@ def start_relays(cluster: Cluster, pki: DevPki, etcd: object) -> tuple[dict[str,
             args=[
                 "--relay-id", relay_id,
                 "--region", region,
-                "--registry", etcd.endpoints,  # type: ignore[attr-defined]
+                "--registry", etcd.endpoints,
                 "--admin-listen", f"127.0.0.1:{admin[relay_id]}",
             ],
         )  # fmt: skip
@@ -147,12 +134,15 @@ def start_relays(cluster: Cluster, pki: DevPki, etcd: object) -> tuple[dict[str,
 
 
 @pytest.fixture
-def mesh(etcd: object, cluster: Cluster, backends: Backends, pki: DevPki) -> Mesh:
-    """Three relays on etcd, the echo provider on r3 (then r2), the consumer on r1.
+def mesh(etcd3: EtcdCluster, cluster: Cluster, backends: Backends, pki: DevPki) -> Mesh:
+    """Three relays on a fresh 3-member etcd (``etcd3``: the tests kill members), the echo
+    provider on r3 (then r2), the consumer on r1.
 
-    Ready when an echo through r1 -> r3 works (the binding reached r1's cache).
+    ``etcd3`` is set up before ``cluster``, so relays and agents are stopped first and the
+    etcd members after them. Ready when an echo through r1 -> r3 works (the binding reached
+    r1's cache).
     """
-    relays, admin = start_relays(cluster, pki, etcd)
+    relays, admin = start_relays(cluster, pki, etcd3)
     echo = backends.echo()
     provider = cluster.start_agent(
         pki.agent(0),
@@ -165,7 +155,7 @@ def mesh(etcd: object, cluster: Cluster, backends: Backends, pki: DevPki) -> Mes
     consumer = cluster.start_agent(
         pki.agent(1), relays["r1"], name="consumer", consume=["echo", "echo2"]
     )
-    m = Mesh(etcd, relays, admin, echo, provider, consumer)
+    m = Mesh(etcd3, relays, admin, echo, provider, consumer)
     wait_echo(m.port, REGISTRY_WAIT, "echo r1 -> r3 after start-up")
     return m
 
@@ -294,7 +284,7 @@ def test_one_etcd_member_killed_disrupts_nothing(
     p_since, c_since = mesh.provider.count(), mesh.consumer.count()
     transfer = Transfer(mesh.port, 30 * MiB, pace=0.02)
     transfer.wait_received(0.2, timeout=120)
-    mesh.etcd.kill(0)  # type: ignore[attr-defined]
+    mesh.etcd.kill(0)
     # Known services: new opens go on from the caches.
     for _ in range(3):
         assert echo_once(mesh.port) == b"ping"
@@ -325,7 +315,7 @@ def test_all_etcd_members_down_for_10s_relays_serve_from_their_cache(mesh: Mesh)
     # 20 MiB at about 1.25 MiB/s: the stream lasts well beyond the outage.
     transfer = Transfer(mesh.port, 20 * MiB, pace=0.2)
     transfer.wait_received(0.05, timeout=60)
-    mesh.etcd.stop_all()  # type: ignore[attr-defined]
+    mesh.etcd.stop_all()
     down_at = time.monotonic()
     received_at_stop = len(transfer.received)
     # Every relay reports not ready (the registry is away) while it keeps serving.
@@ -352,8 +342,7 @@ def test_all_etcd_members_down_for_10s_relays_serve_from_their_cache(mesh: Mesh)
     time.sleep(max(0.0, OUTAGE - (time.monotonic() - down_at)))
     received_at_restart = len(transfer.received)
     assert received_at_restart > received_at_stop, "the existing stream stalled while etcd was down"
-    for i in range(3):
-        mesh.etcd.start(i)  # type: ignore[attr-defined]
+    mesh.etcd.start_all()
     for relay_id, port in mesh.admin.items():
         wait_ready(port, 200, 30, what=f"{relay_id} after etcd returned")
     transfer.wait(timeout=120)
