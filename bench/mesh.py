@@ -89,7 +89,7 @@ def start_etcd(procs: Procs, datadir: Path) -> str:
             "--initial-advertise-peer-urls", f"http://{LOOPBACK}:{peer}",
             "--initial-cluster", f"bench=http://{LOOPBACK}:{peer}",
             "--initial-cluster-state", "new",
-            "--log-level", "error",
+            "--logger", "zap", "--log-level", "error",
         ],
     )  # fmt: skip
     wait_tcp(client, READY_TIMEOUT, proc)
