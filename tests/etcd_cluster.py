@@ -200,10 +200,15 @@ class EtcdCluster:
         return "\n".join(out)
 
     def etcdctl(self, *args: str, timeout: float = 10.0) -> str:
-        """Run etcdctl (API v3) against the cluster; return stdout, raise on failure."""
+        """Run etcdctl (API v3) against the running members; return stdout, raise on failure.
+
+        Only running members are named (etcdctl 3.4 may pin a dead endpoint until its
+        command timeout); with none running, every member is named (and it fails).
+        """
         env = dict(os.environ, ETCDCTL_API="3")
+        live = [hp for i, hp in enumerate(self.hostports) if self.running(i)] or self.hostports
         result = subprocess.run(
-            [ETCDCTL, f"--endpoints={','.join(self.hostports)}", "--command-timeout=5s", *args],
+            [ETCDCTL, f"--endpoints={','.join(live)}", "--command-timeout=5s", *args],
             env=env,
             capture_output=True,
             timeout=timeout,

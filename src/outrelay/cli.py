@@ -1,4 +1,4 @@
-"""``outrelay``: the umbrella command (``pki``, ``demo``)."""
+"""``outrelay``: the umbrella command (``pki``, ``policy``, ``demo``)."""
 
 from __future__ import annotations
 
@@ -23,6 +23,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=__version__)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     add_pki_commands(sub)
+    from outrelay.relay.mesh.policycli import add_policy_commands
+
+    add_policy_commands(sub)
     from outrelay.demo import add_demo_command
 
     add_demo_command(sub)

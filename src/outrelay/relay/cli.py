@@ -51,6 +51,14 @@ from outrelay.pki.reload import (
     validate_identity,
 )
 from outrelay.relay import Relay, RelayConfig
+from outrelay.relay.mesh.cache import (
+    DEFAULT_PREFIX,
+    KeyLayout,
+    RegistryError,
+    RegistryOptions,
+    parse_registry_url,
+)
+from outrelay.relay.mesh.policy import TenantPolicy
 from outrelay.relay.metrics import admin_routes, dump_metrics
 from outrelay.relay.policy import PolicyFileError, PolicyService, load_policy_document
 from outrelay.transport import RetryMode
@@ -76,7 +84,11 @@ refuses:
     {"id": "web-providers", "provider": "outrelay://acme/agent/1f0c*",
      "service": "web", "decision": "allow"}
 Without --policy every open and every registration is allowed (a warning is
-logged at start). SIGHUP re-reads the policy file (both kinds of rules) and
+logged at start). With --registry etcd://... the rules live in etcd instead
+(edit them with 'outrelay policy add|remove|list'; --policy is refused): a
+tenant with rules there is enforced as above, a tenant without is not, and
+every relay of the mesh applies a change at once.
+SIGHUP re-reads the policy file (both kinds of rules) and
 reloads --cert/--key/--ca (validated first; established agents stay connected,
 new handshakes get the new certificate; a failed reload keeps the old one).
 """
@@ -111,6 +123,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--relay-id", default="", help="this relay's id (default: the --listen address)")
     p.add_argument("--region", default="local", help="region label (default %(default)s)")
     p.add_argument("--policy", default="", help="JSON policy file; enables enforcement")
+    p.add_argument(
+        "--registry",
+        default="memory",
+        metavar="URL",
+        help="service registry: 'memory' (embedded, one relay; default) or "
+        "etcd://host:port[,host:port...] (a mesh of relays sharing relays, services, resume "
+        "halves and per-tenant policy rules through etcd)",
+    )
+    p.add_argument(
+        "--registry-prefix",
+        default=DEFAULT_PREFIX,
+        metavar="PREFIX",
+        help="key prefix in etcd (default %(default)s)",
+    )
+    p.add_argument(
+        "--registry-lease",
+        type=int,
+        default=5,
+        metavar="SECONDS",
+        help="TTL of this relay's etcd lease: a dead relay's rows vanish within it "
+        "(default %(default)s)",
+    )
+    p.add_argument(
+        "--advertise",
+        default="",
+        metavar="HOST:PORT",
+        help="the address peer relays dial (default: the --listen address)",
+    )
     p.add_argument("--audit", default="", help="append one JSON line per policy decision here")
     p.add_argument(
         "--quic-retry",
@@ -267,6 +307,9 @@ async def run_relay(
             "listen", extra=kv(addr=f"{config.listen_host}:{config.listen_port}", err=str(exc))
         )
         return 1
+    except RegistryError as exc:
+        log.error("registry", extra=kv(err=str(exc)))
+        return 1
     draining = [False]
     server: AdminServer | None = None
     dumper: asyncio.Task[None] | None = None
@@ -378,7 +421,8 @@ async def _serve(
             forward=relay.plane.endpoint if relay.plane is not None else "off",
             relay_id=relay.relay_id,
             region=config.region,
-            policy=policy_path or "off",
+            policy=policy_path or ("registry" if config.registry is not None else "off"),
+            registry="memory" if config.registry is None else "etcd",
             version=__version__,
         ),
     )
@@ -423,6 +467,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         admin_listen = (
             parse_host_port(args.admin_listen, what="--admin-listen") if args.admin_listen else None
         )
+        registry = _registry_options(args)
     except ValueError as exc:
         return flag_error(parser, words, str(exc), log)
     admin = AdminOptions(admin_listen, args.metrics_dump, args.metrics_interval, args.drain_delay)
@@ -433,7 +478,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error("load tls", extra=kv(err=str(exc)))
         return 1
     policy: PolicyService | None = None
-    if args.policy:
+    if registry is not None:
+        policy = TenantPolicy()
+        log.info(
+            "policy from the registry: tenants with rules there are enforced, others are not",
+            extra=kv(registry=args.registry),
+        )
+    elif args.policy:
         try:
             policy = _load_policy(args.policy)
         except (OSError, PolicyFileError) as exc:
@@ -468,6 +519,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         policy=policy,
         audit_file=args.audit or None,
         quic_retry=RetryMode(args.quic_retry),
+        registry=registry,
     )
     try:
         return asyncio.run(
@@ -483,6 +535,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     finally:
         snapshot.remove()
+
+
+def _registry_options(args: argparse.Namespace) -> RegistryOptions | None:
+    """``--registry`` and its companions; None for the embedded memory registry.
+
+    Raises:
+        ValueError: a malformed value, or ``--policy`` together with an etcd registry.
+    """
+    if args.registry == "memory":
+        return None
+    endpoints = parse_registry_url(args.registry)
+    KeyLayout(args.registry_prefix)  # validates the prefix
+    if args.registry_lease < 2:
+        raise ValueError(f"--registry-lease must be at least 2 seconds, got {args.registry_lease}")
+    if args.advertise:
+        parse_host_port(args.advertise, what="--advertise")
+    if args.policy:
+        raise ValueError(
+            "--policy is for the embedded registry; with --registry etcd:// the rules live in "
+            "etcd (outrelay policy add|remove|list)"
+        )
+    return RegistryOptions(
+        tuple(endpoints), args.registry_prefix, args.registry_lease, args.advertise
+    )
 
 
 if __name__ == "__main__":

@@ -151,6 +151,8 @@ class ControlDispatch:
         previous = before.agent_uri if before is not None else ""
         service_id = registry.register(session.tenant, name, session.uri, register.local_addr)
         session.registrations.add(name)
+        if self._state.mesh is not None:  # shared with the other relays (issue 18)
+            self._state.mesh.publish_binding(session.tenant, name, session.uri, register.local_addr)
         session.ctrl.post(FrameType.REGISTER_ACK, RegisterAck(service_id=service_id))
         log.info(
             "registered",

@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from cryptography import x509
 
@@ -40,11 +41,14 @@ from outrelay.pki import ClientVerifier, load_certificates
 from outrelay.relay.audit import AuditLog
 from outrelay.relay.control import ControlDispatch
 from outrelay.relay.limits import MAX_CONTROL_FRAME
+from outrelay.relay.mesh import Mesh
+from outrelay.relay.mesh.cache import RegistryOptions
+from outrelay.relay.mesh.policy import TenantPolicy
 from outrelay.relay.open_flow import OpenFlow
 from outrelay.relay.outbox import ControlOutbox
 from outrelay.relay.pairs import Member
 from outrelay.relay.plane import ForwardPlane
-from outrelay.relay.policy import PolicyService
+from outrelay.relay.policy import PolicyDocument, PolicyService
 from outrelay.relay.resume_flow import ResumeFlow
 from outrelay.relay.state import AgentSession, RelayState, RelayStatistics, log
 from outrelay.transport import (
@@ -60,6 +64,9 @@ from outrelay.transport import (
     serve_tcp,
 )
 from outrelay.wire import FrameReader, expect_message, frame_name
+
+if TYPE_CHECKING:
+    from outrelay.relay.mesh.etcd import EtcdMesh
 
 __all__ = ["Relay", "RelayConfig"]
 
@@ -96,6 +103,10 @@ class RelayConfig:
     required_promotion_timeout: float = REQUIRED_PROMOTION_TIMEOUT
     quic_retry: RetryMode = RetryMode.AUTO
     """``--quic-retry``: when new QUIC clients must answer a Retry first."""
+    registry: RegistryOptions | None = None
+    """``--registry etcd://...``: join the mesh on etcd at :meth:`Relay.start`; None: memory."""
+    mesh: Mesh | None = None
+    """A mesh to use as is (an in-process :class:`~.mesh.MemoryMesh` view, tests)."""
 
 
 _HANDLER_KINDS = {
@@ -115,6 +126,8 @@ class Relay:
         self.state = RelayState(
             self.relay_id, config.policy, AuditLog(config.audit_file, logger=log)
         )
+        self.state.mesh = config.mesh
+        self._etcd: EtcdMesh | None = None
         self._control = ControlDispatch(self.state)
         self._open = OpenFlow(self.state, config.required_promotion_timeout)
         self._resume = ResumeFlow(self.state)
@@ -189,9 +202,52 @@ class Relay:
                 if self._tcp_server is not None:
                     self._tcp_server.close()
                 raise
+        if self.config.registry is not None:
+            try:
+                await self._join_mesh(self.config.registry, self._server.address)
+            except BaseException:
+                self._close_listeners()
+                raise
         audit = self.state.audit
         self._audit_task = asyncio.get_running_loop().create_task(audit.run())
         return self._server.address
+
+    def _close_listeners(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        if self._tcp_server is not None:
+            self._tcp_server.close()
+        if self.state.plane is not None:
+            self.state.plane.close()
+
+    async def _join_mesh(self, options: RegistryOptions, bound: tuple[str, int]) -> None:
+        """``--registry etcd://``: the relay record, the cache, and registry policy.
+
+        Raises:
+            RegistryError: the id is held by a live relay, or etcd is unreachable.
+        """
+        from outrelay.relay.mesh.etcd import EtcdMesh  # grpc is loaded only for a mesh
+
+        mesh = EtcdMesh(
+            options.endpoints,
+            relay_id=self.relay_id,
+            region=self.config.region,
+            advertise=options.advertise or f"{bound[0]}:{bound[1]}",
+            prefix=options.prefix,
+            lease_ttl=options.lease_ttl,
+        )
+        policy = self.state.policy
+        if isinstance(policy, TenantPolicy):
+            mesh.on_policy(lambda documents: _install_policy(policy, documents))
+        await mesh.start(options.start_timeout)
+        self._etcd = mesh
+        self.state.mesh = mesh
+
+    @property
+    def mesh_ready_reasons(self) -> list[str]:
+        """Why the shared registry makes this relay not ready (``/readyz``); [] if fine."""
+        mesh = self.state.mesh
+        return [] if mesh is None else mesh.not_ready_reasons()
 
     async def run(self) -> None:
         """Serve until :meth:`stop` is called."""
@@ -210,6 +266,8 @@ class Relay:
             task.cancel()
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=STOP_TIMEOUT)
+        if self._etcd is not None:  # a clean stop leaves the mesh at once (lease revoked)
+            await self._etcd.aclose()
         await self.state.audit.aclose()
         if self._audit_task is not None:
             self._audit_task.cancel()
@@ -397,6 +455,8 @@ class Relay:
         if state.agents.get(session.uri) is session:
             del state.agents[session.uri]
             removed = state.registry.deregister_agent(session.tenant, session.uri)
+            if state.mesh is not None:  # its bindings in the shared registry too (issue 18)
+                state.mesh.withdraw_agent(session.tenant, session.uri)
             log.info(
                 "agent disconnected",
                 extra=kv(
@@ -451,3 +511,12 @@ class Relay:
                 extra=kv(uri=session.uri, type=frame_name(frame.type)),
             )
             await stream.aclose()
+
+
+def _install_policy(policy: TenantPolicy, documents: dict[str, PolicyDocument]) -> None:
+    """The registry's rules changed: swap them in (as a SIGHUP reload of the file does)."""
+    policy.replace(documents)
+    log.info(
+        "registry policy installed",
+        extra=kv(tenants=",".join(sorted(policy.tenants)) or "-", rules=policy.statistics().rules),
+    )

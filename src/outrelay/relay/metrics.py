@@ -146,7 +146,8 @@ def admin_routes(relay: Relay, draining: list[bool]) -> dict[str, Route]:
     def not_ready() -> list[str]:
         if draining[0]:
             return ["draining: shutting down"]
-        return [] if relay.listening else ["not listening"]
+        reasons = [] if relay.listening else ["not listening"]
+        return reasons + relay.mesh_ready_reasons
 
     def debug_metrics() -> Response:
         body = json.dumps(snapshot(relay), separators=(",", ":")).encode()

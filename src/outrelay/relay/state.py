@@ -19,6 +19,7 @@ from outrelay.observe import kv
 from outrelay.orp import FrameType, StreamEndCode
 from outrelay.relay.audit import AuditLog
 from outrelay.relay.counters import RelayCounters
+from outrelay.relay.mesh import Mesh
 from outrelay.relay.outbox import ControlOutbox
 from outrelay.relay.pairs import AgentInstances, EndedPairs, Member, MigratedCache, PairTable
 from outrelay.relay.plane import ForwardPlane
@@ -139,6 +140,8 @@ class RelayState:
         """Frames naming a stream of other agents (resume, checkpoint, migrate, candidates)."""
         self.counters = RelayCounters()
         """Observability counters (spec 02 §11 snapshot, Prometheus ``/metrics``)."""
+        self.mesh: Mesh | None = None
+        """The shared registry of a relay mesh (issue 18); None: the embedded registry only."""
 
     def owners(self, stream_id: int) -> tuple[str, str] | None:
         """The URIs of a stream's two agents, if the relay knows them (live or broken splice)."""
