@@ -9,8 +9,9 @@ Measured, all on 127.0.0.1:
   usual single relay (in-memory registry, :func:`bench.setups.start_outrelay`). Paths are
   interleaved within each repetition, as in ``bulk``; the report gives the ratios;
 * **registry resolve**: the in-process cost of the mesh cache's lookup
-  (``Mesh.remote_providers``, what an open on r1 calls to find a provider on another
-  relay), a microbenchmark over a cache holding many services on many relays;
+  (``MeshCache.remote_providers``: what an open on an etcd relay calls to find a provider on
+  another relay, answered from the watched cache), a microbenchmark over a cache holding many
+  services on many relays;
 * **cross-relay failover stall**: a paced download through ``r1 -> r3``, the provider
   dialling ``--relay r3,r2``; r3 is SIGKILLed mid-download and never returns, the provider
   fails over to r2 and the two resume halves meet through the registry. The longest gap
@@ -261,8 +262,10 @@ def _compare(ctx: Ctx, paths: list[MeshPath], store: dict[str, Any]) -> None:
 
 
 def resolve_microbench(lookups: int) -> dict[str, Any]:
-    """Time ``remote_providers`` on a mesh cache holding many services on many relays."""
-    view, names = _memory_mesh_filled(RESOLVE_RELAYS, RESOLVE_SERVICES)
+    """Time ``remote_providers`` on the etcd relay's cache holding many services on many
+    relays (:class:`outrelay.relay.mesh.cache.MeshCache`, what ``EtcdMesh.remote_providers``
+    answers from, with no I/O); per-lookup time, in batches of 100."""
+    view, names = _filled_cache(RESOLVE_RELAYS, RESOLVE_SERVICES)
     samples: list[float] = []
     found = 0
     per_batch = 100
@@ -283,21 +286,41 @@ def resolve_microbench(lookups: int) -> dict[str, Any]:
     }
 
 
-def _memory_mesh_filled(relays: int, services: int) -> tuple[Any, list[str]]:
-    """``MemoryMesh`` views of one hub (the registry package's in-process mesh) with every
-    other relay providing every service; returns relay 0's view and the names to look up."""
-    from outrelay.relay.mesh import MemoryMeshHub
+def _filled_cache(relays: int, services: int) -> tuple[Any, list[str]]:
+    """Relay 0's :class:`MeshCache` after a snapshot in which every other relay provides
+    every service (one agent each); returns it and the names to look up (two unknown)."""
+    from outrelay.relay.mesh import ProviderRecord, RelayRecord
+    from outrelay.relay.mesh.cache import (
+        EventKind,
+        KeyLayout,
+        MeshCache,
+        WatchEvent,
+        provider_value,
+        relay_value,
+    )
 
-    hub = MemoryMeshHub()
-    views = [
-        hub.view(f"relay-{i}", "eu" if i % 2 else "us", f"127.0.0.1:{7000 + i}")
-        for i in range(relays)
-    ]
+    layout = KeyLayout()
+    events: list[WatchEvent] = []
+    revision = 0
+
+    def put(key: str, value: bytes) -> None:
+        nonlocal revision
+        revision += 1
+        events.append(WatchEvent(EventKind.PUT, key.encode(), value, revision, revision))
+
     names = [f"svc-{k}" for k in range(services)]
-    for i, view in enumerate(views[1:], 1):
+    for i in range(relays):
+        rid, region = f"relay-{i}", "eu" if i % 2 else "us"
+        put(layout.relay(rid), relay_value(RelayRecord(rid, region, f"127.0.0.1:{7000 + i}")))
+        if i == 0:
+            continue
         for k, name in enumerate(names):
-            view.publish_binding(TENANT, name, f"outrelay://{TENANT}/agent/{i}-{k}", "")
-    return views[0], [*names, "nobody-1", "nobody-2"]
+            uri = f"outrelay://{TENANT}/agent/{i:04d}{k:08d}"
+            record = ProviderRecord(TENANT, name, uri, rid, region, "", 1_700_000_000_000 + k)
+            put(layout.service(TENANT, name, rid, uri), provider_value(record))
+    cache = MeshCache(layout, "relay-0", "us")
+    cache.load_snapshot(events, revision)
+    return cache, [*names, "nobody-1", "nobody-2"]
 
 
 # -- cross-relay failover --------------------------------------------------------------------
