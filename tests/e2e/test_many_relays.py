@@ -134,7 +134,13 @@ def start_relays(
 
 
 @pytest.fixture
-def mesh(etcd3: EtcdCluster, cluster: Cluster, backends: Backends, pki: DevPki) -> Mesh:
+def mesh(
+    request: pytest.FixtureRequest,
+    etcd3: EtcdCluster,
+    cluster: Cluster,
+    backends: Backends,
+    pki: DevPki,
+) -> Mesh:
     """Three relays on a fresh 3-member etcd (``etcd3``: the tests kill members), the echo
     provider on r3 (then r2), the consumer on r1.
 
@@ -142,6 +148,8 @@ def mesh(etcd3: EtcdCluster, cluster: Cluster, backends: Backends, pki: DevPki) 
     etcd members after them. Ready when an echo through r1 -> r3 works (the binding reached
     r1's cache).
     """
+    # A failure report shows the etcd members' logs after the relays' and agents'.
+    request.node.e2e_log_tail = lambda: cluster.log_tail() + "\n" + etcd3.log_tail()
     relays, admin = start_relays(cluster, pki, etcd3)
     echo = backends.echo()
     provider = cluster.start_agent(
