@@ -352,18 +352,10 @@ class EtcdMesh:
                 self._fatal = exc
                 self._first_sync.set()
                 return
-            except BaseException as exc:  # every failure ends the session, never the relay
-                failure = exc
-                if isinstance(exc, BaseExceptionGroup):
-                    failure = exc.exceptions[0]
-                    while isinstance(failure, BaseExceptionGroup):
-                        failure = failure.exceptions[0]
-                if isinstance(failure, asyncio.CancelledError):
-                    raise
-                if isinstance(failure, RegistryError):
-                    self._fatal = failure
-                    self._first_sync.set()
-                    return
+            except Exception as exc:  # every failure ends the session, never the relay
+                failure: BaseException = exc
+                while isinstance(failure, BaseExceptionGroup):
+                    failure = failure.exceptions[0]
                 was_synced = self._synced
                 self._synced = False
                 self._reason = f"registry: {host}:{port}: {_describe(failure)}"
@@ -375,7 +367,7 @@ class EtcdMesh:
                     )
             finally:
                 self._client = None
-                with contextlib.suppress(BaseException):
+                with contextlib.suppress(Exception):
                     await asyncio.wait_for(client.close(), CLOSE_TIMEOUT)
             self._index = (self._index + 1) % len(self._endpoints)
             await asyncio.sleep(backoff)
@@ -416,7 +408,7 @@ class EtcdMesh:
                 group.create_task(self._keepalive(client))
                 group.create_task(self._writer(client))
         finally:
-            with contextlib.suppress(BaseException):
+            with contextlib.suppress(Exception):
                 await asyncio.wait_for(watch.cancel(), CLOSE_TIMEOUT)
 
     async def _ensure_lease(self, client: Any) -> None:

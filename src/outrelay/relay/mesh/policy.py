@@ -11,7 +11,9 @@ were added, first match wins, no match denies (spec 02 §6.2.3), through the dec
 with audit events. A tenant without rules is not enforced, as a relay without ``--policy``:
 every open and every registration of it is allowed (reason :data:`NO_TENANT_POLICY` in the
 audit events). So adding the first rule of a tenant switches enforcement on for that tenant
-only; removing its last rule switches it off.
+only; removing its last rule switches it off. As with a ``--policy`` file, a tenant
+that has only provide rules is enforced for opens too, and denies them all (closed world):
+give it the consume rules it needs in the same change.
 
 The tenant of an evaluation is the authority of the *caller* URI: the consumer on the caller
 side, the provider on the callee side (spec 02 §6.2); a registration's is the agent's
@@ -28,7 +30,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Final
 
-from outrelay.identity import InvalidIdentity, parse_identity
 from outrelay.relay.policy import (
     PROVIDE_OPEN,
     CacheStatistics,
@@ -114,8 +115,12 @@ class TenantPolicy(PolicyService):
         )
 
 
+_SCHEME: Final = "outrelay://"
+
+
 def _tenant_of(uri: str) -> str:
-    try:
-        return parse_identity(uri).authority
-    except InvalidIdentity:
+    """The authority of an ``outrelay://`` URI ("" for anything else: not enforced, as the
+    relay only evaluates URIs it verified)."""
+    if not uri.startswith(_SCHEME):
         return ""
+    return uri[len(_SCHEME) :].split("/", 1)[0]
