@@ -111,6 +111,8 @@ def test_frame_type_codes() -> None:
         "FORWARD_STREAM": 0x140,
         "ALLOC_GRANTED": 0x151,
         "STREAM_READY": 0x152,
+        "PEER_CONTROL": 0x1F0,  # ours, relay to relay (issue 18)
+        "PEER_RESUME": 0x1F1,
     }
     assert {t.name: t.value for t in orp.FrameType} == expected
 

@@ -97,6 +97,9 @@ OUR_EXTENSIONS = [
     ("StreamResume", "outrelay_peer_uri", 100, FieldDescriptor.TYPE_STRING, False),
     ("StreamReady", "outrelay_peer_uri", 101, FieldDescriptor.TYPE_STRING, False),
     ("IncomingStream", "outrelay_spliced", 100, FieldDescriptor.TYPE_BOOL, False),
+    # FORWARD_STREAM between two of our relays (issue 18).
+    ("IncomingStream", "outrelay_p2p_mode", 101, FieldDescriptor.TYPE_UINT32, False),
+    ("IncomingStream", "outrelay_provider_uri", 102, FieldDescriptor.TYPE_STRING, False),
 ]
 
 
@@ -124,9 +127,9 @@ def test_message_types_table() -> None:
     assert MESSAGE_TYPES[FrameType.INCOMING_STREAM] is IncomingStream
     for absent in (FrameType.PING, FrameType.PONG, FrameType.GOAWAY, FrameType.STREAM_DATA):
         assert absent not in MESSAGE_TYPES
-    # Every message of spec 01 except Candidate is some frame's payload.
+    # Every message of spec 01 except Candidate is some frame's payload; PeerResume is ours.
     carried = {cls.__name__ for cls in MESSAGE_TYPES.values()}
-    assert carried == set(SPEC_MESSAGES) - {"Candidate"}
+    assert carried == set(SPEC_MESSAGES) - {"Candidate"} | {"PeerResume"}
     with pytest.raises(TypeError):
         MESSAGE_TYPES[FrameType.PING] = Hello  # type: ignore[index]
 

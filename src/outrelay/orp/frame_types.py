@@ -61,3 +61,10 @@ class FrameType(IntEnum):
     # Forward plane, mini-TURN (spec 02 §8).
     ALLOC_GRANTED = 0x151
     STREAM_READY = 0x152
+
+    # outrelay extensions between two outrelay relays (issue 18), never sent to agents.
+    PEER_CONTROL = 0x1F0
+    """First frame of a peer connection's control stream (no payload); then agents'
+    STREAM_CHECKPOINT / CANDIDATE_* frames of pairs whose other agent is on the peer."""
+    PEER_RESUME = 0x1F1
+    """First frame of a peer stream carrying a parked resume half (``PeerResume``)."""

@@ -30,6 +30,7 @@ from ._proto.orp_pb2 import (
     ObservedAddrQuery,
     ObservedAddrResp,
     OpenStream,
+    PeerResume,
     Register,
     RegisterAck,
     StreamAccept,
@@ -57,6 +58,7 @@ __all__ = [
     "ObservedAddrQuery",
     "ObservedAddrResp",
     "OpenStream",
+    "PeerResume",
     "Register",
     "RegisterAck",
     "StreamAccept",
@@ -89,6 +91,7 @@ MESSAGE_TYPES: Final[Mapping[FrameType, type[Message]]] = MappingProxyType(
         FrameType.FORWARD_STREAM: IncomingStream,  # relay to relay (spec 02 §10)
         FrameType.ALLOC_GRANTED: AllocGranted,
         FrameType.STREAM_READY: StreamReady,
+        FrameType.PEER_RESUME: PeerResume,  # ours, relay to relay
     }
 )
 """Payload message class of each frame type that carries one (spec 01, "Frame types").

@@ -229,11 +229,19 @@ class ControlDispatch:
             state.not_owner(session, FrameType(frame.type), stream_id)
             return
         target = state.agents.get(target_uri) if target_uri else None
+        data = encode_frame(frame.type, frame.payload, version=frame.version, flags=frame.flags)
+        checkpoint = frame.type == FrameType.STREAM_CHECKPOINT
+        if target is None and target_uri:
+            # Ours (issue 18): the other agent is on a peer relay; its PEER_CONTROL
+            # stream carries the frame, and that relay delivers it.
+            relay_id = state.remote.relay_of(stream_id, target_uri, now_ms())
+            if relay_id is not None:
+                state.peer_controls.post_raw(relay_id, data, droppable=checkpoint)
+                return
         if target is None:
-            if frame.type != FrameType.STREAM_CHECKPOINT:
+            if not checkpoint:
                 log.debug("candidate forward: no peer", extra=kv(stream_id=stream_id))
             return
-        data = encode_frame(frame.type, frame.payload, version=frame.version, flags=frame.flags)
         # Never waits on the other agent: a full queue drops checkpoints (the next
         # one supersedes) or closes *that* agent's connection.
-        target.ctrl.post_raw(data, droppable=frame.type == FrameType.STREAM_CHECKPOINT)
+        target.ctrl.post_raw(data, droppable=checkpoint)

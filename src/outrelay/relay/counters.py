@@ -88,6 +88,8 @@ class RelayCounters:
     """Spec 02 §11.1: each handler's whole lifetime, recorded when it ends."""
     policy_eval_duration: NsHistogram = field(default_factory=NsHistogram)
     stream_rejects: int = 0
+    intra_relay_hops: int = 0
+    """Streams forwarded to a peer relay (spec 02 §10.2 step 1)."""
     """Opens answered with STREAM_REJECT (the reference never increments its counter)."""
     opens: Counter[str] = field(default_factory=Counter)
     """First frame kind of data streams: ``open``, ``resume``, ``migrate``."""
@@ -110,6 +112,10 @@ class RelayCounters:
         self.stream_active -= 1
         self.stream_open_duration.observe(duration_ns)
 
+    def intra_relay_hop(self) -> None:
+        """A stream was forwarded to a peer relay (spec 02 §10.2 step 1)."""
+        self.intra_relay_hops += 1
+
     def rejected(self, code: int) -> None:
         self.stream_rejects += 1
         self.rejects_by_code[code] += 1
@@ -122,15 +128,14 @@ class RelayCounters:
     ) -> dict[str, Any]:
         """The spec 02 §11.2 snapshot, field for field.
 
-        ``bytes_forwarded`` and ``intra_relay_hops`` stay 0: the first is never
-        incremented by the reference either, the second counts inter-relay
-        forwarding, which we do not implement.
+        ``bytes_forwarded`` stays 0: the reference never increments it either.
+        ``intra_relay_hops`` counts streams forwarded to a peer relay (§10.2).
         """
         return {
             "ts_unix_ms": ts_unix_ms,
             "counters": {
                 "bytes_forwarded": 0,
-                "intra_relay_hops": 0,
+                "intra_relay_hops": self.intra_relay_hops,
                 "policy_cache_hits": policy_cache_hits,
                 "policy_cache_misses": policy_cache_misses,
                 "stream_rejects": self.stream_rejects,

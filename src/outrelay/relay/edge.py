@@ -47,6 +47,7 @@ from outrelay.relay.mesh.policy import TenantPolicy
 from outrelay.relay.open_flow import OpenFlow
 from outrelay.relay.outbox import ControlOutbox
 from outrelay.relay.pairs import Member
+from outrelay.relay.peers import DIAL_TIMEOUT, PeerPool
 from outrelay.relay.plane import ForwardPlane
 from outrelay.relay.policy import PolicyDocument, PolicyService
 from outrelay.relay.resume_flow import ResumeFlow
@@ -106,7 +107,11 @@ class RelayConfig:
     registry: RegistryOptions | None = None
     """``--registry etcd://...``: join the mesh on etcd at :meth:`Relay.start`; None: memory."""
     mesh: Mesh | None = None
-    """A mesh to use as is (an in-process :class:`~.mesh.MemoryMesh` view, tests)."""
+    """A mesh to use as is (an in-process :class:`~.mesh.MemoryMesh` view, tests). With a
+    mesh, ``cert_file`` must be a relay-role certificate: it is also the client
+    certificate to peer relays (spec 02 §10.2)."""
+    peer_dial_timeout: float = DIAL_TIMEOUT
+    """Bound of one dial to a peer relay (:mod:`.peers`)."""
 
 
 _HANDLER_KINDS = {
@@ -126,11 +131,12 @@ class Relay:
         self.state = RelayState(
             self.relay_id, config.policy, AuditLog(config.audit_file, logger=log)
         )
-        self.state.mesh = config.mesh
         self._etcd: EtcdMesh | None = None
         self._control = ControlDispatch(self.state)
         self._open = OpenFlow(self.state, config.required_promotion_timeout)
         self._resume = ResumeFlow(self.state)
+        if config.mesh is not None:
+            self._attach_mesh(config.mesh)
         self._verifier = ClientVerifier(load_certificates(config.ca_file))
         self._server: QuicServerHandle | None = None
         self._tcp_server: TcpServerHandle | None = None
@@ -241,7 +247,25 @@ class Relay:
             mesh.on_policy(lambda documents: _install_policy(policy, documents))
         await mesh.start(options.start_timeout)
         self._etcd = mesh
+        self._attach_mesh(mesh)
+
+    def _attach_mesh(self, mesh: Mesh) -> None:
+        """Resolve through ``mesh``, forward to peer relays (spec 02 §10, :mod:`.interrelay`)
+        and resume across relays (:mod:`.remote_resume`)."""
         self.state.mesh = mesh
+
+        def endpoint_of(relay_id: str) -> str | None:
+            record = mesh.relay(relay_id)
+            return record.endpoint if record is not None else None
+
+        config = self.config
+        self.state.peers = PeerPool(
+            QuicTlsConfig(config.cert_file, config.key_file, config.ca_file),
+            endpoint_of,
+            self._on_peer_dialled,
+            dial_timeout=config.peer_dial_timeout,
+        )
+        self._open.inter.on_peer_resume = self._resume.attach_mesh().serve
 
     @property
     def mesh_ready_reasons(self) -> list[str]:
@@ -262,6 +286,8 @@ class Relay:
             self._tcp_server.close()
         if self.state.plane is not None:
             self.state.plane.close()
+        if self.state.peers is not None:
+            self.state.peers.close()
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
@@ -321,6 +347,9 @@ class Relay:
     def _on_connection(self, conn: Connection) -> None:
         self._spawn(self._handle_connection(conn), "connection")
 
+    def _on_peer_dialled(self, relay_id: str, conn: Connection) -> None:
+        self._spawn(self._open.inter.serve_connection(relay_id, conn, dialled=True), "peer")
+
     async def _handle_connection(self, conn: Connection) -> None:
         uri = getattr(conn, "identity", None) or ""
         remote = f"{conn.peer.address[0]}:{conn.peer.address[1]}"
@@ -332,9 +361,12 @@ class Relay:
             conn.close(0, close_phrase(f"bad client certificate: identity URI: {exc}"))
             return
         if isinstance(identity, RelayIdentity):
-            # Inter-relay forwarding (spec 02 §10) is not part of this relay yet.
-            log.warning("peer relay connections are not supported", extra=kv(uri=uri))
-            conn.close(0, "peer relay connections are not supported")
+            # Spec 02 §10.1: a peer relay; no HELLO, never in the agent map.
+            log.info("peer relay connected", extra=kv(uri=uri, remote=remote))
+            try:
+                await self._open.inter.serve_connection(identity.relay_id, conn, dialled=False)
+            finally:
+                conn.close(0, "")
             return
         session = await self._hello(conn, uri, identity, remote)
         if session is None:

@@ -51,6 +51,8 @@ from outrelay.orp import (
 )
 from outrelay.relay.audit import AuditEvent
 from outrelay.relay.forward import forward_session
+from outrelay.relay.interrelay import InterRelay
+from outrelay.relay.mesh import ProviderRecord
 from outrelay.relay.policy import P2PMode, PolicyResult, RelayMode, combine_p2p
 from outrelay.relay.splicing import reject, splice_pair
 from outrelay.relay.state import AgentSession, RelayState, log, now_ms
@@ -179,6 +181,8 @@ class OpenFlow:
     def __init__(self, state: RelayState, required_promotion_timeout: float) -> None:
         self._state = state
         self._required_timeout = required_promotion_timeout
+        self.inter = InterRelay(state, self.decide, PROVIDER_ANSWER_TIMEOUT)
+        """Forwarding to providers on peer relays (spec 02 §10, :mod:`.interrelay`)."""
 
     async def _reject(self, c_stream: Stream, code: int, reason: str) -> None:
         """STREAM_REJECT + FIN, counted (``stream_rejects``, by code)."""
@@ -213,10 +217,19 @@ class OpenFlow:
         )
         return result
 
-    def _resolve(self, tenant: str, service: str) -> str | None:
-        agents = self._state.agents
-        binding = self._state.registry.resolve(tenant, service, agents.__contains__)
-        return binding.agent_uri if binding is not None and binding.agent_uri in agents else None
+    def _resolve(self, tenant: str, service: str) -> ProviderRecord | str | None:
+        """A connected provider on this relay first, else the mesh's best remote one
+        (same region first, then the newest binding; issue 18's resolution rule)."""
+        state = self._state
+        agents = state.agents
+        binding = state.registry.resolve(tenant, service, agents.__contains__)
+        if binding is not None and binding.agent_uri in agents:
+            return binding.agent_uri
+        if state.mesh is not None and state.peers is not None:
+            remote = state.mesh.remote_providers(tenant, service)
+            if remote:
+                return remote[0]
+        return None
 
     async def run(
         self, consumer: AgentSession, c_stream: Stream, msg: OpenStream, c_leftover: bytes
@@ -229,10 +242,19 @@ class OpenFlow:
         c_uri = consumer.uri
         fields = kv(stream_id=sid, svc=target, consumer=c_uri)
 
+        remote: list[ProviderRecord] = []
+
+        def resolve(tenant: str, service: str) -> str | None:
+            found = self._resolve(tenant, service)
+            if isinstance(found, ProviderRecord):
+                remote.append(found)
+                return found.agent_uri
+            return found
+
         decision = decide_open(
             OpenRequest(c_uri, consumer.tenant, target, method),
             decide=self.decide,
-            resolve=self._resolve,
+            resolve=resolve,
             forward_plane=state.plane is not None,
         )
         if isinstance(decision, RejectOpen):
@@ -241,6 +263,20 @@ class OpenFlow:
                 extra = kv(**fields["attrs"], reason=decision.policy_reason)
             log.info(decision.log_message, extra=extra)
             await self._reject(c_stream, decision.code, decision.reason)
+            return
+        if remote:
+            # The provider is on a peer relay (issue 18): both sides' policy was decided
+            # here; forward mode and REQUIRED enforcement do not cross relays.
+            request = IncomingStream(
+                target_service=target,
+                method=method,
+                source_agent_uri=c_uri,
+                stream_id=sid,
+                outrelay_provider_uri=remote[0].agent_uri,
+            )
+            await self.inter.forward(
+                consumer, c_stream, c_leftover, request, remote[0].relay_id, decision.p2p_mode
+            )
             return
         provider = state.agents[decision.provider_uri]
         p_uri = provider.uri

@@ -36,7 +36,9 @@ from outrelay.orp import (
     is_final,
 )
 from outrelay.relay.limits import MAX_PARKED_HALVES_PER_AGENT
+from outrelay.relay.mesh import HalfRecord
 from outrelay.relay.pairs import Member
+from outrelay.relay.remote_resume import RemoteResume
 from outrelay.relay.resume_matcher import Half, HalfKind, ResumeMatcher
 from outrelay.relay.splicing import splice_pair
 from outrelay.relay.state import AgentSession, RelayState, log, now_ms
@@ -58,6 +60,9 @@ class HalfHandle:
     end_code: int = 0
     """The code the half's stream is reset with when ``done`` is False: ``AGENT_GONE``
     when its peer's process is gone for good, else 0."""
+    forward_to: HalfRecord | None = None
+    """Set with ``done`` True: the peer half is parked on that relay, and this half's
+    handler forwards it there (:mod:`.remote_resume`)."""
 
 
 def _resume_echo(stream_id: int, peer: Half[HalfHandle]) -> bytes:
@@ -91,6 +96,14 @@ class ResumeFlow:
         self._matcher: ResumeMatcher[HalfHandle] = ResumeMatcher()
         self._parked: Counter[str] = Counter()
         """Parked resume halves per agent URI (bounded by MAX_PARKED_HALVES_PER_AGENT)."""
+        self.remote: RemoteResume | None = None
+        """Halves meeting their peer on another relay (with a mesh, :mod:`.remote_resume`)."""
+
+    def attach_mesh(self) -> RemoteResume:
+        """The relay joined a mesh (``state.mesh`` and ``state.peers`` are set): park
+        halves there too (:mod:`.remote_resume`)."""
+        self.remote = RemoteResume(self._state, self._matcher)
+        return self.remote
 
     @property
     def parked(self) -> int:
@@ -218,6 +231,8 @@ class ResumeFlow:
         sid, handle, stream = half.stream_id, half.handle, half.handle.stream
         log.debug("resume half parked", extra=kv(stream_id=sid, uri=session.uri))
         self._parked[session.uri] += 1
+        if self.remote is not None:
+            self.remote.published(half)
         try:
             async with asyncio.timeout(self._matcher.window_ms / 1000):
                 await asyncio.shield(handle.done)
@@ -234,8 +249,12 @@ class ResumeFlow:
             self._parked[session.uri] -= 1
             if not self._parked[session.uri]:
                 del self._parked[session.uri]
+            if self.remote is not None:
+                self.remote.withdrawn(sid)
         if handle.done.result() is False:
             stream.abort(handle.end_code)
+        elif handle.forward_to is not None and self.remote is not None:
+            await self.remote.forward(half)
 
     async def _splice_matched(self, half: Half[HalfHandle], peer: Half[HalfHandle]) -> None:
         sid = half.stream_id

@@ -4,7 +4,9 @@
 that breaks (not a clean EOF) resets the other side with the code from :func:`end_code`, so
 its agent resumes, or ends the stream when the application or the agent at the broken end is
 gone; a splice that broke is remembered with both ends (:class:`~.pairs.EndedPairs`).
-:func:`reject` answers a data stream with STREAM_REJECT.
+:func:`reject` answers a data stream with STREAM_REJECT. :func:`splice_with_peer` splices an
+agent's stream with a peer relay's stream (issue 18): a final code passes through the hop,
+a broken peer stream resets the agent's with ``LINK``.
 """
 
 from __future__ import annotations
@@ -16,12 +18,19 @@ from outrelay.orp import (
     encode_reject,
     is_final,
 )
-from outrelay.relay.pairs import EndedPairs
-from outrelay.relay.state import AgentSession, now_ms
+from outrelay.relay.pairs import EndedPairs, Member
+from outrelay.relay.state import AgentSession, RelayState, now_ms
 from outrelay.splice import FirstBytes, SpliceResult, splice
 from outrelay.transport import BrokenResourceError, Stream, TransportError
 
-__all__ = ["REJECT_DRAIN_TIMEOUT", "end_code", "reject", "splice_pair"]
+__all__ = [
+    "REJECT_DRAIN_TIMEOUT",
+    "end_code",
+    "peer_end_code",
+    "reject",
+    "splice_pair",
+    "splice_with_peer",
+]
 
 REJECT_DRAIN_TIMEOUT = 5.0
 """After a STREAM_REJECT we read (and drop) what the consumer still sends, so
@@ -92,4 +101,38 @@ async def splice_pair(
     )
     if not (result.a_to_b.clean and result.b_to_a.clean):
         ended.note(sid, a.member, b.member, now_ms())
+    return result
+
+
+def peer_end_code(error: TransportError) -> int:
+    """The reset code for an agent's stream when its peer stream broke: a final code
+    passes through (the far agent's application closed, or the agent left), anything
+    else (the peer relay or the link between the relays failed) is ``LINK``: resume."""
+    code = error.code if isinstance(error, BrokenResourceError) else None
+    return code if code is not None and is_final(code) else StreamEndCode.LINK
+
+
+async def splice_with_peer(
+    state: RelayState,
+    sid: int,
+    local: AgentSession,
+    l_stream: Stream,
+    remote: Member,
+    r_stream: Stream,
+    l_prefix: bytes,
+    r_prefix: bytes,
+) -> SpliceResult:
+    """Splice an agent's stream with a peer stream (close semantics: module docstring);
+    a splice that broke is noted with both ends for the resume flow."""
+    result = await splice(
+        l_stream,
+        r_stream,
+        a_to_b_prefix=l_prefix,
+        b_to_a_prefix=r_prefix,
+        abort_a_on_b_error=peer_end_code,
+        abort_b_on_a_error=lambda exc: end_code(local, exc),
+        abort_source_on_write_error=True,
+    )
+    if not (result.a_to_b.clean and result.b_to_a.clean):
+        state.ended.note(sid, local.member, remote, now_ms())
     return result

@@ -14,6 +14,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from outrelay.observe import kv
 from outrelay.orp import FrameType, StreamEndCode
@@ -25,8 +26,13 @@ from outrelay.relay.pairs import AgentInstances, EndedPairs, Member, MigratedCac
 from outrelay.relay.plane import ForwardPlane
 from outrelay.relay.policy import PolicyService
 from outrelay.relay.registry import ServiceRegistry
+from outrelay.relay.remote import PeerControls, RemoteSides
 from outrelay.transport import Connection
 from outrelay.wire import FrameReader, frame_name
+
+if TYPE_CHECKING:
+    from outrelay.relay.mesh import Mesh
+    from outrelay.relay.peers import PeerPool
 
 __all__ = ["AgentSession", "MigrationSignals", "RelayState", "RelayStatistics", "log", "now_ms"]
 
@@ -142,6 +148,12 @@ class RelayState:
         """Observability counters (spec 02 §11 snapshot, Prometheus ``/metrics``)."""
         self.mesh: Mesh | None = None
         """The shared registry of a relay mesh (issue 18); None: the embedded registry only."""
+        self.peers: PeerPool | None = None
+        """Pooled connections to peer relays (spec 02 §10.2), with a mesh."""
+        self.remote = RemoteSides()
+        """Which member of a recorded pair is on a peer relay (:mod:`.remote`)."""
+        self.peer_controls = PeerControls()
+        """The PEER_CONTROL channels to peer relays, by relay id."""
 
     def owners(self, stream_id: int) -> tuple[str, str] | None:
         """The URIs of a stream's two agents, if the relay knows them (live or broken splice)."""

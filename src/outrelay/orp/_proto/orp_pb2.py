@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\torp.proto\x12\x0foutrelay.orp.v1\"e\n\x05Hello\x12\x18\n\x10protocol_version\x18\x01 \x01(\t\x12\x11\n\tagent_uri\x18\x02 \x01(\t\x12\x14\n\x0c\x63\x61pabilities\x18\x03 \x03(\t\x12\x19\n\x11outrelay_instance\x18\x64 \x01(\t\"V\n\x08HelloAck\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x1b\n\x13server_time_unix_ms\x18\x02 \x01(\x03\x12\x19\n\x11\x61\x63\x63\x65pted_features\x18\x03 \x03(\t\"4\n\x08Register\x12\x14\n\x0cservice_name\x18\x01 \x01(\t\x12\x12\n\nlocal_addr\x18\x02 \x01(\t\"!\n\x0bRegisterAck\x12\x12\n\nservice_id\x18\x01 \x01(\t\"G\n\nOpenStream\x12\x16\n\x0etarget_service\x18\x01 \x01(\t\x12\x0e\n\x06method\x18\x02 \x01(\t\x12\x11\n\tstream_id\x18\x03 \x01(\x04\"\x7f\n\x0eIncomingStream\x12\x16\n\x0etarget_service\x18\x01 \x01(\t\x12\x0e\n\x06method\x18\x02 \x01(\t\x12\x18\n\x10source_agent_uri\x18\x03 \x01(\t\x12\x11\n\tstream_id\x18\x04 \x01(\x04\x12\x18\n\x10outrelay_spliced\x18\x64 \x01(\x08\"\x0e\n\x0cStreamAccept\",\n\x0cStreamReject\x12\x0c\n\x04\x63ode\x18\x01 \x01(\r\x12\x0e\n\x06reason\x18\x02 \x01(\t\"U\n\x10StreamCheckpoint\x12\x11\n\tstream_id\x18\x01 \x01(\x04\x12\x13\n\x0bmy_position\x18\x02 \x01(\x04\x12\x19\n\x11peer_ack_position\x18\x03 \x01(\x04\"l\n\x0cStreamResume\x12\x11\n\tstream_id\x18\x01 \x01(\x04\x12\x13\n\x0bmy_position\x18\x02 \x01(\x04\x12\x19\n\x11peer_ack_position\x18\x03 \x01(\x04\x12\x19\n\x11outrelay_peer_uri\x18\x64 \x01(\t\"\'\n\x11ObservedAddrQuery\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\"@\n\x10ObservedAddrResp\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\n\n\x02ip\x18\x02 \x01(\t\x12\x0c\n\x04port\x18\x03 \x01(\r\"E\n\tCandidate\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\n\n\x02ip\x18\x02 \x01(\t\x12\x0c\n\x04port\x18\x03 \x01(\r\x12\x10\n\x08priority\x18\x04 \x01(\r\"S\n\x0e\x43\x61ndidateOffer\x12\x11\n\tstream_id\x18\x01 \x01(\x04\x12.\n\ncandidates\x18\x02 \x03(\x0b\x32\x1a.outrelay.orp.v1.Candidate\"T\n\x0f\x43\x61ndidateAnswer\x12\x11\n\tstream_id\x18\x01 \x01(\x04\x12.\n\ncandidates\x18\x02 \x03(\x0b\x32\x1a.outrelay.orp.v1.Candidate\"\x7f\n\x0cMigrateToP2P\x12\x11\n\tstream_id\x18\x01 \x01(\x04\x12\x13\n\x0bmy_position\x18\x02 \x01(\x04\x12\x19\n\x11peer_ack_position\x18\x03 \x01(\x04\x12,\n\x08selected\x18\x04 \x01(\x0b\x32\x1a.outrelay.orp.v1.Candidate\"c\n\x0eMigrateToRelay\x12\x11\n\tstream_id\x18\x01 \x01(\x04\x12\x13\n\x0bmy_position\x18\x02 \x01(\x04\x12\x19\n\x11peer_ack_position\x18\x03 \x01(\x04\x12\x0e\n\x06reason\x18\x04 \x01(\t\"k\n\x0c\x41llocGranted\x12\x11\n\tstream_id\x18\x01 \x01(\x04\x12\x15\n\rmy_allocation\x18\x02 \x01(\r\x12\x17\n\x0fpeer_allocation\x18\x03 \x01(\r\x12\x18\n\x10\x66orward_endpoint\x18\x04 \x01(\t\"V\n\x0bStreamReady\x12\x11\n\tstream_id\x18\x01 \x01(\x04\x12\x19\n\x11outrelay_p2p_mode\x18\x64 \x01(\r\x12\x19\n\x11outrelay_peer_uri\x18\x65 \x01(\tb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\torp.proto\x12\x0foutrelay.orp.v1\"e\n\x05Hello\x12\x18\n\x10protocol_version\x18\x01 \x01(\t\x12\x11\n\tagent_uri\x18\x02 \x01(\t\x12\x14\n\x0c\x63\x61pabilities\x18\x03 \x03(\t\x12\x19\n\x11outrelay_instance\x18\x64 \x01(\t\"V\n\x08HelloAck\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x1b\n\x13server_time_unix_ms\x18\x02 \x01(\x03\x12\x19\n\x11\x61\x63\x63\x65pted_features\x18\x03 \x03(\t\"4\n\x08Register\x12\x14\n\x0cservice_name\x18\x01 \x01(\t\x12\x12\n\nlocal_addr\x18\x02 \x01(\t\"!\n\x0bRegisterAck\x12\x12\n\nservice_id\x18\x01 \x01(\t\"G\n\nOpenStream\x12\x16\n\x0etarget_service\x18\x01 \x01(\t\x12\x0e\n\x06method\x18\x02 \x01(\t\x12\x11\n\tstream_id\x18\x03 \x01(\x04\"\xb9\x01\n\x0eIncomingStream\x12\x16\n\x0etarget_service\x18\x01 \x01(\t\x12\x0e\n\x06method\x18\x02 \x01(\t\x12\x18\n\x10source_agent_uri\x18\x03 \x01(\t\x12\x11\n\tstream_id\x18\x04 \x01(\x04\x12\x18\n\x10outrelay_spliced\x18\x64 \x01(\x08\x12\x19\n\x11outrelay_p2p_mode\x18\x65 \x01(\r\x12\x1d\n\x15outrelay_provider_uri\x18\x66 \x01(\t\"\x0e\n\x0cStreamAccept\",\n\x0cStreamReject\x12\x0c\n\x04\x63ode\x18\x01 \x01(\r\x12\x0e\n\x06reason\x18\x02 \x01(\t\"U\n\x10StreamCheckpoint\x12\x11\n\tstream_id\x18\x01 \x01(\x04\x12\x13\n\x0bmy_position\x18\x02 \x01(\x04\x12\x19\n\x11peer_ack_position\x18\x03 \x01(\x04\"l\n\x0cStreamResume\x12\x11\n\tstream_id\x18\x01 \x01(\x04\x12\x13\n\x0bmy_position\x18\x02 \x01(\x04\x12\x19\n\x11peer_ack_position\x18\x03 \x01(\x04\x12\x19\n\x11outrelay_peer_uri\x18\x64 \x01(\t\"\'\n\x11ObservedAddrQuery\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\"@\n\x10ObservedAddrResp\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\n\n\x02ip\x18\x02 \x01(\t\x12\x0c\n\x04port\x18\x03 \x01(\r\"E\n\tCandidate\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\n\n\x02ip\x18\x02 \x01(\t\x12\x0c\n\x04port\x18\x03 \x01(\r\x12\x10\n\x08priority\x18\x04 \x01(\r\"S\n\x0e\x43\x61ndidateOffer\x12\x11\n\tstream_id\x18\x01 \x01(\x04\x12.\n\ncandidates\x18\x02 \x03(\x0b\x32\x1a.outrelay.orp.v1.Candidate\"T\n\x0f\x43\x61ndidateAnswer\x12\x11\n\tstream_id\x18\x01 \x01(\x04\x12.\n\ncandidates\x18\x02 \x03(\x0b\x32\x1a.outrelay.orp.v1.Candidate\"\x7f\n\x0cMigrateToP2P\x12\x11\n\tstream_id\x18\x01 \x01(\x04\x12\x13\n\x0bmy_position\x18\x02 \x01(\x04\x12\x19\n\x11peer_ack_position\x18\x03 \x01(\x04\x12,\n\x08selected\x18\x04 \x01(\x0b\x32\x1a.outrelay.orp.v1.Candidate\"c\n\x0eMigrateToRelay\x12\x11\n\tstream_id\x18\x01 \x01(\x04\x12\x13\n\x0bmy_position\x18\x02 \x01(\x04\x12\x19\n\x11peer_ack_position\x18\x03 \x01(\x04\x12\x0e\n\x06reason\x18\x04 \x01(\t\"k\n\x0c\x41llocGranted\x12\x11\n\tstream_id\x18\x01 \x01(\x04\x12\x15\n\rmy_allocation\x18\x02 \x01(\r\x12\x17\n\x0fpeer_allocation\x18\x03 \x01(\r\x12\x18\n\x10\x66orward_endpoint\x18\x04 \x01(\t\"V\n\x0bStreamReady\x12\x11\n\tstream_id\x18\x01 \x01(\x04\x12\x19\n\x11outrelay_p2p_mode\x18\x64 \x01(\r\x12\x19\n\x11outrelay_peer_uri\x18\x65 \x01(\t\"_\n\nPeerResume\x12-\n\x06resume\x18\x01 \x01(\x0b\x32\x1d.outrelay.orp.v1.StreamResume\x12\x11\n\tagent_uri\x18\x02 \x01(\t\x12\x0f\n\x07migrate\x18\x03 \x01(\x08\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,32 +41,34 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REGISTERACK']._serialized_end=308
   _globals['_OPENSTREAM']._serialized_start=310
   _globals['_OPENSTREAM']._serialized_end=381
-  _globals['_INCOMINGSTREAM']._serialized_start=383
-  _globals['_INCOMINGSTREAM']._serialized_end=510
-  _globals['_STREAMACCEPT']._serialized_start=512
-  _globals['_STREAMACCEPT']._serialized_end=526
-  _globals['_STREAMREJECT']._serialized_start=528
-  _globals['_STREAMREJECT']._serialized_end=572
-  _globals['_STREAMCHECKPOINT']._serialized_start=574
-  _globals['_STREAMCHECKPOINT']._serialized_end=659
-  _globals['_STREAMRESUME']._serialized_start=661
-  _globals['_STREAMRESUME']._serialized_end=769
-  _globals['_OBSERVEDADDRQUERY']._serialized_start=771
-  _globals['_OBSERVEDADDRQUERY']._serialized_end=810
-  _globals['_OBSERVEDADDRRESP']._serialized_start=812
-  _globals['_OBSERVEDADDRRESP']._serialized_end=876
-  _globals['_CANDIDATE']._serialized_start=878
-  _globals['_CANDIDATE']._serialized_end=947
-  _globals['_CANDIDATEOFFER']._serialized_start=949
-  _globals['_CANDIDATEOFFER']._serialized_end=1032
-  _globals['_CANDIDATEANSWER']._serialized_start=1034
-  _globals['_CANDIDATEANSWER']._serialized_end=1118
-  _globals['_MIGRATETOP2P']._serialized_start=1120
-  _globals['_MIGRATETOP2P']._serialized_end=1247
-  _globals['_MIGRATETORELAY']._serialized_start=1249
-  _globals['_MIGRATETORELAY']._serialized_end=1348
-  _globals['_ALLOCGRANTED']._serialized_start=1350
-  _globals['_ALLOCGRANTED']._serialized_end=1457
-  _globals['_STREAMREADY']._serialized_start=1459
-  _globals['_STREAMREADY']._serialized_end=1545
+  _globals['_INCOMINGSTREAM']._serialized_start=384
+  _globals['_INCOMINGSTREAM']._serialized_end=569
+  _globals['_STREAMACCEPT']._serialized_start=571
+  _globals['_STREAMACCEPT']._serialized_end=585
+  _globals['_STREAMREJECT']._serialized_start=587
+  _globals['_STREAMREJECT']._serialized_end=631
+  _globals['_STREAMCHECKPOINT']._serialized_start=633
+  _globals['_STREAMCHECKPOINT']._serialized_end=718
+  _globals['_STREAMRESUME']._serialized_start=720
+  _globals['_STREAMRESUME']._serialized_end=828
+  _globals['_OBSERVEDADDRQUERY']._serialized_start=830
+  _globals['_OBSERVEDADDRQUERY']._serialized_end=869
+  _globals['_OBSERVEDADDRRESP']._serialized_start=871
+  _globals['_OBSERVEDADDRRESP']._serialized_end=935
+  _globals['_CANDIDATE']._serialized_start=937
+  _globals['_CANDIDATE']._serialized_end=1006
+  _globals['_CANDIDATEOFFER']._serialized_start=1008
+  _globals['_CANDIDATEOFFER']._serialized_end=1091
+  _globals['_CANDIDATEANSWER']._serialized_start=1093
+  _globals['_CANDIDATEANSWER']._serialized_end=1177
+  _globals['_MIGRATETOP2P']._serialized_start=1179
+  _globals['_MIGRATETOP2P']._serialized_end=1306
+  _globals['_MIGRATETORELAY']._serialized_start=1308
+  _globals['_MIGRATETORELAY']._serialized_end=1407
+  _globals['_ALLOCGRANTED']._serialized_start=1409
+  _globals['_ALLOCGRANTED']._serialized_end=1516
+  _globals['_STREAMREADY']._serialized_start=1518
+  _globals['_STREAMREADY']._serialized_end=1604
+  _globals['_PEERRESUME']._serialized_start=1606
+  _globals['_PEERRESUME']._serialized_end=1701
 # @@protoc_insertion_point(module_scope)

@@ -53,18 +53,22 @@ class OpenStream(_message.Message):
     def __init__(self, target_service: _Optional[str] = ..., method: _Optional[str] = ..., stream_id: _Optional[int] = ...) -> None: ...
 
 class IncomingStream(_message.Message):
-    __slots__ = ("target_service", "method", "source_agent_uri", "stream_id", "outrelay_spliced")
+    __slots__ = ("target_service", "method", "source_agent_uri", "stream_id", "outrelay_spliced", "outrelay_p2p_mode", "outrelay_provider_uri")
     TARGET_SERVICE_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
     SOURCE_AGENT_URI_FIELD_NUMBER: _ClassVar[int]
     STREAM_ID_FIELD_NUMBER: _ClassVar[int]
     OUTRELAY_SPLICED_FIELD_NUMBER: _ClassVar[int]
+    OUTRELAY_P2P_MODE_FIELD_NUMBER: _ClassVar[int]
+    OUTRELAY_PROVIDER_URI_FIELD_NUMBER: _ClassVar[int]
     target_service: str
     method: str
     source_agent_uri: str
     stream_id: int
     outrelay_spliced: bool
-    def __init__(self, target_service: _Optional[str] = ..., method: _Optional[str] = ..., source_agent_uri: _Optional[str] = ..., stream_id: _Optional[int] = ..., outrelay_spliced: _Optional[bool] = ...) -> None: ...
+    outrelay_p2p_mode: int
+    outrelay_provider_uri: str
+    def __init__(self, target_service: _Optional[str] = ..., method: _Optional[str] = ..., source_agent_uri: _Optional[str] = ..., stream_id: _Optional[int] = ..., outrelay_spliced: _Optional[bool] = ..., outrelay_p2p_mode: _Optional[int] = ..., outrelay_provider_uri: _Optional[str] = ...) -> None: ...
 
 class StreamAccept(_message.Message):
     __slots__ = ()
@@ -189,3 +193,13 @@ class StreamReady(_message.Message):
     outrelay_p2p_mode: int
     outrelay_peer_uri: str
     def __init__(self, stream_id: _Optional[int] = ..., outrelay_p2p_mode: _Optional[int] = ..., outrelay_peer_uri: _Optional[str] = ...) -> None: ...
+
+class PeerResume(_message.Message):
+    __slots__ = ("resume", "agent_uri", "migrate")
+    RESUME_FIELD_NUMBER: _ClassVar[int]
+    AGENT_URI_FIELD_NUMBER: _ClassVar[int]
+    MIGRATE_FIELD_NUMBER: _ClassVar[int]
+    resume: StreamResume
+    agent_uri: str
+    migrate: bool
+    def __init__(self, resume: _Optional[_Union[StreamResume, _Mapping]] = ..., agent_uri: _Optional[str] = ..., migrate: _Optional[bool] = ...) -> None: ...

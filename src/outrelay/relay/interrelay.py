@@ -1,0 +1,423 @@
+"""Inter-relay forwarding: FORWARD_STREAM, both sides, and the peer control stream (spec 02 §10).
+
+A byte's way through two relays: the consumer C is on this relay (R1), the provider P on
+a peer (R2). R1's open flow resolves P in the shared registry and calls
+:meth:`InterRelay.forward` (§10.2): it opens a stream on the pooled connection to R2
+(:mod:`.peers`) and writes FORWARD_STREAM; R2's :meth:`InterRelay.serve_connection` takes
+that stream (§10.1), offers it to P with INCOMING_STREAM and answers R1 with P's
+STREAM_ACCEPT or STREAM_REJECT. Then C's stream, the peer stream and P's stream are two
+splices end to end.
+
+The reference (§10.1/§10.2) leaves ``stream_id`` unset, sends no STREAM_READY, records no
+pair, and drops the pooled connection on any reject. A FORWARD_STREAM that says nothing more
+is still served that way (a reference relay may forward to us). Between our relays
+(``IncomingStream.outrelay_p2p_mode`` non-zero) the forward carries:
+
+* ``stream_id``, and the provider R1 resolved (``outrelay_provider_uri``);
+* C's pipelined bytes right behind FORWARD_STREAM (``outrelay_spliced``), and what C
+  sends meanwhile, exactly once: R2 passes them to P behind INCOMING_STREAM when P takes
+  early bytes, else keeps them for the splice (docs/architecture.md "Pipelining");
+* R2's callee-side policy decision too (R1 decided both sides already; R2 guards its
+  provider with its own rules) and P's reject code and reason, back to C unchanged; a
+  reject closes one stream, never the pooled connection (the [REC] of §15 item 6);
+* STREAM_READY to both agents, and the pair recorded on both relays with the remote
+  member marked (:class:`~.remote.RemoteSides`), so STREAM_CHECKPOINT and CANDIDATE_* of
+  the pair travel over the connection's control stream (first frame PEER_CONTROL,
+  :mod:`.peer_control`) and
+  close-acks keep working (closed pairs, :mod:`.pairs`).
+
+A peer stream that breaks resets the agent's stream with ``StreamEndCode.LINK`` (the agent
+resumes); a final code (APPLICATION_CLOSED, AGENT_GONE) passes through across the hop
+(:func:`~.splicing.splice_with_peer`). Forward mode (§6.4) and the p2p REQUIRED timer
+(§7.5) do not cross relays: a forwarded stream is spliced, and its agents are told the
+p2p mode in STREAM_READY.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+from typing import Final
+
+from outrelay.identity import InvalidIdentity, parse_identity
+from outrelay.observe import kv
+from outrelay.orp import (
+    CAP_P2P_MODE,
+    CAP_PIPELINE,
+    CAP_RESUME_PEER,
+    Frame,
+    FrameType,
+    IncomingStream,
+    OrpError,
+    RejectCode,
+    StreamEndCode,
+    StreamReady,
+    StreamReject,
+    decode_p2p_mode,
+    encode_message,
+    encode_p2p_mode,
+)
+from outrelay.relay.limits import MAX_CONTROL_FRAME
+from outrelay.relay.pairs import Member
+from outrelay.relay.peer_control import serve_peer_control
+from outrelay.relay.peers import PeerUnreachable
+from outrelay.relay.policy import P2PMode, PolicyResult
+from outrelay.relay.splicing import peer_end_code, reject, splice_with_peer
+from outrelay.relay.state import AgentSession, RelayState, log, now_ms
+from outrelay.splice import copy_until
+from outrelay.transport import Connection, Stream, TransportError
+from outrelay.wire import FrameReader, expect_message
+
+__all__ = ["PEER_ANSWER_TIMEOUT", "InterRelay"]
+
+PEER_ANSWER_TIMEOUT: Final = 35.0
+"""Ours: how long R1 waits for R2's answer (R2 waits 30 s for its provider's)."""
+FIRST_FRAME_TIMEOUT: Final = 30.0
+"""Ours: how long a peer stream may take to send its first frame."""
+
+Decide = Callable[[str, str, str, str], PolicyResult | None]
+PeerResumeHandler = Callable[[str, Stream, Frame, bytes], Awaitable[None]]
+
+
+class InterRelay:
+    """Both sides of FORWARD_STREAM and the peer control streams (module docstring).
+
+    Args:
+        state: The relay's tables (``state.peers`` must be set to forward).
+        decide: One audited policy evaluation (``OpenFlow.decide``).
+        answer_timeout: How long R2 waits for its provider's answer.
+    """
+
+    def __init__(self, state: RelayState, decide: Decide, answer_timeout: float) -> None:
+        self._state = state
+        self._decide = decide
+        self._answer_timeout = answer_timeout
+        self.on_peer_resume: PeerResumeHandler | None = None
+        """Serves a peer stream whose first frame is PEER_RESUME (cross-relay resume)."""
+
+    # -- the consumer's relay (R1, §10.2) --------------------------------------------------
+
+    async def forward(
+        self,
+        consumer: AgentSession,
+        c_stream: Stream,
+        c_leftover: bytes,
+        request: IncomingStream,
+        relay_id: str,
+        p2p_mode: P2PMode,
+    ) -> None:
+        """Forward C's stream to the provider ``request.outrelay_provider_uri`` on ``relay_id``.
+
+        ``request`` is the FORWARD_STREAM payload but for ``outrelay_p2p_mode``.
+        """
+        state, sid = self._state, request.stream_id
+        c_uri, p_uri = consumer.uri, request.outrelay_provider_uri
+        state.counters.intra_relay_hop()
+        assert state.peers is not None
+        try:
+            conn = await state.peers.connection(relay_id)
+        except PeerUnreachable as exc:
+            log.warning(
+                "peer relay unreachable", extra=kv(stream_id=sid, relay=relay_id, err=str(exc))
+            )
+            await self._reject(c_stream, RejectCode.BAD_GATEWAY, "peer relay unreachable")
+            return
+        request.outrelay_spliced = True
+        request.outrelay_p2p_mode = encode_p2p_mode(p2p_mode)
+        try:
+            f_stream = await conn.open_stream()
+            await f_stream.send_all(encode_message(FrameType.FORWARD_STREAM, request) + c_leftover)
+        except TransportError as exc:
+            # A transport error on the connection itself: the [REC] drops it (only then).
+            state.peers.drop(relay_id, conn, f"forward failed: {exc}")
+            await self._reject(c_stream, RejectCode.BAD_GATEWAY, "peer relay forward failed")
+            return
+        if not state.pairs.record(sid, c_uri, p_uri):
+            f_stream.abort(StreamEndCode.REFUSED)
+            await self._reject(c_stream, RejectCode.STREAM_ID_COLLISION, "stream id collision")
+            return
+        state.remote.mark(sid, p_uri, relay_id)
+        if p2p_mode == P2PMode.FORBIDDEN:
+            state.p2p_forbidden.add(sid)
+        try:
+            await self._forward_answer(consumer, c_stream, f_stream, sid, p_uri, p2p_mode)
+        finally:
+            now = now_ms()
+            state.pairs.forget(sid, c_uri, p_uri, now)
+            state.remote.unmark(sid, now)
+            state.p2p_forbidden.discard(sid)
+
+    async def _forward_answer(
+        self,
+        consumer: AgentSession,
+        c_stream: Stream,
+        f_stream: Stream,
+        sid: int,
+        p_uri: str,
+        p2p_mode: P2PMode,
+    ) -> None:
+        """R2's answer (C's bytes flow on meanwhile), then STREAM_READY to C and splice."""
+        loop = asyncio.get_running_loop()
+        answered: asyncio.Future[None] = loop.create_future()
+        pump = loop.create_task(copy_until(c_stream, f_stream, answered))
+        f_reader = FrameReader(f_stream)
+        try:
+            async with asyncio.timeout(PEER_ANSWER_TIMEOUT):
+                answer = await f_reader.read_frame()
+        except (TimeoutError, TransportError, OrpError) as exc:
+            log.info("peer relay did not answer", extra=kv(stream_id=sid, err=repr(exc)))
+            answer = None
+        finally:
+            answered.set_result(None)
+            await pump
+        if answer is None or answer.type not in (FrameType.STREAM_ACCEPT, FrameType.STREAM_REJECT):
+            f_stream.abort(StreamEndCode.LINK)
+            await self._reject(c_stream, RejectCode.BAD_GATEWAY, "peer relay forward failed")
+            return
+        if answer.type == FrameType.STREAM_REJECT:
+            code, reason = int(RejectCode.BAD_GATEWAY), "peer relay forward failed"
+            with contextlib.suppress(OrpError):
+                rejected = expect_message(answer, FrameType.STREAM_REJECT, StreamReject)
+                code, reason = rejected.code or code, rejected.reason or reason
+            log.info("forward rejected by peer", extra=kv(stream_id=sid, code=code, reason=reason))
+            await f_stream.aclose()
+            await self._reject(c_stream, code, reason)
+            return
+        _post_ready(consumer, sid, p2p_mode, p_uri)
+        await splice_with_peer(
+            self._state,
+            sid,
+            consumer,
+            c_stream,
+            Member(p_uri, ""),
+            f_stream,
+            b"",
+            f_reader.take_leftover(),
+        )
+
+    async def _reject(self, stream: Stream, code: int, reason: str) -> None:
+        self._state.counters.rejected(int(code))
+        await reject(stream, code, reason)
+
+    # -- serving a peer connection (R2, §10.1) -----------------------------------------------
+
+    async def serve_connection(self, relay_id: str, conn: Connection, *, dialled: bool) -> None:
+        """Serve one peer connection's streams until it closes.
+
+        Args:
+            dialled: We dialled it (the pool's): open its PEER_CONTROL stream first.
+        """
+        async with asyncio.TaskGroup() as tg:
+            if dialled:
+                try:
+                    control = await conn.open_stream()
+                    await control.send_all(encode_message(FrameType.PEER_CONTROL))
+                except TransportError as exc:
+                    log.info("peer control stream failed", extra=kv(relay=relay_id, err=str(exc)))
+                    conn.close(0, "")
+                    return
+                tg.create_task(
+                    serve_peer_control(self._state, relay_id, conn, control, FrameReader(control))
+                )
+            try:
+                while True:
+                    stream = await conn.accept_stream()
+                    tg.create_task(self._serve_stream(relay_id, conn, stream))
+            except TransportError:
+                pass
+        if self._state.peers is not None:
+            self._state.peers.drop(relay_id, conn, "connection closed")
+
+    async def _serve_stream(self, relay_id: str, conn: Connection, stream: Stream) -> None:
+        reader = FrameReader(stream, max_frame=MAX_CONTROL_FRAME)
+        try:
+            async with asyncio.timeout(FIRST_FRAME_TIMEOUT):
+                frame = await reader.read_frame()
+        except (TimeoutError, TransportError, OrpError):
+            frame = None
+        if frame is None:
+            await stream.aclose()  # §10.1 step 1: FIN and stop
+        elif frame.type == FrameType.FORWARD_STREAM:
+            await self._serve_forward(relay_id, stream, frame, reader.take_leftover())
+        elif frame.type == FrameType.PEER_CONTROL:
+            await serve_peer_control(self._state, relay_id, conn, stream, reader)
+        elif frame.type == FrameType.PEER_RESUME and self.on_peer_resume is not None:
+            await self.on_peer_resume(relay_id, stream, frame, reader.take_leftover())
+        else:
+            await stream.aclose()
+
+    async def _serve_forward(
+        self, relay_id: str, f_stream: Stream, frame: Frame, leftover: bytes
+    ) -> None:
+        """§10.1 steps 2–7; between our relays with the extensions (module docstring)."""
+        state = self._state
+        try:
+            msg = expect_message(frame, FrameType.FORWARD_STREAM, IncomingStream)
+            tenant = parse_identity(msg.source_agent_uri).authority
+        except (OrpError, InvalidIdentity):
+            await f_stream.aclose()
+            return
+        ours = msg.outrelay_p2p_mode != 0
+        sid = msg.stream_id if ours else 0
+        c_uri, target = msg.source_agent_uri, msg.target_service
+        provider = state.agents.get(msg.outrelay_provider_uri) if ours else None
+        if provider is None:
+            binding = state.registry.resolve(tenant, target, state.agents.__contains__)
+            provider = state.agents.get(binding.agent_uri) if binding is not None else None
+        if provider is None:
+            log.info("forwarded stream: no local provider", extra=kv(stream_id=sid, svc=target))
+            if ours:
+                await self._reject(f_stream, RejectCode.NOT_FOUND, "service not found")
+            else:
+                await self._reject(
+                    f_stream, RejectCode.UNAVAILABLE, "no local provider for forwarded stream"
+                )
+            return
+        if ours:
+            callee = self._decide(provider.uri, c_uri, msg.method, "callee")
+            if callee is not None and not callee.allowed:
+                log.info(
+                    "forwarded stream denied (callee)",
+                    extra=kv(stream_id=sid, reason=callee.reason),
+                )
+                await self._reject(
+                    f_stream, RejectCode.FORBIDDEN, f"denied (callee): {callee.reason}"
+                )
+                return
+        early = ours and msg.outrelay_spliced and CAP_PIPELINE in provider.capabilities
+        incoming = IncomingStream(
+            target_service=target,
+            method=msg.method,
+            source_agent_uri=c_uri,
+            stream_id=sid,
+            outrelay_spliced=early,
+        )
+        try:
+            p_stream = await provider.conn.open_stream()
+            data = encode_message(FrameType.INCOMING_STREAM, incoming)
+            await p_stream.send_all(data + leftover if early else data)
+        except TransportError as exc:
+            log.warning("provider open failed", extra=kv(stream_id=sid, err=str(exc)))
+            await self._reject(f_stream, RejectCode.BAD_GATEWAY, "provider open failed")
+            return
+        if not ours:
+            await self._answer_reference(f_stream, p_stream, provider, leftover)
+            return
+        if not state.pairs.record(sid, c_uri, provider.uri):
+            p_stream.abort(StreamEndCode.REFUSED)
+            await self._reject(f_stream, RejectCode.STREAM_ID_COLLISION, "stream id collision")
+            return
+        state.remote.mark(sid, c_uri, relay_id)
+        told = decode_p2p_mode(msg.outrelay_p2p_mode)
+        p2p_mode = P2PMode(int(told)) if told is not None else P2PMode.ALLOWED
+        if p2p_mode == P2PMode.FORBIDDEN:
+            state.p2p_forbidden.add(sid)
+        try:
+            await self._provider_answer(
+                f_stream,
+                b"" if early else leftover,
+                provider,
+                p_stream,
+                sid,
+                c_uri,
+                p2p_mode,
+                early=early,
+            )
+        finally:
+            now = now_ms()
+            state.pairs.forget(sid, c_uri, provider.uri, now)
+            state.remote.unmark(sid, now)
+            state.p2p_forbidden.discard(sid)
+
+    async def _provider_answer(
+        self,
+        f_stream: Stream,
+        f_prefix: bytes,
+        provider: AgentSession,
+        p_stream: Stream,
+        sid: int,
+        c_uri: str,
+        p2p_mode: P2PMode,
+        *,
+        early: bool,
+    ) -> None:
+        """P's answer goes back to R1 as is; on STREAM_ACCEPT, STREAM_READY to P and splice."""
+        loop = asyncio.get_running_loop()
+        answered: asyncio.Future[None] = loop.create_future()
+        pump = loop.create_task(copy_until(f_stream, p_stream, answered)) if early else None
+        p_reader = FrameReader(p_stream)
+        try:
+            async with asyncio.timeout(self._answer_timeout):
+                answer = await p_reader.read_frame()
+        except (TimeoutError, TransportError, OrpError) as exc:
+            log.info("provider did not answer", extra=kv(stream_id=sid, err=repr(exc)))
+            answer = None
+        finally:
+            answered.set_result(None)
+            if pump is not None:
+                await pump
+        if answer is None or answer.type not in (FrameType.STREAM_ACCEPT, FrameType.STREAM_REJECT):
+            p_stream.abort(StreamEndCode.LINK)
+            await self._reject(f_stream, RejectCode.UNAVAILABLE, "provider rejected")
+            return
+        if answer.type == FrameType.STREAM_REJECT:
+            code, reason = int(RejectCode.UNAVAILABLE), "provider rejected"
+            with contextlib.suppress(OrpError):
+                rejected = expect_message(answer, FrameType.STREAM_REJECT, StreamReject)
+                code, reason = rejected.code or code, rejected.reason or reason
+            await p_stream.aclose()
+            await self._reject(f_stream, code, reason)
+            return
+        accept = encode_message(FrameType.STREAM_ACCEPT) + p_reader.take_leftover()
+        try:
+            await f_stream.send_all(accept)
+        except TransportError as exc:
+            p_stream.abort(peer_end_code(exc))
+            f_stream.abort(StreamEndCode.LINK)
+            return
+        current = self._state.agents.get(provider.uri)
+        if current is not None:
+            _post_ready(current, sid, p2p_mode, c_uri)
+        await splice_with_peer(
+            self._state, sid, provider, p_stream, Member(c_uri, ""), f_stream, b"", f_prefix
+        )
+
+    async def _answer_reference(
+        self, f_stream: Stream, p_stream: Stream, provider: AgentSession, leftover: bytes
+    ) -> None:
+        """§10.1 steps 6–7 for a reference relay: ``503 provider rejected`` or an empty
+        STREAM_ACCEPT, then splice; no STREAM_READY, no pair."""
+        p_reader = FrameReader(p_stream)
+        try:
+            async with asyncio.timeout(self._answer_timeout):
+                answer = await p_reader.read_frame()
+        except (TimeoutError, TransportError, OrpError):
+            answer = None
+        if answer is None or answer.type != FrameType.STREAM_ACCEPT:
+            if answer is None:
+                p_stream.abort(StreamEndCode.LINK)
+            else:
+                await p_stream.aclose()
+            await self._reject(f_stream, RejectCode.UNAVAILABLE, "provider rejected")
+            return
+        try:
+            await f_stream.send_all(
+                encode_message(FrameType.STREAM_ACCEPT) + p_reader.take_leftover()
+            )
+        except TransportError:
+            p_stream.abort(StreamEndCode.LINK)
+            return
+        await splice_with_peer(
+            self._state, 0, provider, p_stream, Member("", ""), f_stream, b"", leftover
+        )
+
+
+def _post_ready(agent: AgentSession, sid: int, p2p_mode: P2PMode, peer_uri: str) -> None:
+    """STREAM_READY with our extensions the agent asked for (as the open flow's, §6.3)."""
+    ready = StreamReady(stream_id=sid)
+    if CAP_P2P_MODE in agent.capabilities:
+        ready.outrelay_p2p_mode = encode_p2p_mode(p2p_mode)
+    if CAP_RESUME_PEER in agent.capabilities:
+        ready.outrelay_peer_uri = peer_uri
+    agent.ctrl.post(FrameType.STREAM_READY, ready)
