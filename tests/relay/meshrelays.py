@@ -15,12 +15,15 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from outrelay.pki import issue_relay
 from outrelay.relay import Relay, RelayConfig
 from outrelay.relay.mesh import MemoryMesh, MemoryMeshHub
+from outrelay.relay.mesh.cache import RegistryOptions
 from outrelay.relay.policy import PolicyService
 from outrelay.relay.policy.file import load_policy_file
+from outrelay.transport import QuicTlsConfig
 
 from .rawagent import Pki, RawAgent
 
@@ -46,6 +49,8 @@ def free_udp_port() -> int:
 class MeshRelays:
     pki: Pki
     hub: MemoryMeshHub
+    etcd: tuple[tuple[str, int], ...] = ()
+    """etcd client endpoints: the relays join a real etcd mesh instead of the hub."""
     relays: dict[str, Relay] = field(default_factory=dict)
     views: dict[str, MemoryMesh] = field(default_factory=dict)
     ports: dict[str, int] = field(default_factory=dict)
@@ -58,13 +63,19 @@ class MeshRelays:
         *,
         peer_dial_timeout: float = 5.0,
         port: int | None = None,
+        cert: tuple[Path, Path] | None = None,
     ) -> Relay:
-        cert, key = self.pki.dev.write(
+        cert, key = cert or self.pki.dev.write(
             f"relay-{relay_id}-{uuid.uuid4().hex[:6]}",
             issue_relay(self.pki.dev.ca, relay_id=relay_id),
         )
         port = port or free_udp_port()
-        view = self.hub.view(relay_id, "local", f"127.0.0.1:{port}")
+        view = None if self.etcd else self.hub.view(relay_id, "local", f"127.0.0.1:{port}")
+        registry = (
+            RegistryOptions(self.etcd, advertise=f"127.0.0.1:{port}", lease_ttl=2)
+            if self.etcd
+            else None
+        )
         policy = None
         if rules is not None:
             path = self.pki.dev.dir / f"policy-{uuid.uuid4().hex}.json"
@@ -79,32 +90,53 @@ class MeshRelays:
                 listen_port=port,
                 relay_id=relay_id,
                 mesh=view,
+                registry=registry,
                 policy=policy,
                 peer_dial_timeout=peer_dial_timeout,
             )
         )
         await relay.start()
         self.relays[relay_id] = relay
-        self.views[relay_id] = view
+        if view is not None:
+            self.views[relay_id] = view
         self.ports[relay_id] = port
         return relay
 
     async def stop(self, relay_id: str) -> None:
         """Stop a relay; its registry rows vanish (as its lease would expire)."""
         relay = self.relays.pop(relay_id)
-        self.views.pop(relay_id).close()
+        view = self.views.pop(relay_id, None)
+        if view is not None:
+            view.close()
         await relay.stop()
 
-    async def agent(self, relay_id: str, capabilities: tuple[str, ...] = ()) -> RawAgent:
-        tls, uri = self.pki.agent()
+    def sees(self, relay_id: str, service: str, tenant: str = "acme") -> bool:
+        """Does another relay's registry show ``service`` provided on ``relay_id``?"""
+        return any(
+            record.relay_id == relay_id
+            for other_id, other in self.relays.items()
+            if other_id != relay_id and other.state.mesh is not None
+            for record in other.state.mesh.remote_providers(tenant, service)
+        )
+
+    async def agent(
+        self,
+        relay_id: str,
+        capabilities: tuple[str, ...] = (),
+        *,
+        identity: tuple[QuicTlsConfig, str] | None = None,
+    ) -> RawAgent:
+        tls, uri = identity or self.pki.agent()
         agent = await RawAgent.connect("127.0.0.1", self.ports[relay_id], tls, uri, capabilities)
         self.agents.append(agent)
         return agent
 
 
 @contextlib.asynccontextmanager
-async def mesh_relays(pki: Pki, *relay_ids: str) -> AsyncIterator[MeshRelays]:
-    mesh = MeshRelays(pki, MemoryMeshHub())
+async def mesh_relays(
+    pki: Pki, *relay_ids: str, etcd: tuple[tuple[str, int], ...] = ()
+) -> AsyncIterator[MeshRelays]:
+    mesh = MeshRelays(pki, MemoryMeshHub(), etcd)
     try:
         for relay_id in relay_ids:
             await mesh.start(relay_id)

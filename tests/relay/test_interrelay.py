@@ -10,6 +10,8 @@ import asyncio
 import pytest
 
 from outrelay.orp import (
+    CandidateAnswer,
+    CandidateOffer,
     FrameType,
     IncomingStream,
     MigrateToRelay,
@@ -74,7 +76,7 @@ async def test_open_is_forwarded_to_a_provider_on_a_peer_relay(pki: Pki) -> None
         r1, r2 = mesh.relays["r1"], mesh.relays["r2"]
         assert r1.statistics().pairs == 1 and r2.statistics().pairs == 1
         assert r1.state.remote.relay_of(sid, provider.uri, 0) == "r2"
-        assert r2.state.remote.relay_of(sid, consumer.uri, 0) == "r1"
+        assert (r2.state.remote.relay_of(sid, consumer.uri, 0) or "").startswith("r1@127.0.0.1:")
         assert r1.state.counters.intra_relay_hops == 1
 
 
@@ -356,3 +358,88 @@ async def test_a_migrate_to_relay_half_meets_a_resume_half_on_another_relay(
         assert await _echo_of(b_half) == (10, 20)  # only the STREAM_RESUME half is echoed
         assert await a_half.read_exact(8) == b"surplus;"  # no echo before B's bytes
         assert await b_half.read_exact(2) == b"m;"
+
+
+async def test_peers_sharing_one_certificate_keep_their_pairs_apart(pki: Pki) -> None:
+    """Two relays presenting the same relay certificate: r2 routes each pair's control
+    frames back over the connection that carried the pair."""
+    async with mesh_relays(pki, "r2") as mesh:
+        shared = pki.dev.write("relay-shared", issue_relay(pki.dev.ca, relay_id="shared"))
+        await mesh.start("r1", cert=shared)
+        await mesh.start("r3", cert=shared)
+        provider = await mesh.agent("r2")
+        await provider.register("svc-a")
+        consumers = [await mesh.agent("r1"), await mesh.agent("r3")]
+        sids = [new_sid(), new_sid()]
+        for consumer, sid in zip(consumers, sids, strict=True):
+            await open_pair(consumer, provider, "svc-a", sid)
+        for consumer, sid in zip(consumers, sids, strict=True):
+            back = encode_message(
+                FrameType.STREAM_CHECKPOINT,
+                StreamCheckpoint(stream_id=sid, my_position=1, peer_ack_position=2),
+            )
+            await provider.send(back)
+            assert (await consumer.next_frame()).raw == back
+
+
+async def test_a_remote_agent_resuming_elsewhere_resets_our_side_at_once(pki: Pki) -> None:
+    """The provider's relay looks alive, but the provider parks a resume half on r3 (its
+    link to r2 broke): r1 resets the consumer's stream with LINK now, not after the QUIC
+    idle timeout, and the consumer's half meets the provider's through the mesh."""
+    async with mesh_relays(pki, "r1", "r2", "r3") as mesh:
+        consumer = await mesh.agent("r1")
+        p_identity = pki.agent()
+        provider = await mesh.agent("r2", identity=p_identity)
+        await provider.register("svc-a")
+        sid = new_sid()
+        pair = await open_pair(consumer, provider, "svc-a", sid)
+        await pair.exchange(b"x")
+        moved = await mesh.agent("r3", identity=p_identity)
+        p_half = await _resume_half(moved, sid, 1, 1, consumer.uri)
+        with pytest.raises(BrokenResourceError) as caught:
+            async with asyncio.timeout(WAIT):
+                while await pair.c.stream.receive_some(65536):
+                    pass
+        assert caught.value.code == StreamEndCode.LINK
+        c_half = await _resume_half(consumer, sid, 1, 1, provider.uri)
+        assert await _echo_of(c_half) == (1, 1)
+        assert await _echo_of(p_half) == (1, 1)
+
+
+async def test_the_consumers_relay_decides_both_sides_before_forwarding(pki: Pki) -> None:
+    async with mesh_relays(pki, "r2") as mesh:
+        deny_callee = [
+            {"id": "c", "caller": "outrelay://acme/*", "target": "svc-*", "decision": "allow"},
+            {"id": "no", "caller": "*", "target": "outrelay://acme/*", "decision": "deny"},
+        ]
+        r1 = await mesh.start("r1", deny_callee)
+        consumer = await mesh.agent("r1")
+        provider = await mesh.agent("r2")
+        await provider.register("svc-a")
+        await until(lambda: mesh.sees("r2", "svc-a"))
+        reject = await _expect_reject(await _open(consumer, "svc-a", new_sid()))
+        assert reject.code == 403 and reject.reason.startswith("denied (callee): ")
+        assert r1.state.peers is not None and r1.state.peers.dials == 0  # never forwarded
+        reject = await _expect_reject(await _open(consumer, "other", new_sid()))
+        assert reject.code == 403 and reject.reason.startswith("denied: ")  # caller side
+
+
+async def test_candidates_cross_relays_and_strangers_are_refused(pki: Pki) -> None:
+    async with mesh_relays(pki, "r1", "r2") as mesh:
+        consumer = await mesh.agent("r1")
+        provider = await mesh.agent("r2")
+        await provider.register("svc-a")
+        sid = new_sid()
+        await open_pair(consumer, provider, "svc-a", sid)
+        offer = encode_message(FrameType.CANDIDATE_OFFER, CandidateOffer(stream_id=sid))
+        await consumer.send(offer)
+        assert (await provider.next_frame()).raw == offer
+        answer = encode_message(FrameType.CANDIDATE_ANSWER, CandidateAnswer(stream_id=sid))
+        await provider.send(answer)
+        assert (await consumer.next_frame()).raw == answer
+        # An agent that is not one of the pair's may not speak for it.
+        stranger = await mesh.agent("r1")
+        await stranger.send(offer)
+        await provider.ping_pong()  # nothing was queued for the provider before the PONG
+        await stranger.ping_pong()
+        assert mesh.relays["r1"].state.refused_not_owner == 1

@@ -10,9 +10,11 @@ import asyncio
 import contextlib
 import hashlib
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
+from etcd_cluster import EtcdCluster
 
 from outrelay.agent.agent import Agent, AgentConfig
 from outrelay.agent.session import SessionConfig
@@ -21,6 +23,19 @@ from .meshrelays import MeshRelays, free_udp_port, mesh_relays, until
 from .rawagent import Pki
 
 pytestmark = pytest.mark.timeout(90)
+
+
+@pytest.fixture
+def etcd1(tmp_path: Path) -> Iterator[EtcdCluster]:
+    """A one-member etcd for one test (tests/etcd_cluster.py); skipped without etcd."""
+    if not os.access("/usr/bin/etcd", os.X_OK):
+        pytest.skip("/usr/bin/etcd is missing (install Debian etcd-server)")
+    cluster = EtcdCluster(tmp_path, members=1)
+    try:
+        yield cluster
+    finally:
+        cluster.close()
+
 
 CHUNK = 64 << 10
 
@@ -78,7 +93,7 @@ async def agent(
 
 
 async def _registered(mesh: MeshRelays, relay_id: str, service: str) -> None:
-    await until(lambda: any(k[1] == service and k[2] == relay_id for k in mesh.hub.bindings))
+    await until(lambda: mesh.sees(relay_id, service))
 
 
 async def _transfer(port: int, payload: bytes, *, midway: asyncio.Event | None = None) -> bytes:
@@ -131,10 +146,18 @@ async def test_echo_and_mebibytes_through_a_forwarded_path(pki: Pki) -> None:
             assert not c.session.stats.resumes and not p.session.stats.resumes
 
 
-async def test_provider_relay_killed_mid_transfer_the_stream_resumes(pki: Pki) -> None:
+@pytest.mark.parametrize("registry", ["memory", "etcd"])
+async def test_provider_relay_killed_mid_transfer_the_stream_resumes(
+    pki: Pki, registry: str, request: pytest.FixtureRequest
+) -> None:
     """Consumer on r1, provider on r3; r3 dies mid-transfer; the provider fails over to
-    r2, re-registers, and the stream resumes through r1 -> r2 with nothing lost."""
-    async with mesh_relays(pki, "r1", "r3") as mesh, echo_backend() as backend:
+    r2, re-registers, and the stream resumes through r1 -> r2 with nothing lost.
+    With ``etcd``: the same over a real one-member etcd (the halves meet through it)."""
+    etcd: tuple[tuple[str, int], ...] = ()
+    if registry == "etcd":
+        cluster = request.getfixturevalue("etcd1")
+        etcd = tuple(("127.0.0.1", int(h.rpartition(":")[2])) for h in cluster.hostports)
+    async with mesh_relays(pki, "r1", "r3", etcd=etcd) as mesh, echo_backend() as backend:
         r2_port = free_udp_port()  # r2 starts later: the provider must land on r3 first
         async with agent(
             mesh,

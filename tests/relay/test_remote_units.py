@@ -7,11 +7,12 @@ from typing import Any
 
 import pytest
 
+from outrelay.orp import FrameType, encode_message
 from outrelay.relay.outbox import ControlOutbox
 from outrelay.relay.peers import PeerPool, PeerUnreachable, split_endpoint
 from outrelay.relay.remote import PeerControls, RemoteMember, RemoteSides
 from outrelay.transport import BrokenResourceError, QuicTlsConfig
-from outrelay.transport.memory import memory_stream_pair
+from outrelay.transport.memory import MemoryStream, memory_stream_pair
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -69,8 +70,17 @@ async def test_peer_controls_post_to_a_live_channel_newest_first() -> None:
 
 
 class FakeConn:
-    def __init__(self) -> None:
+    def __init__(self, control_fails: bool = False) -> None:
         self.is_closed = False
+        self.control_fails = control_fails
+        self.peer_side: list[MemoryStream] = []
+
+    async def open_stream(self) -> MemoryStream:
+        if self.control_fails:
+            raise BrokenResourceError("connection lost")
+        ours, theirs = memory_stream_pair()
+        self.peer_side.append(theirs)
+        return ours
 
     def close(self, code: int = 0, reason: str = "") -> None:
         self.is_closed = True
@@ -80,7 +90,9 @@ class FakeDialler:
     def __init__(self) -> None:
         self.calls: list[tuple[str, int]] = []
         self.fail = False
+        self.control_fails = False
         self.gate: asyncio.Event | None = None
+        self.made: list[FakeConn] = []
 
     async def __call__(self, host: str, port: int, tls: Any, **kwargs: Any) -> FakeConn:
         self.calls.append((host, port))
@@ -88,7 +100,9 @@ class FakeDialler:
             await self.gate.wait()
         if self.fail:
             raise BrokenResourceError("handshake failed")
-        return FakeConn()
+        conn = FakeConn(self.control_fails)
+        self.made.append(conn)
+        return conn
 
 
 def _pool(dialler: FakeDialler, seen: list[str]) -> PeerPool:
@@ -96,7 +110,7 @@ def _pool(dialler: FakeDialler, seen: list[str]) -> PeerPool:
     return PeerPool(
         QuicTlsConfig("c", "k", "ca"),
         endpoints.get,
-        lambda relay_id, conn: seen.append(relay_id),
+        lambda relay_id, conn, control: seen.append(relay_id),
         connect=dialler,
     )
 
@@ -112,6 +126,18 @@ async def test_pool_dials_once_and_shares_the_dial() -> None:
     assert conns[0] is conns[1] is conns[2]
     assert await pool.connection("r2") is conns[0]
     assert dialler.calls == [("127.0.0.1", 7443)] and seen == ["r2"] and pool.dials == 1
+    # The dial opened the PEER_CONTROL stream before anyone could forward.
+    control = await dialler.made[0].peer_side[0].receive_some(64)
+    assert control == encode_message(FrameType.PEER_CONTROL)
+
+
+async def test_pool_a_connection_without_its_control_stream_is_not_pooled() -> None:
+    dialler, seen = FakeDialler(), []
+    pool = _pool(dialler, seen)
+    dialler.control_fails = True
+    with pytest.raises(PeerUnreachable):
+        await pool.connection("r2")
+    assert dialler.made[0].is_closed and pool.pooled("r2") is None and not seen
 
 
 async def test_pool_does_not_cache_failed_dials_and_redials_dead_connections() -> None:

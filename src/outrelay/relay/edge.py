@@ -245,7 +245,14 @@ class Relay:
         policy = self.state.policy
         if isinstance(policy, TenantPolicy):
             mesh.on_policy(lambda documents: _install_policy(policy, documents))
-        await mesh.start(options.start_timeout)
+        # Set first: an agent may REGISTER while the mesh joins; its binding is queued and
+        # written with everything else once the lease is granted.
+        self.state.mesh = mesh
+        try:
+            await mesh.start(options.start_timeout)
+        except BaseException:
+            self.state.mesh = self.config.mesh
+            raise
         self._etcd = mesh
         self._attach_mesh(mesh)
 
@@ -347,8 +354,8 @@ class Relay:
     def _on_connection(self, conn: Connection) -> None:
         self._spawn(self._handle_connection(conn), "connection")
 
-    def _on_peer_dialled(self, relay_id: str, conn: Connection) -> None:
-        self._spawn(self._open.inter.serve_connection(relay_id, conn, dialled=True), "peer")
+    def _on_peer_dialled(self, relay_id: str, conn: Connection, control: Stream) -> None:
+        self._spawn(self._open.inter.serve_connection(relay_id, conn, control), "peer")
 
     async def _handle_connection(self, conn: Connection) -> None:
         uri = getattr(conn, "identity", None) or ""
@@ -363,8 +370,12 @@ class Relay:
         if isinstance(identity, RelayIdentity):
             # Spec 02 §10.1: a peer relay; no HELLO, never in the agent map.
             log.info("peer relay connected", extra=kv(uri=uri, remote=remote))
+            # Keyed by connection, not by the certificate's relay id alone: the pairs a
+            # connection carries route their control frames back over that very
+            # connection, even when several peers present the same certificate.
+            link = f"{identity.relay_id}@{remote}"
             try:
-                await self._open.inter.serve_connection(identity.relay_id, conn, dialled=False)
+                await self._open.inter.serve_connection(link, conn)
             finally:
                 conn.close(0, "")
             return

@@ -114,39 +114,56 @@ class InterRelay:
         state, sid = self._state, request.stream_id
         c_uri, p_uri = consumer.uri, request.outrelay_provider_uri
         state.counters.intra_relay_hop()
-        assert state.peers is not None
+        if not state.pairs.record(sid, c_uri, p_uri):
+            await self._reject(c_stream, RejectCode.STREAM_ID_COLLISION, "stream id collision")
+            return
+        state.remote.mark(sid, p_uri, relay_id)
+        if p2p_mode == P2PMode.FORBIDDEN:
+            state.p2p_forbidden.add(sid)  # before STREAM_READY: no offer may slip through
         try:
-            conn = await state.peers.connection(relay_id)
+            f_stream = await self._open_forward(c_stream, c_leftover, request, relay_id, p2p_mode)
+            if f_stream is not None:
+                await self._forward_answer(consumer, c_stream, f_stream, sid, p_uri, p2p_mode)
+        finally:
+            now = now_ms()
+            state.pairs.forget(sid, c_uri, p_uri, now)
+            state.remote.unmark(sid, now)
+            state.p2p_forbidden.discard(sid)
+
+    async def _open_forward(
+        self,
+        c_stream: Stream,
+        c_leftover: bytes,
+        request: IncomingStream,
+        relay_id: str,
+        p2p_mode: P2PMode,
+    ) -> Stream | None:
+        """§10.2 steps 2–3: the pooled connection, a stream on it, FORWARD_STREAM and C's
+        pipelined bytes. None: C got its STREAM_REJECT."""
+        peers = self._state.peers
+        assert peers is not None
+        try:
+            conn = await peers.connection(relay_id)
         except PeerUnreachable as exc:
             log.warning(
-                "peer relay unreachable", extra=kv(stream_id=sid, relay=relay_id, err=str(exc))
+                "peer relay unreachable",
+                extra=kv(stream_id=request.stream_id, relay=relay_id, err=str(exc)),
             )
             await self._reject(c_stream, RejectCode.BAD_GATEWAY, "peer relay unreachable")
-            return
+            return None
         request.outrelay_spliced = True
         request.outrelay_p2p_mode = encode_p2p_mode(p2p_mode)
         try:
             f_stream = await conn.open_stream()
             await f_stream.send_all(encode_message(FrameType.FORWARD_STREAM, request) + c_leftover)
         except TransportError as exc:
-            # A transport error on the connection itself: the [REC] drops it (only then).
-            state.peers.drop(relay_id, conn, f"forward failed: {exc}")
+            # The [REC]: the pooled connection goes only when it failed itself, not
+            # when this one stream did.
+            if conn.is_closed:
+                peers.drop(relay_id, conn, f"forward failed: {exc}")
             await self._reject(c_stream, RejectCode.BAD_GATEWAY, "peer relay forward failed")
-            return
-        if not state.pairs.record(sid, c_uri, p_uri):
-            f_stream.abort(StreamEndCode.REFUSED)
-            await self._reject(c_stream, RejectCode.STREAM_ID_COLLISION, "stream id collision")
-            return
-        state.remote.mark(sid, p_uri, relay_id)
-        if p2p_mode == P2PMode.FORBIDDEN:
-            state.p2p_forbidden.add(sid)
-        try:
-            await self._forward_answer(consumer, c_stream, f_stream, sid, p_uri, p2p_mode)
-        finally:
-            now = now_ms()
-            state.pairs.forget(sid, c_uri, p_uri, now)
-            state.remote.unmark(sid, now)
-            state.p2p_forbidden.discard(sid)
+            return None
+        return f_stream
 
     async def _forward_answer(
         self,
@@ -202,24 +219,24 @@ class InterRelay:
 
     # -- serving a peer connection (R2, §10.1) -----------------------------------------------
 
-    async def serve_connection(self, relay_id: str, conn: Connection, *, dialled: bool) -> None:
+    async def serve_connection(
+        self, relay_id: str, conn: Connection, control: Stream | None = None
+    ) -> None:
         """Serve one peer connection's streams until it closes.
 
         Args:
-            dialled: We dialled it (the pool's): open its PEER_CONTROL stream first.
+            relay_id: The link's key: the peer's relay id for a pooled connection, the
+                certificate's relay id and the remote address for an accepted one. Pairs
+                the connection carries are marked with it, and its PEER_CONTROL channel
+                is registered under it (:class:`~.remote.PeerControls`).
+            control: A pooled connection's PEER_CONTROL stream, which the pool opened
+                before any forward (:mod:`.peers`); an accepted connection's comes as
+                one of its streams.
         """
         async with asyncio.TaskGroup() as tg:
-            if dialled:
-                try:
-                    control = await conn.open_stream()
-                    await control.send_all(encode_message(FrameType.PEER_CONTROL))
-                except TransportError as exc:
-                    log.info("peer control stream failed", extra=kv(relay=relay_id, err=str(exc)))
-                    conn.close(0, "")
-                    return
-                tg.create_task(
-                    serve_peer_control(self._state, relay_id, conn, control, FrameReader(control))
-                )
+            if control is not None:
+                reader = FrameReader(control)
+                tg.create_task(serve_peer_control(self._state, relay_id, conn, control, reader))
             try:
                 while True:
                     stream = await conn.accept_stream()
@@ -262,6 +279,10 @@ class InterRelay:
         sid = msg.stream_id if ours else 0
         c_uri, target = msg.source_agent_uri, msg.target_service
         provider = state.agents.get(msg.outrelay_provider_uri) if ours else None
+        if provider is not None and (
+            provider.tenant != tenant or target not in provider.registrations
+        ):
+            provider = None  # not that agent's service (any more): resolve here
         if provider is None:
             binding = state.registry.resolve(tenant, target, state.agents.__contains__)
             provider = state.agents.get(binding.agent_uri) if binding is not None else None

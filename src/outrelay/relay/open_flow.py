@@ -17,6 +17,12 @@ carry the stream: splice, or forward sessions). It follows spec 02 §6.1:
 
 Without a policy (``decide`` returns None) everything is allowed, p2p ALLOWED, splice.
 
+Resolution (issue 18): a live provider on this relay first (the registry), else, in a mesh,
+the best provider on another relay (``mesh.remote_providers()[0]``: same region first, then
+the newest binding). Both policy sides are decided here for a remote provider too (the
+reference's §10.2 skips the callee side); the stream then goes to
+:meth:`.interrelay.InterRelay.forward`.
+
 :class:`OpenFlow` is the shell: it runs the decision, writes INCOMING_STREAM to the provider,
 records the pair (§6.1 step 6), waits (bounded) for STREAM_ACCEPT/REJECT, then sends
 STREAM_READY to both agents and splices (§6.3), or hands over to a forward session (§6.4).

@@ -9,8 +9,10 @@ dial is not cached (the next open dials again); a connection found closed is dro
 redialled on next use. A rejected forward never drops the connection (the [REC]): only a
 transport error on the connection itself does, and it drops only that connection.
 
-Each new connection is handed to ``on_connection`` (the relay opens its PEER_CONTROL stream
-and serves it, :mod:`.interrelay`).
+Each new connection's first stream is its PEER_CONTROL stream (:mod:`.peer_control`),
+opened by the dial itself, so it exists before any forward on the connection; the
+connection and that stream are then handed to ``on_connection`` (the relay serves both,
+:mod:`.interrelay`).
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ from collections.abc import Awaitable, Callable
 from typing import Final
 
 from outrelay.observe import kv
+from outrelay.orp import FrameType, encode_message
 from outrelay.relay.state import log
-from outrelay.transport import Connection, QuicTlsConfig, TransportError, connect_quic
+from outrelay.transport import Connection, QuicTlsConfig, Stream, TransportError, connect_quic
 
 __all__ = ["DIAL_TIMEOUT", "PeerPool", "PeerUnreachable", "split_endpoint"]
 
@@ -54,7 +57,8 @@ class PeerPool:
     Args:
         tls: The relay's certificate, key and CA (``--cert``, ``--key``, ``--ca``).
         endpoint_of: The advertised ``host:port`` of a relay id, or None if unknown.
-        on_connection: Called once with each new connection and its peer relay id.
+        on_connection: Called once with each new connection's peer relay id, the
+            connection and its PEER_CONTROL stream.
         dial_timeout: Bound of one dial.
         connect: The QUIC dialler (tests may pass another).
     """
@@ -63,7 +67,7 @@ class PeerPool:
         self,
         tls: QuicTlsConfig,
         endpoint_of: Callable[[str], str | None],
-        on_connection: Callable[[str, Connection], None],
+        on_connection: Callable[[str, Connection, Stream], None],
         *,
         dial_timeout: float = DIAL_TIMEOUT,
         connect: Connect = connect_quic,
@@ -133,12 +137,18 @@ class PeerPool:
                 "peer relay dial failed", extra=kv(relay=relay_id, endpoint=endpoint, err=str(exc))
             )
             raise PeerUnreachable(f"dial {endpoint}: {exc}") from exc
+        try:
+            control = await conn.open_stream()
+            await control.send_all(encode_message(FrameType.PEER_CONTROL))
+        except TransportError as exc:
+            conn.close(0, "")
+            raise PeerUnreachable(f"peer control stream: {exc}") from exc
         if self._closed:
             conn.close(0, "relay stopping")
             raise PeerUnreachable("the relay is stopping")
         log.info("peer relay connected", extra=kv(relay=relay_id, endpoint=endpoint))
         self._conns[relay_id] = conn
-        self._on_connection(relay_id, conn)
+        self._on_connection(relay_id, conn, control)
         return conn
 
     def drop(self, relay_id: str, conn: Connection, reason: str) -> None:

@@ -79,6 +79,10 @@ class RemoteSides:
             return None
         return entry[0]
 
+    def live(self, stream_id: int) -> RemoteMember | None:
+        """The remote member of ``stream_id`` while its pair is live (not forgotten)."""
+        return self._live.get(stream_id)
+
     def relay_of(self, stream_id: int, uri: str, now_ms: int) -> str | None:
         """The peer relay of ``uri`` if it is the remote member of ``stream_id``."""
         member = self.get(stream_id, now_ms)

@@ -18,6 +18,11 @@ then each relay parks one half. With a mesh (``RelayState.mesh``):
    it writes each STREAM_RESUME half the other's positions (the [REC] echo, the remote
    agent's echo travels through the pipe) and splices the two.
 
+A half record of the remote agent of a pair this relay still splices live means that
+agent's side broke (its relay died, say, and our connection to it has not timed out yet):
+the relay resets its own agent's stream with ``LINK`` at once, so both halves are parked
+within moments instead of after the QUIC idle timeout.
+
 Both relays record the pair with the remote member marked, so checkpoints keep crossing.
 A PEER_RESUME that finds no fitting half is refused (stream reset ``REFUSED``); the
 forwarding relay then resets its agent's stream with ``LINK``, and the agent resumes again.
@@ -114,6 +119,8 @@ class RemoteResume:
         mesh = self._state.mesh
         if mesh is None:
             return
+        if record.relay_id != mesh.relay_id:
+            self._reset_split(record)
         half = self._matcher.pending(record.stream_id)
         if half is None:
             return
@@ -123,7 +130,7 @@ class RemoteResume:
         if not mine or not theirs:
             return
         other = max(theirs, key=lambda r: r.revision)
-        if mine[-1].revision < other.revision:
+        if max(r.revision for r in mine) < other.revision:
             return  # theirs is the later half: its relay forwards it to us
         if self._state.peers is None or not self._matcher.withdraw(half):
             return
@@ -133,6 +140,22 @@ class RemoteResume:
         )
         half.handle.forward_to = other
         half.handle.done.set_result(True)  # the parked handler forwards (forward())
+
+    def _reset_split(self, record: HalfRecord) -> None:
+        """The remote agent of a live split pair parked a half on another relay: its side
+        of the splice is broken (its relay may be dead, which our QUIC connection to it
+        would notice only at its idle timeout). Reset our agent's stream with ``LINK``
+        now, so it resumes and its half meets the other through the mesh."""
+        state = self._state
+        member = state.remote.live(record.stream_id)
+        stream = state.split_streams.get(record.stream_id)
+        if member is None or member.uri != record.agent_uri or stream is None:
+            return
+        log.info(
+            "remote agent resuming on another relay; resetting our side",
+            extra=kv(stream_id=record.stream_id, uri=record.agent_uri, relay=record.relay_id),
+        )
+        stream.abort(StreamEndCode.LINK)
 
     # -- the forwarding relay ------------------------------------------------------------------
 
@@ -215,7 +238,13 @@ class RemoteResume:
         sid = resume.stream_id
         half = self._matcher.pending(sid)
         record = HalfRecord(sid, relay_id, remote_uri, resume.outrelay_peer_uri, 0)
-        if half is None or half.handle.session.tenant != tenant or not _fits(half, record):
+        owners = self._state.owners(sid)
+        if (
+            half is None
+            or half.handle.session.tenant != tenant
+            or not _fits(half, record)
+            or (owners is not None and remote_uri not in owners)  # only the stream's agents
+        ):
             log.info(
                 "forwarded resume half refused: no fitting half here",
                 extra=kv(stream_id=sid, uri=remote_uri, relay=relay_id),

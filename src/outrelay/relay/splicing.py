@@ -123,16 +123,24 @@ async def splice_with_peer(
     r_prefix: bytes,
 ) -> SpliceResult:
     """Splice an agent's stream with a peer stream (close semantics: module docstring);
-    a splice that broke is noted with both ends for the resume flow."""
-    result = await splice(
-        l_stream,
-        r_stream,
-        a_to_b_prefix=l_prefix,
-        b_to_a_prefix=r_prefix,
-        abort_a_on_b_error=peer_end_code,
-        abort_b_on_a_error=lambda exc: end_code(local, exc),
-        abort_source_on_write_error=True,
-    )
+    a splice that broke is noted with both ends for the resume flow. While it runs,
+    ``l_stream`` is the pair's entry in ``state.split_streams``."""
+    split = state.split_streams
+    if sid:
+        split[sid] = l_stream
+    try:
+        result = await splice(
+            l_stream,
+            r_stream,
+            a_to_b_prefix=l_prefix,
+            b_to_a_prefix=r_prefix,
+            abort_a_on_b_error=peer_end_code,
+            abort_b_on_a_error=lambda exc: end_code(local, exc),
+            abort_source_on_write_error=True,
+        )
+    finally:
+        if split.get(sid) is l_stream:
+            del split[sid]
     if not (result.a_to_b.clean and result.b_to_a.clean):
         state.ended.note(sid, local.member, remote, now_ms())
     return result

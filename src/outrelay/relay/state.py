@@ -27,7 +27,7 @@ from outrelay.relay.plane import ForwardPlane
 from outrelay.relay.policy import PolicyService
 from outrelay.relay.registry import ServiceRegistry
 from outrelay.relay.remote import PeerControls, RemoteSides
-from outrelay.transport import Connection
+from outrelay.transport import Connection, Stream
 from outrelay.wire import FrameReader, frame_name
 
 if TYPE_CHECKING:
@@ -154,6 +154,9 @@ class RelayState:
         """Which member of a recorded pair is on a peer relay (:mod:`.remote`)."""
         self.peer_controls = PeerControls()
         """The PEER_CONTROL channels to peer relays, by relay id."""
+        self.split_streams: dict[int, Stream] = {}
+        """The local agent's data stream of each live pair split across relays, by stream
+        id: reset when the remote agent is seen resuming elsewhere (:mod:`.remote_resume`)."""
 
     def owners(self, stream_id: int) -> tuple[str, str] | None:
         """The URIs of a stream's two agents, if the relay knows them (live or broken splice)."""

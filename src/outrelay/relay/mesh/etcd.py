@@ -89,6 +89,14 @@ class _SessionEnd(Exception):
     """Ends a session so that the next one starts (lease lost, queue overflowed)."""
 
 
+async def _bounded(awaitable: Any, seconds: float) -> Any:
+    """``await awaitable`` within ``seconds`` (TimeoutError after). ``asyncio.timeout``, not
+    ``wait_for``: on Python 3.11 ``wait_for`` swallows a cancellation that arrives as the
+    inner call completes (fast etcd answers do), which would leave a task uncancellable."""
+    async with asyncio.timeout(seconds):
+        return await awaitable
+
+
 def _wall_ms() -> int:
     return int(time.time() * 1000)
 
@@ -129,12 +137,12 @@ class EtcdStore:
                     )
                 client = aetcd.Client(host, port, timeout=min(per_call, left))
                 try:
-                    return await asyncio.wait_for(op(client), min(per_call, left) + 0.5)
+                    return await _bounded(op(client), min(per_call, left) + 0.5)
                 except Exception as exc:
                     errors.append(f"{host}:{port}: {_describe(exc)}")
                 finally:
                     with contextlib.suppress(Exception):
-                        await asyncio.wait_for(client.close(), CLOSE_TIMEOUT)
+                        await _bounded(client.close(), CLOSE_TIMEOUT)
 
     async def get_prefix(self, prefix: str) -> list[tuple[bytes, bytes]]:
         async def op(client: Any) -> list[tuple[bytes, bytes]]:
@@ -179,6 +187,8 @@ class EtcdMesh:
         lease_ttl: Seconds (``--registry-lease``).
         op_timeout: Bound on each etcd call.
         clock: Unix ms, for ``registered_ms``.
+        client_factory: ``(host, port, timeout) -> client`` with aetcd's ``Client`` methods
+            (tests put a fake etcd here); default ``aetcd.Client``.
     """
 
     def __init__(
@@ -192,6 +202,7 @@ class EtcdMesh:
         lease_ttl: int = DEFAULT_LEASE_TTL,
         op_timeout: float = DEFAULT_OP_TIMEOUT,
         clock: Callable[[], int] = _wall_ms,
+        client_factory: Callable[[str, int, float], Any] | None = None,
     ) -> None:
         if not endpoints:
             raise ValueError("no etcd endpoints")
@@ -208,6 +219,9 @@ class EtcdMesh:
         self._ttl = lease_ttl
         self._op_timeout = op_timeout
         self._clock = clock
+        self._new_client: Callable[[str, int, float], Any] = client_factory or (
+            lambda host, port, timeout: aetcd.Client(host, port, timeout=timeout)
+        )
         self._lease_id: int | None = None
         self._claimed = False
         """The relay record was created once (the duplicate-id check passed)."""
@@ -304,7 +318,7 @@ class EtcdMesh:
         """
         self._task = asyncio.get_running_loop().create_task(self._run(), name="registry")
         try:
-            await asyncio.wait_for(self._first_sync.wait(), within)
+            await _bounded(self._first_sync.wait(), within)
         except TimeoutError:
             await self.aclose(revoke=False)
             raise RegistryUnavailable(
@@ -326,14 +340,14 @@ class EtcdMesh:
         lease, self._lease_id = self._lease_id, None
         if revoke and lease is not None:
             host, port = self._endpoints[self._index]
-            client = aetcd.Client(host, port, timeout=CLOSE_TIMEOUT)
+            client = self._new_client(host, port, CLOSE_TIMEOUT)
             try:
-                await asyncio.wait_for(client.revoke_lease(lease), CLOSE_TIMEOUT)
+                await _bounded(client.revoke_lease(lease), CLOSE_TIMEOUT)
             except Exception as exc:
                 log.info("registry: lease not revoked at close", extra=kv(err=_describe(exc)))
             finally:
                 with contextlib.suppress(Exception):
-                    await asyncio.wait_for(client.close(), CLOSE_TIMEOUT)
+                    await _bounded(client.close(), CLOSE_TIMEOUT)
 
     # -- sessions ------------------------------------------------------------------------
 
@@ -342,7 +356,7 @@ class EtcdMesh:
         while True:
             host, port = self._endpoints[self._index]
             self.sessions += 1
-            client = aetcd.Client(host, port, timeout=self._op_timeout)
+            client = self._new_client(host, port, self._op_timeout)
             self._client = client
             try:
                 await self._session(client)
@@ -368,7 +382,7 @@ class EtcdMesh:
             finally:
                 self._client = None
                 with contextlib.suppress(Exception):
-                    await asyncio.wait_for(client.close(), CLOSE_TIMEOUT)
+                    await _bounded(client.close(), CLOSE_TIMEOUT)
             self._index = (self._index + 1) % len(self._endpoints)
             await asyncio.sleep(backoff)
             backoff = min(BACKOFF_MAX, backoff * 2)
@@ -409,7 +423,7 @@ class EtcdMesh:
                 group.create_task(self._writer(client))
         finally:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(watch.cancel(), CLOSE_TIMEOUT)
+                await _bounded(watch.cancel(), CLOSE_TIMEOUT)
 
     async def _ensure_lease(self, client: Any) -> None:
         if self.publisher.overflowed and self._lease_id is not None:
@@ -465,9 +479,7 @@ class EtcdMesh:
         interval = self._ttl / 3
         while True:
             await asyncio.sleep(interval)
-            reply = await asyncio.wait_for(
-                client.refresh_lease(self._lease_id), self._op_timeout + 0.5
-            )
+            reply = await _bounded(client.refresh_lease(self._lease_id), self._op_timeout + 0.5)
             if reply is None or int(reply.TTL) <= _LEASE_LOST_TTL:
                 raise _SessionEnd("lease lost")
 
@@ -482,9 +494,9 @@ class EtcdMesh:
                 continue
             key, value = write
             if value is None:
-                await asyncio.wait_for(client.delete(key.encode()), self._op_timeout + 0.5)
+                await _bounded(client.delete(key.encode()), self._op_timeout + 0.5)
             else:
-                await asyncio.wait_for(
+                await _bounded(
                     client.put(key.encode(), value, lease=self._lease_id), self._op_timeout + 0.5
                 )
             self.publisher.written(key, value)

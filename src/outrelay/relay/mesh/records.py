@@ -112,7 +112,11 @@ class Mesh(Protocol):
         ...
 
     def halves(self, stream_id: int) -> list[HalfRecord]:
-        """Every relay's half for ``stream_id``, this relay's included, by revision."""
+        """Every relay's half for ``stream_id``, this relay's included, by revision.
+
+        A half appears once the registry holds it (so its revision is known and the same
+        on every relay): on etcd, this relay's own half shows up with the watch event that
+        also fires :meth:`on_half`, and disappears at once on :meth:`withdraw_half`."""
         ...
 
     def on_half(self, callback: Callable[[HalfRecord], None]) -> None:
