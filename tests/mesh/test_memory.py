@@ -161,3 +161,68 @@ def test_outage_is_not_ready_but_keeps_serving() -> None:
     assert [p.relay_id for p in a.remote_providers("acme", "echo")] == ["r2"]
     hub.set_outage(None)
     assert a.ready
+
+
+def test_advertise_sets_the_endpoint_later() -> None:
+    hub = MemoryMeshHub()
+    a = hub.view("r1", "eu", "")
+    b = hub.view("r2", "eu", "x:2")
+    a.advertise("127.0.0.1:7443")
+    assert b.relay("r1") == RelayRecord("r1", "eu", "127.0.0.1:7443")
+    a.close()
+    a.advertise("127.0.0.1:1")  # closed: no record comes back
+    assert b.relay("r1") is None
+
+
+async def test_relay_start_advertises_its_bound_address(dev_pki: object) -> None:
+    from devpki import DevPki
+
+    from outrelay.relay import Relay, RelayConfig
+
+    assert isinstance(dev_pki, DevPki)
+    hub = MemoryMeshHub()
+    tls = dev_pki.relay_tls()
+    mesh = hub.view("r1", "eu", "")
+    relay = Relay(RelayConfig(tls.cert_file, tls.key_file, tls.ca_file, listen_port=0, mesh=mesh))
+    host, port = await relay.start()
+    try:
+        assert relay.state.mesh is mesh
+        assert hub.relays["r1"].endpoint == f"{host}:{port}"
+        assert relay.mesh_ready_reasons == []
+        hub.set_outage("down")
+        assert relay.mesh_ready_reasons == ["registry: down"]
+    finally:
+        await relay.stop()
+
+
+async def test_register_publishes_and_teardown_withdraws(dev_pki: object) -> None:
+    from devpki import DevPki
+    from relay.rawagent import Pki, RawAgent
+
+    from outrelay.relay import Relay, RelayConfig
+
+    assert isinstance(dev_pki, DevPki)
+    hub = MemoryMeshHub()
+    other = hub.view("r2", "us", "x:2")
+    tls = dev_pki.relay_tls()
+    relay = Relay(
+        RelayConfig(
+            tls.cert_file, tls.key_file, tls.ca_file, listen_port=0, mesh=hub.view("r1", "eu", "")
+        )
+    )
+    _, port = await relay.start()
+    agent_tls, uri = Pki(dev_pki).agent("acme")
+    agent = await RawAgent.connect("127.0.0.1", port, agent_tls, uri)
+    try:
+        await agent.register("echo")
+        [got] = other.remote_providers("acme", "echo")
+        assert (got.agent_uri, got.relay_id, got.region) == (uri, "r1", "eu")
+        await agent.close()
+        for _ in range(500):  # teardown runs when the relay sees the connection close
+            if not other.remote_providers("acme", "echo"):
+                break
+            await asyncio.sleep(0.01)
+        assert other.remote_providers("acme", "echo") == []
+    finally:
+        await agent.close()
+        await relay.stop()

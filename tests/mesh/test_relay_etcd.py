@@ -282,6 +282,10 @@ def test_duplicate_relay_id_and_policy_flag_exit_codes(
     assert second.wait_exit(TTL + 15) == 1
     assert second.find("registry", err=lambda e: "held by a live relay" in e)
     assert first.running
+    key = "/outrelay/v1/relays/dup-id"
+    assert etcd_cluster.etcdctl("get", key, "--print-value-only").strip()
+    assert first.stop() == 0  # SIGTERM: a clean stop revokes the lease, the rows go at once
+    assert etcd_cluster.etcdctl("get", key, "--print-value-only").strip() == ""
     policy = Path(procs.workdir) / "p.json"
     policy.write_text(json.dumps({"rules": []}))
     third = procs.start_relay(

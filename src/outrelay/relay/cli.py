@@ -4,7 +4,16 @@ Exit codes follow the reference: 2 when ``--cert``/``--key``/``--ca`` is
 missing or a flag value is malformed (addresses, ports, ``--log-format``,
 ``--log-level``: ours, the reference falls back to text/info), with the reason
 on one line; 1 when TLS material, the policy file or the listen address is
-unusable, 0 for ``--version``/``--help`` and SIGINT/SIGTERM.
+unusable, or with ``--registry etcd://...`` when etcd does not answer within
+15 s at start or another live relay holds ``--relay-id``; 0 for
+``--version``/``--help`` and SIGINT/SIGTERM.
+
+``--registry etcd://host:port[,...]`` joins a mesh of relays (:mod:`.mesh`): the relay
+record (``--relay-id``, ``--region``, ``--advertise``), this relay's service bindings and
+parked resume halves live in etcd under the relay's lease (``--registry-lease``), policy
+rules per tenant (``outrelay policy``; ``--policy`` is refused then). Once joined, etcd
+outages never stop the relay: it serves from its cache and ``/readyz`` says why it is not
+ready.
 
 SIGHUP re-reads the policy file and the certificate, key and CA bundle
 (:mod:`outrelay.pki.reload`; also on a file change with ``--watch-certs``): new

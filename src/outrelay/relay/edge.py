@@ -41,7 +41,7 @@ from outrelay.pki import ClientVerifier, load_certificates
 from outrelay.relay.audit import AuditLog
 from outrelay.relay.control import ControlDispatch
 from outrelay.relay.limits import MAX_CONTROL_FRAME
-from outrelay.relay.mesh import Mesh
+from outrelay.relay.mesh import MemoryMesh, Mesh
 from outrelay.relay.mesh.cache import RegistryOptions
 from outrelay.relay.mesh.policy import TenantPolicy
 from outrelay.relay.open_flow import OpenFlow
@@ -208,6 +208,10 @@ class Relay:
                 if self._tcp_server is not None:
                     self._tcp_server.close()
                 raise
+        mesh = self.state.mesh
+        if isinstance(mesh, MemoryMesh) and not mesh.endpoint:
+            bound = self._server.address
+            mesh.advertise(f"{bound[0]}:{bound[1]}")
         if self.config.registry is not None:
             try:
                 await self._join_mesh(self.config.registry, self._server.address)
@@ -233,6 +237,13 @@ class Relay:
             RegistryError: the id is held by a live relay, or etcd is unreachable.
         """
         from outrelay.relay.mesh.etcd import EtcdMesh  # grpc is loaded only for a mesh
+
+        if not options.advertise and bound[0] in ("0.0.0.0", "::", ""):
+            log.warning(
+                "registry: listening on an unspecified address; peer relays cannot dial it: "
+                "set --advertise HOST:PORT",
+                extra=kv(listen=f"{bound[0]}:{bound[1]}"),
+            )
 
         mesh = EtcdMesh(
             options.endpoints,

@@ -390,7 +390,7 @@ class EtcdMesh:
     async def _session(self, client: Any) -> None:
         await client.connect()
         await self._ensure_lease(client)
-        snapshot = await client.get_prefix(self.layout.prefix.encode())
+        snapshot = await self._call(client.get_prefix(self.layout.prefix.encode()))
         revision = int(snapshot.header.revision)
         items = [
             WatchEvent(
@@ -404,8 +404,10 @@ class EtcdMesh:
         ]
         changes = self.cache.load_snapshot(items, revision)
         prefix = self.layout.prefix.encode()
-        watch = await client.watch(
-            prefix, range_end=aetcd.utils.prefix_range_end(prefix), start_revision=revision + 1
+        watch = await self._call(
+            client.watch(
+                prefix, range_end=aetcd.utils.prefix_range_end(prefix), start_revision=revision + 1
+            )
         )
         first = not self._first_sync.is_set()
         self._synced = True
@@ -425,20 +427,25 @@ class EtcdMesh:
             with contextlib.suppress(Exception):
                 await _bounded(watch.cancel(), CLOSE_TIMEOUT)
 
+    async def _call(self, awaitable: Any) -> Any:
+        """One etcd call, bounded (the client's gRPC deadline is the same; this also bounds
+        what the library does around it)."""
+        return await _bounded(awaitable, self._op_timeout + 0.5)
+
     async def _ensure_lease(self, client: Any) -> None:
         if self.publisher.overflowed and self._lease_id is not None:
             log.warning("registry: write queue overflowed; new lease, re-publishing everything")
             with contextlib.suppress(Exception):
-                await client.revoke_lease(self._lease_id)
+                await self._call(client.revoke_lease(self._lease_id))
             self._lease_id = None
         if self._lease_id is not None:
-            reply = await client.refresh_lease(self._lease_id)
+            reply = await self._call(client.refresh_lease(self._lease_id))
             if reply is None or int(reply.TTL) <= _LEASE_LOST_TTL:
                 log.warning("registry: lease expired; re-publishing this relay's rows")
                 self._lease_id = None
         if self._lease_id is not None:
             return
-        lease = await client.lease(self._ttl)
+        lease = await self._call(client.lease(self._ttl))
         lease_id = int(lease.id)
         if not self._claimed:
             await self._claim(client, lease_id)
@@ -452,16 +459,18 @@ class EtcdMesh:
         value = relay_value(RelayRecord(self.relay_id, self.region, self.endpoint))
         deadline = asyncio.get_running_loop().time() + self._ttl + 2
         while True:
-            ok, _ = await client.transaction(
-                compare=[aetcd.transactions.Create(key) == 0],
-                success=[aetcd.transactions.Put(key, value, lease_id)],
-                failure=[],
+            ok, _ = await self._call(
+                client.transaction(
+                    compare=[aetcd.transactions.Create(key) == 0],
+                    success=[aetcd.transactions.Put(key, value, lease_id)],
+                    failure=[],
+                )
             )
             if ok:
                 self._claimed = True
                 return
             if asyncio.get_running_loop().time() > deadline:
-                held = await client.get(key)
+                held = await self._call(client.get(key))
                 holder = bytes(held.value).decode(errors="replace") if held else "?"
                 raise DuplicateRelayId(
                     f"relay id {self.relay_id!r} is held by a live relay ({holder}); "
@@ -479,7 +488,7 @@ class EtcdMesh:
         interval = self._ttl / 3
         while True:
             await asyncio.sleep(interval)
-            reply = await _bounded(client.refresh_lease(self._lease_id), self._op_timeout + 0.5)
+            reply = await self._call(client.refresh_lease(self._lease_id))
             if reply is None or int(reply.TTL) <= _LEASE_LOST_TTL:
                 raise _SessionEnd("lease lost")
 
@@ -494,11 +503,9 @@ class EtcdMesh:
                 continue
             key, value = write
             if value is None:
-                await _bounded(client.delete(key.encode()), self._op_timeout + 0.5)
+                await self._call(client.delete(key.encode()))
             else:
-                await _bounded(
-                    client.put(key.encode(), value, lease=self._lease_id), self._op_timeout + 0.5
-                )
+                await self._call(client.put(key.encode(), value, lease=self._lease_id))
             self.publisher.written(key, value)
 
     def _notify(self, changes: Changes, *, force_policy: bool = False) -> None:

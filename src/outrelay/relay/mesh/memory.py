@@ -5,6 +5,8 @@ it instead of etcd: :class:`MemoryMeshHub` is the shared "registry", and each re
 own :class:`MemoryMesh` view with its relay id, region and endpoint
 (``hub.view(relay_id, region, endpoint)``). Semantics are those of the etcd implementation:
 
+* a view made with ``endpoint=""`` gets the relay's bound address from
+  :meth:`outrelay.relay.Relay.start` (:meth:`MemoryMesh.advertise`);
 * the view's relay record exists from :meth:`MemoryMeshHub.view` until :meth:`MemoryMesh.close`
   (the memory analogue of the relay's lease expiring), and closing drops its bindings and
   halves, as the lease's keys vanish;
@@ -109,6 +111,13 @@ class MemoryMesh:
         self.endpoint = endpoint
         self._half_callbacks: list[Callable[[HalfRecord], None]] = []
         self.closed = False
+
+    def advertise(self, endpoint: str) -> None:
+        """Set this relay's endpoint (``view(..., endpoint="")`` before the port is bound;
+        :meth:`outrelay.relay.Relay.start` calls it with the bound address then)."""
+        self.endpoint = endpoint
+        if not self.closed:
+            self.hub.relays[self.relay_id] = RelayRecord(self.relay_id, self.region, endpoint)
 
     # Reads (cache) ---------------------------------------------------------------------
 
