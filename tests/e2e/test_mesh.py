@@ -83,3 +83,28 @@ def test_forwarded_stream_survives_the_provider_relays_death(
     resumed = [agent.find("session: stream resumed") for agent in (provider, consumer)]
     assert all(resumed), cluster.log_tail(30)
     print(f"longest stall seen by the application: {transfer.longest_gap:.1f}s")
+
+
+@pytest.mark.timeout(240)
+def test_forwarded_stream_survives_the_consumer_relays_death(
+    cluster: Cluster, backends: Backends, pki: DevPki, etcd_cluster: EtcdCluster
+) -> None:
+    """The other way round: r1 (the consumer's relay, which dialled r3) is SIGKILLed; the
+    consumer fails over to r2; r3 resets the provider's stream (its peer stream broke, or
+    it saw the consumer's half in etcd first), and the halves meet through etcd."""
+    r1 = _mesh_relay(cluster, pki, etcd_cluster, "r1")
+    r3 = _mesh_relay(cluster, pki, etcd_cluster, "r3")
+    r2_port = free_udp_port()
+    echo = backends.echo()
+    provider = cluster.start_agent(pki.agent(0), r3, expose={"echo": echo.addr})
+    consumer = cluster.start_agent(pki.agent(1), f"{r1.addr},127.0.0.1:{r2_port}", consume=["echo"])
+    r2 = _mesh_relay(cluster, pki, etcd_cluster, "r2", port=r2_port)
+    transfer = Transfer(consumer.port("echo"), 30 * MiB)
+    transfer.wait_received(0.3, timeout=120)
+    r1.kill()
+    transfer.wait(timeout=180)
+    transfer.check_exact()
+    assert r2.find("stream resumed across relays") or r3.find("stream resumed across relays")
+    resumed = [agent.find("session: stream resumed") for agent in (provider, consumer)]
+    assert all(resumed), cluster.log_tail(30)
+    print(f"longest stall seen by the application: {transfer.longest_gap:.1f}s")

@@ -148,6 +148,7 @@ async def test_a_far_reject_reaches_the_consumer_and_the_pool_survives(pki: Pki)
         consumer = await mesh.agent("r1")
         provider = await mesh.agent("r2")
         await provider.register("svc-a")
+        sibling = await open_pair(consumer, provider, "svc-a", new_sid())
         c = await _open(consumer, "svc-a", new_sid())
         async with asyncio.timeout(WAIT):
             p_stream = await provider.conn.accept_stream()
@@ -159,7 +160,9 @@ async def test_a_far_reject_reaches_the_consumer_and_the_pool_survives(pki: Pki)
         mesh.views["r2"].publish_binding("acme", "svc-ghost", "outrelay://acme/ghost", "")
         reject = await _expect_reject(await _open(consumer, "svc-ghost", new_sid()))
         assert (reject.code, reject.reason) == (404, "service not found")
-        # The pooled connection carried all of it, and carries the next open.
+        # The pooled connection carried all of it: the sibling stream still flows, and the
+        # connection carries the next open.
+        await sibling.exchange(b"still here")
         pair = await open_pair(consumer, provider, "svc-a", new_sid())
         await pair.exchange(b"after rejects")
         peers = mesh.relays["r1"].state.peers

@@ -44,9 +44,10 @@ from outrelay.relay.limits import MAX_CONTROL_FRAME
 from outrelay.relay.mesh import MemoryMesh, Mesh
 from outrelay.relay.mesh.cache import RegistryOptions
 from outrelay.relay.mesh.policy import TenantPolicy
-from outrelay.relay.open_flow import OpenFlow
+from outrelay.relay.open_flow import PROVIDER_ANSWER_TIMEOUT, OpenFlow
 from outrelay.relay.outbox import ControlOutbox
 from outrelay.relay.pairs import Member
+from outrelay.relay.peer_server import PeerServer
 from outrelay.relay.peers import DIAL_TIMEOUT, PeerPool
 from outrelay.relay.plane import ForwardPlane
 from outrelay.relay.policy import PolicyDocument, PolicyService
@@ -135,6 +136,7 @@ class Relay:
         self._control = ControlDispatch(self.state)
         self._open = OpenFlow(self.state, config.required_promotion_timeout)
         self._resume = ResumeFlow(self.state)
+        self._peers = PeerServer(self.state, self._open.decide, PROVIDER_ANSWER_TIMEOUT)
         if config.mesh is not None:
             self._attach_mesh(config.mesh)
         self._verifier = ClientVerifier(load_certificates(config.ca_file))
@@ -283,7 +285,7 @@ class Relay:
             self._on_peer_dialled,
             dial_timeout=config.peer_dial_timeout,
         )
-        self._open.inter.on_peer_resume = self._resume.attach_mesh().serve
+        self._peers.on_peer_resume = self._resume.attach_mesh().serve
 
     @property
     def mesh_ready_reasons(self) -> list[str]:
@@ -366,7 +368,7 @@ class Relay:
         self._spawn(self._handle_connection(conn), "connection")
 
     def _on_peer_dialled(self, relay_id: str, conn: Connection, control: Stream) -> None:
-        self._spawn(self._open.inter.serve_connection(relay_id, conn, control), "peer")
+        self._spawn(self._peers.serve_connection(relay_id, conn, control), "peer")
 
     async def _handle_connection(self, conn: Connection) -> None:
         uri = getattr(conn, "identity", None) or ""
@@ -386,7 +388,7 @@ class Relay:
             # connection, even when several peers present the same certificate.
             link = f"{identity.relay_id}@{remote}"
             try:
-                await self._open.inter.serve_connection(link, conn)
+                await self._peers.serve_connection(link, conn)
             finally:
                 conn.close(0, "")
             return

@@ -187,7 +187,7 @@ class OpenFlow:
     def __init__(self, state: RelayState, required_promotion_timeout: float) -> None:
         self._state = state
         self._required_timeout = required_promotion_timeout
-        self.inter = InterRelay(state, self.decide, PROVIDER_ANSWER_TIMEOUT)
+        self.inter = InterRelay(state)
         """Forwarding to providers on peer relays (spec 02 §10, :mod:`.interrelay`)."""
 
     async def _reject(self, c_stream: Stream, code: int, reason: str) -> None:

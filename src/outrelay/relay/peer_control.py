@@ -3,11 +3,12 @@
 Spec 02 §10 has no control channel between relays, so STREAM_CHECKPOINT and CANDIDATE_*
 cannot reach an agent on another relay. Each connection between two of our relays carries
 one bidirectional stream whose first frame is PEER_CONTROL (no payload), opened by the
-dialling relay (:meth:`~.interrelay.InterRelay.serve_connection`). Control dispatch
-(:mod:`.control`) posts a frame of a pair whose other member is remote to that relay's
-channel (:class:`~.remote.PeerControls`, bounded outbox, never waits); the receiving relay
-delivers it to its local member's control stream (:func:`deliver_from_peer`). The frames
-travel as the agent sent them, byte for byte.
+dialling relay as part of the dial (:mod:`.peers`) and served on both ends
+(:meth:`~.peer_server.PeerServer.serve_connection`). Control dispatch (:mod:`.control`)
+posts a frame of a pair whose other member is remote to that relay's channel
+(:class:`~.remote.PeerControls`, bounded outbox, never waits); the receiving relay delivers
+it to its local member's control stream (:func:`deliver_from_peer`). The frames travel as
+the agent sent them, byte for byte.
 """
 
 from __future__ import annotations

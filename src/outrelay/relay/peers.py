@@ -12,7 +12,7 @@ transport error on the connection itself does, and it drops only that connection
 Each new connection's first stream is its PEER_CONTROL stream (:mod:`.peer_control`),
 opened by the dial itself, so it exists before any forward on the connection; the
 connection and that stream are then handed to ``on_connection`` (the relay serves both,
-:mod:`.interrelay`).
+:mod:`.peer_server`).
 """
 
 from __future__ import annotations
