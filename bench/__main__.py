@@ -18,6 +18,9 @@ Scenarios (``--only`` takes a comma-separated subset; default: all):
                without uvloop, end to end through the relay: bulk, TTFB, resume
   experiments  candidate src changes applied at run time, vs baseline
   profile      py-spy (or cProfile) of consumer, relay and provider under bulk load
+  mesh         many relays on etcd (issue 18): opens/s, TTFB and bulk through a forwarded
+               path (consumer -> r1 -> r2 -> provider) vs one relay, registry resolve
+               time (the mesh cache's lookup), cross-relay failover stall (bench/mesh.py)
 
 Issue 16's targets (thresholds in bench/targets.py) are judged from bulk and
 ttfb and reported with a verdict at the top of results.md and at the end of
@@ -43,7 +46,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from bench import report, scenarios, setups, targets
+from bench import mesh, report, scenarios, setups, targets
 from bench.common import BenchError
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -57,6 +60,7 @@ SCENARIOS = [
     "backends",
     "experiments",
     "profile",
+    "mesh",
 ]
 ALIASES = {"cpu": "bulk", "qh3": "stacks"}
 
@@ -197,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
             "resume": scenarios.run_resume,
             "experiments": scenarios.run_experiments,
             "profile": scenarios.run_profile,
+            "mesh": mesh.run_mesh,
         }
         steps += [
             (name, lambda fn=table[name]: fn(ctx))

@@ -17,7 +17,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from bench import targets
+from bench import mesh, targets
 from bench.common import median, percentile
 
 MIB = 1 << 20
@@ -457,6 +457,7 @@ def markdown(results: dict[str, Any], summary: dict[str, Any], command: str) -> 
             lines += [f"- {share * 100:.1f}% {name}" for name, share in p.get("categories", [])]
             lines += ["", "Top functions (self time):", ""]
             lines += [f"- {share * 100:.1f}% `{name}`" for name, share in p["self"][:10]]
+    lines += mesh.markdown(results)
     lines += ["", "Plots: " + ", ".join(f"`{p}`" for p in results.get("plots", [])), ""]
     return "\n".join(lines)
 
@@ -674,6 +675,7 @@ def headline(results: dict[str, Any], summary: dict[str, Any], command: str) -> 
             f"{sum(bool(r.get('intact')) for r in res['runs'])}/{len(res['runs'])} intact; "
             f"{stalls} | {'met' if intact else '**not met**'} |"
         )
+    lines += mesh.headline(results)
     if bulk:
         lines += ["", "| bulk path | Mbit/s | CPU s/GiB |", "|---|---:|---:|"]
         for row in sorted(bulk.values(), key=lambda r: -r["mbps"] if r["mbps"] == r["mbps"] else 0):

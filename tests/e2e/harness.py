@@ -65,6 +65,7 @@ __all__ = [
     "http_get",
     "read_until_closed",
     "relay_argv",
+    "relay_identity",
     "run_cli",
     "write_policy",
 ]
@@ -194,6 +195,26 @@ def relay_argv(pki: DevPki, listen: str, *extra: str) -> list[str]:
         "--log-level", LOG_LEVEL,
         *extra,
     ]  # fmt: skip
+
+
+# --------------------------------------------------------------------------- relay identities
+
+
+def relay_identity(pki: DevPki, relay_id: str, region: str) -> tuple[Path, Path]:
+    """A relay-role certificate ``outrelay://<region>/relay/<relay_id>`` and its key.
+
+    Issued with ``outrelay pki relay`` from the dev CA (a mesh's relays need distinct ids,
+    and a relay's certificate is also its client certificate towards its peers).
+    """
+    out = pki.dir / "relays" / relay_id
+    done = run_cli(
+        [
+            *OUTRELAY_CMD, "pki", "relay", "--ca-dir", str(pki.dir), "--out", str(out),
+            "--region", region, "--id", relay_id, "--force",
+        ]
+    )  # fmt: skip
+    assert done.returncode == 0, f"outrelay pki relay failed: {done.stderr or done.stdout}"
+    return out / "relay.crt", out / "relay.key"
 
 
 # --------------------------------------------------------------------------- policy
@@ -505,9 +526,15 @@ class Cluster:
         name: str = "relay",
         wait: bool = True,
         host: str = "127.0.0.1",
+        cert: Path | None = None,
+        key: Path | None = None,
     ) -> Relay:
         """Start ``outrelay-relay`` on ``host``:``port`` (a free UDP port if None); wait until
-        listening."""
+        listening.
+
+        ``cert``/``key``: another relay certificate than the dev PKI's ``relay.crt`` (each
+        relay of a mesh has its own id, :func:`relay_identity`).
+        """
         attempts = 1 if port is not None else 3
         for attempt in range(attempts):
             chosen = port if port is not None else free_udp_port(host)
@@ -516,9 +543,9 @@ class Cluster:
                 "--listen",
                 f"{host}:{chosen}",
                 "--cert",
-                str(self.pki.relay_cert),
+                str(cert or self.pki.relay_cert),
                 "--key",
-                str(self.pki.relay_key),
+                str(key or self.pki.relay_key),
                 "--ca",
                 str(self.pki.ca_cert),
                 "--log-format",
