@@ -509,7 +509,8 @@ def markdown(results: dict[str, Any]) -> list[str]:
         lines += [
             "",
             f"Registry resolve (`{res['what']}.remote_providers`, in process, "
-            f"{res['services']:,} services × {res['relays']} relays, {res['lookups']:,} "
+            f"{res['services']:,} services on each of {res['relays'] - 1} other relays, "
+            f"{res['lookups']:,} "
             f"lookups): median **{_f(res['median_us'], 2)} µs**, p99 {_f(res['p99_us'], 2)} µs "
             "per lookup (no etcd round trip: relays resolve from their watched cache).",
         ]
