@@ -2,14 +2,13 @@
 
 A 3-member etcd cluster and three relays (``--registry etcd://...``, each its own relay
 certificate). The consumer's agent is on r1, the provider's on r3: the stream is forwarded
-r1 -> r3 (spec 02 §10 with our extensions). r3 is SIGKILLed mid-transfer: the provider
-fails over to r2 and re-registers, its resume half meets the consumer's (still on r1)
-through etcd, and the application sees every byte exactly once (sha256).
+r1 -> r3 (spec 02 §10 with our extensions). Here the consumer's relay r1 dies (the
+provider's relay dying is in ``test_many_relays``): the consumer fails over to r2, its
+resume half meets the provider's (still on r3) through etcd, and the application sees every
+byte exactly once (sha256).
 """
 
 from __future__ import annotations
-
-import socket
 
 import pytest
 from devpki import DevPki
@@ -44,45 +43,6 @@ def _mesh_relay(
             "2",
         ],
     )
-
-
-@pytest.mark.timeout(240)
-def test_forwarded_stream_survives_the_provider_relays_death(
-    cluster: Cluster, backends: Backends, pki: DevPki, etcd_cluster: EtcdCluster
-) -> None:
-    r1 = _mesh_relay(cluster, pki, etcd_cluster, "r1")
-    r3 = _mesh_relay(cluster, pki, etcd_cluster, "r3")
-    r2_port = free_udp_port()  # r2 starts later: the provider must land on r3 first
-    echo = backends.echo()
-    provider = cluster.start_agent(
-        pki.agent(0), f"{r3.addr},127.0.0.1:{r2_port}", expose={"echo": echo.addr}
-    )
-    r2 = _mesh_relay(cluster, pki, etcd_cluster, "r2", port=r2_port)
-    consumer = cluster.start_agent(pki.agent(1), r1, consume=["echo"])
-    port = consumer.port("echo")
-
-    with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
-        sock.sendall(b"hello through two relays")
-        sock.shutdown(socket.SHUT_WR)
-        got = b""
-        while data := sock.recv(1024):
-            got += data
-    assert got == b"hello through two relays"
-    assert r1.find("peer relay connected"), cluster.log_tail(20)
-
-    transfer = Transfer(port, 50 * MiB)
-    transfer.wait_received(0.3, timeout=120)
-    before = provider.count()
-    r3.kill()
-    transfer.wait(timeout=180)
-    transfer.check_exact()
-    provider.wait_for("service registered", name="echo", since=before)
-    assert r1.find("stream resumed across relays") or r2.find("stream resumed across relays"), (
-        cluster.log_tail(30)
-    )
-    resumed = [agent.find("session: stream resumed") for agent in (provider, consumer)]
-    assert all(resumed), cluster.log_tail(30)
-    print(f"longest stall seen by the application: {transfer.longest_gap:.1f}s")
 
 
 @pytest.mark.timeout(240)
