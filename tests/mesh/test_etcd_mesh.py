@@ -10,27 +10,18 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 import pytest
 from etcd_cluster import EtcdCluster
 
+from mesh.support import wait_until
 from outrelay.relay.mesh import HalfRecord
 from outrelay.relay.mesh.cache import parse_registry_url
 from outrelay.relay.mesh.etcd import DuplicateRelayId, EtcdMesh, EtcdStore, RegistryUnavailable
 from outrelay.relay.policy import PolicyDocument
 
 TTL = 3
-
-
-async def wait_until(pred: Callable[[], bool], within: float, what: str) -> float:
-    """Poll ``pred`` every 10 ms; return the seconds it took; fail after ``within``."""
-    start = time.monotonic()
-    while not pred():
-        if time.monotonic() - start > within:
-            pytest.fail(f"not within {within} s: {what}")
-        await asyncio.sleep(0.01)
-    return time.monotonic() - start
 
 
 class Meshes:

@@ -10,14 +10,12 @@ knows.
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import aetcd.exceptions  # type: ignore[import-untyped]
-import pytest
 
+from mesh.support import wait_until
 from outrelay.relay.mesh.cache import KeyLayout, half_value
 from outrelay.relay.mesh.etcd import EtcdMesh
 
@@ -178,14 +176,6 @@ class FakeClient:
 
     async def delete(self, key: bytes) -> None:
         self.etcd.delete(key)
-
-
-async def wait_until(pred: Callable[[], bool], within: float, what: str) -> None:
-    start = time.monotonic()
-    while not pred():
-        if time.monotonic() - start > within:
-            pytest.fail(f"not within {within} s: {what}")
-        await asyncio.sleep(0.01)
 
 
 L = KeyLayout()

@@ -13,7 +13,7 @@ import json
 import time
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -22,6 +22,7 @@ from e2e.harness import OUTRELAY_CMD, RELAY_CMD, Cluster, child_env, free_tcp_po
 from etcd_cluster import EtcdCluster
 from relay.rawagent import Pki, RawAgent
 
+from mesh.support import wait_until
 from outrelay.relay import Relay, RelayConfig
 from outrelay.relay.mesh.cache import RegistryOptions, parse_registry_url
 from outrelay.relay.mesh.policy import NO_TENANT_POLICY, TenantPolicy
@@ -30,15 +31,6 @@ from outrelay.relay.policy import NO_MATCHING_RULE
 TTL = 3
 
 pytestmark = pytest.mark.e2e
-
-
-async def wait_until(pred: Callable[[], bool], within: float, what: str) -> float:
-    start = time.monotonic()
-    while not pred():
-        if time.monotonic() - start > within:
-            pytest.fail(f"not within {within} s: {what}")
-        await asyncio.sleep(0.01)
-    return time.monotonic() - start
 
 
 class Relays:
