@@ -2,11 +2,34 @@
 
 Every agent dials *out* to a relay over mTLS QUIC (ALPN ``orp/1``); the relay
 splices a consumer's stream to a provider's stream, so no workload needs an
-inbound port. See ``README.md`` and ``../shared/spec`` for the protocol.
+inbound port. The Python API (:mod:`outrelay.api`, re-exported here; blocking helper
+:mod:`outrelay.sync`) reaches and offers services from inside a program.
+See ``README.md`` and ``../shared/spec`` for the protocol.
 """
 
 from __future__ import annotations
 
+from outrelay.api import (
+    Agent,
+    AgentClosed,
+    Handler,
+    Identity,
+    OpenFailed,
+    OpenRejected,
+    OutRelayError,
+    RelayUnreachable,
+)
+
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+__all__ = [
+    "Agent",
+    "AgentClosed",
+    "Handler",
+    "Identity",
+    "OpenFailed",
+    "OpenRejected",
+    "OutRelayError",
+    "RelayUnreachable",
+    "__version__",
+]

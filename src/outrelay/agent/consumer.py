@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from outrelay.agent.bridge import AccessLog, bridge
@@ -105,8 +106,19 @@ async def handle_consumer_connection(
     service: str,
     *,
     mode_wait: float = CONSUMER_MODE_WAIT,
+    on_answer: Callable[[str | StreamRejected | Exception], None] | None = None,
 ) -> None:
-    """Carry one accepted application connection to ``service``."""
+    """Carry one accepted application connection to ``service``.
+
+    ``on_answer`` (the Python API, :mod:`outrelay.api`) is told the open's outcome once:
+    the stream mode (``StreamMode.SPLICE``/``FORWARD``), the relay's
+    :class:`~outrelay.orp.StreamRejected`, or the exception that failed the open.
+    """
+
+    def answer(outcome: str | StreamRejected | Exception) -> None:
+        if on_answer is not None:
+            on_answer(outcome)
+
     accepted_at = time.monotonic()
     peer = f"{local.peername[0]}:{local.peername[1]}" if local.peername else "?"
     access = AccessLog("consumer", service, session.link_address or "", "app", stats=session.stats)
@@ -115,6 +127,7 @@ async def handle_consumer_connection(
     except (NotConnected, TransportError) as exc:
         log.warning("session dial", extra=kv(svc=service, err=str(exc)))
         access.failed(str(exc))
+        answer(exc)
         local.abort()
         return
     access.stream_id = sid
@@ -140,6 +153,7 @@ async def handle_consumer_connection(
                 "stream lost before the relay answered", extra=kv(svc=service, err=str(exc))
             )
             access.failed(f"lost before the relay answered: {exc}")
+            answer(exc)
             stream.abort()
             local.abort()
             return
@@ -150,6 +164,7 @@ async def handle_consumer_connection(
                 await pump
                 access.pipelined = len(pipelined)
         hop("c_answer", sid, verdict=str(verdict), early=len(prefix), pipelined=len(pipelined))
+        answer(verdict)
         if isinstance(verdict, StreamRejected):
             log.warning(
                 "stream rejected",

@@ -285,7 +285,7 @@ class RelaySession:
                 # (spec 03 §2.2 [REC]).
                 helpers.append(tg.create_task(self._ping_loop(link)))
             try:
-                for name, target in self.config.services.items():
+                for name, target in list(self.config.services.items()):
                     service_id = await self._register(link, name, target)
                     log.info(
                         "service registered",
@@ -337,6 +337,22 @@ class RelaySession:
                 await link.ctrl.send(FrameType.PING)
             except TransportError:
                 return
+
+    async def add_service(self, name: str, target: str) -> None:
+        """Expose ``name`` -> ``target`` from now on (the Python API's ``serve``/``expose``).
+
+        The service joins :attr:`SessionConfig.services`, so every later link registers it
+        too; if a link is up it is registered there at once (spec 03 §3.3).
+
+        Raises:
+            TimeoutError: no REGISTER_ACK within ``register_timeout`` (the relay refused).
+            TransportError: the link failed during the registration (the next link
+                registers the service again).
+        """
+        self.config.services[name] = target
+        link = self._link
+        if link is not None and not link.conn.is_closed:
+            await self._register(link, name, target)
 
     async def _register(self, link: Link, name: str, target: str) -> str:
         token = self._control.register()
