@@ -234,3 +234,20 @@ def test_sync_helper(cluster: Cluster, backends: Backends, api_identity: outrela
         s2.sendall(b"again")
         assert s2.recv(5) == b"again"
         s2.close()
+
+
+async def test_writer_close_mid_transfer_is_an_application_close(
+    cluster: Cluster, backends: Backends, api_identity: outrelay.Identity
+) -> None:
+    """As with the sidecar: closing while bytes still flow resets with APPLICATION_CLOSED."""
+    relay = cluster.start_relay()
+    _provider(cluster, backends, relay)
+    provider = next(p for p in cluster.procs if p.name == "provider")
+    async with outrelay.Agent(relays=[relay.addr], identity=api_identity) as agent:
+        reader, writer = await agent.open_connection("echo")
+        writer.write(os.urandom(1 * MiB))
+        await writer.drain()
+        await asyncio.wait_for(reader.readexactly(1000), STEP)  # echo is flowing, unread
+        writer.close()
+        rec = await asyncio.to_thread(provider.wait_for, "stream", svc="echo", timeout=STEP)
+    assert rec["outcome"] == "reset_by_peer_application_closed", rec
