@@ -21,6 +21,8 @@ Scenarios (``--only`` takes a comma-separated subset; default: all):
   mesh         many relays on etcd (issue 18): opens/s, TTFB and bulk through a forwarded
                path (consumer -> r1 -> r2 -> provider) vs one relay, registry resolve
                time (the mesh cache's lookup), cross-relay failover stall (bench/mesh.py)
+  api          the Python API (issue 19): fresh open_connection + 1-byte echo, median/p90,
+               against the sidecar consumer in the same run (bench/api.py)
 
 Issue 16's targets (thresholds in bench/targets.py) are judged from bulk and
 ttfb and reported with a verdict at the top of results.md and at the end of
@@ -46,7 +48,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from bench import mesh, report, scenarios, setups, targets
+from bench import api, mesh, report, scenarios, setups, targets
 from bench.common import BenchError
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -61,6 +63,7 @@ SCENARIOS = [
     "experiments",
     "profile",
     "mesh",
+    "api",
 ]
 ALIASES = {"cpu": "bulk", "qh3": "stacks"}
 
@@ -202,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
             "experiments": scenarios.run_experiments,
             "profile": scenarios.run_profile,
             "mesh": mesh.run_mesh,
+            "api": api.run_api,
         }
         steps += [
             (name, lambda fn=table[name]: fn(ctx))
