@@ -44,8 +44,8 @@ from typing import Any
 from outrelay.agent.agent import Agent as _SidecarAgent
 from outrelay.agent.agent import AgentConfig
 from outrelay.agent.consumer import CONSUMER_MODE_WAIT, handle_consumer_connection
-from outrelay.agent.dial import SessionConfig
-from outrelay.agent.provider import split_host_port
+from outrelay.agent.session import OPEN_TIMEOUT, SessionConfig
+from outrelay.cliutil import parse_host_port
 from outrelay.observe import kv
 from outrelay.orp import StreamRejected
 from outrelay.pki import first_uri_san, load_certificates
@@ -144,10 +144,7 @@ class Identity:
 
 
 def _parse_relay(text: str) -> tuple[str, int]:
-    try:
-        return split_host_port(text)
-    except ValueError as exc:
-        raise ValueError(f"relay address {text!r}: {exc}") from exc
+    return parse_host_port(text, what="relay address", port_zero=False)
 
 
 @dataclass
@@ -355,12 +352,15 @@ class Agent:
         task = loop.create_task(carry(), name=f"api-open-{service}")
         self._streams.add(task)
         task.add_done_callback(self._streams.discard)
+        bound = OPEN_TIMEOUT + CONSUMER_MODE_WAIT + OPEN_ANSWER_MARGIN
         try:
-            async with asyncio.timeout(CONSUMER_MODE_WAIT + OPEN_ANSWER_MARGIN):
+            async with asyncio.timeout(bound):
                 answer = await asyncio.shield(outcome)
-        except BaseException:
+        except BaseException as exc:
             theirs.close()
             task.cancel()
+            if isinstance(exc, TimeoutError):
+                raise OpenFailed(f"open {service!r}: no answer within {bound:g}s") from exc
             raise
         if isinstance(answer, StreamRejected):
             theirs.close()
@@ -379,8 +379,13 @@ class Agent:
 
         Returns once the relay acknowledged the registration (REGISTER_ACK); the
         service stays exposed (re-registered on every reconnect) until :meth:`close`.
-        The handler's ``writer.close()`` ends the stream (the consumer reads EOF);
-        ``write_eof()`` half-closes. An exception in the handler aborts that stream.
+        The handler's ``writer.close()`` (or returning) ends the stream (the consumer
+        reads EOF); ``write_eof()`` half-closes. An exception in the handler is logged
+        (logger ``outrelay.api``) and aborts that stream (the consumer sees a reset).
+
+        The agent reaches the handler through a listener on 127.0.0.1 (an ephemeral
+        port): a local process that finds the port can connect to it too, without mTLS.
+        Use :meth:`expose` with your own access control where that matters.
 
         Raises:
             OutRelayError: the relay refused the registration.
@@ -401,8 +406,8 @@ class Agent:
             except asyncio.CancelledError:
                 writer.transport.abort()
             except Exception:
+                log.exception("serve: handler failed; stream aborted", extra=kv(svc=service))
                 writer.transport.abort()
-                raise
             finally:
                 served.tasks.discard(task)
                 writer.close()
@@ -425,7 +430,7 @@ class Agent:
             AgentClosed: the agent is not running.
         """
         self._running()
-        split_host_port(target)
+        parse_host_port(target, what="expose target", port_zero=False)
         if service in self._served:
             raise ValueError(f"service {service!r} is already exposed")
         self._served[service] = _Served()

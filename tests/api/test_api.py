@@ -251,3 +251,38 @@ async def test_writer_close_mid_transfer_is_an_application_close(
         writer.close()
         rec = await asyncio.to_thread(provider.wait_for, "stream", svc="echo", timeout=STEP)
     assert rec["outcome"] == "reset_by_peer_application_closed", rec
+
+
+async def test_a_failing_handler_aborts_only_its_stream(
+    cluster: Cluster, api_identity: outrelay.Identity
+) -> None:
+    relay = cluster.start_relay()
+    calls: list[bytes] = []
+
+    async def picky(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        data = await reader.read()
+        calls.append(data)
+        if data == b"boom":
+            raise RuntimeError("handler failed")
+        writer.write(b"ok:" + data)
+
+    async with outrelay.Agent(relays=[relay.addr], identity=api_identity) as agent:
+        await agent.serve("picky", picky)
+        consumer = await asyncio.to_thread(
+            cluster.start_agent, cluster.pki.agent(0), relay, name="consumer", consume=["picky"]
+        )
+        port = consumer.port("picky")
+        try:
+            failed = await asyncio.to_thread(_tcp_roundtrip, port, b"boom")
+        except ConnectionError:
+            failed = b""
+        assert failed == b""
+        assert await asyncio.to_thread(_tcp_roundtrip, port, b"fine") == b"ok:fine"
+    assert calls == [b"boom", b"fine"]
+
+
+async def test_bad_addresses_are_value_errors(api_identity: outrelay.Identity) -> None:
+    with pytest.raises(ValueError):
+        outrelay.Agent(relays=["no-port"], identity=api_identity)
+    with pytest.raises(ValueError):
+        outrelay.Agent(relays=[], identity=api_identity)

@@ -79,6 +79,7 @@ if TYPE_CHECKING:
     from outrelay.transport import SharedUdpEndpoint
 
 __all__ = [
+    "OPEN_TIMEOUT",
     "NotConnected",
     "P2PHooks",
     "RelayRefused",
