@@ -9,16 +9,19 @@ See ``README.md`` and ``../shared/spec`` for the protocol.
 
 from __future__ import annotations
 
-from outrelay.api import (
-    Agent,
-    AgentClosed,
-    Handler,
-    Identity,
-    OpenFailed,
-    OpenRejected,
-    OutRelayError,
-    RelayUnreachable,
-)
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from outrelay.api import (
+        Agent,
+        AgentClosed,
+        Handler,
+        Identity,
+        OpenFailed,
+        OpenRejected,
+        OutRelayError,
+        RelayUnreachable,
+    )
 
 __version__ = "0.1.0"
 
@@ -33,3 +36,13 @@ __all__ = [
     "RelayUnreachable",
     "__version__",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """The API names load :mod:`outrelay.api` on first use (PEP 562), so the relay and
+    the CLIs, which never use it, do not import the agent stack for it."""
+    if name in __all__ and name != "__version__":
+        from outrelay import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'outrelay' has no attribute {name!r}")
