@@ -34,7 +34,7 @@ from outrelay.agent.session import NotConnected, RelaySession, StreamMode
 from outrelay.observe import hop, hop_marks, kv
 from outrelay.orp import StreamRejected, classify_open_answer
 from outrelay.splice import copy_until
-from outrelay.transport import SocketStream, Stream, TransportError
+from outrelay.transport import Stream, TransportError
 
 __all__ = ["CONSUMER_MODE_WAIT", "handle_consumer_connection"]
 
@@ -101,14 +101,15 @@ async def _await_answer(
 
 async def handle_consumer_connection(
     session: RelaySession,
-    local: SocketStream,
+    local: Stream,
     service: str,
     *,
     mode_wait: float = CONSUMER_MODE_WAIT,
 ) -> None:
     """Carry one accepted application connection to ``service``."""
     accepted_at = time.monotonic()
-    peer = f"{local.peername[0]}:{local.peername[1]}" if local.peername else "?"
+    peername = getattr(local, "peername", None)  # a SocketStream's or a UDP flow's
+    peer = f"{peername[0]}:{peername[1]}" if peername else "?"
     access = AccessLog("consumer", service, session.link_address or "", "app", stats=session.stats)
     try:
         stream, sid, mode, may_pipeline = await session.open_stream(service)
