@@ -21,6 +21,8 @@ Scenarios (``--only`` takes a comma-separated subset; default: all):
   mesh         many relays on etcd (issue 18): opens/s, TTFB and bulk through a forwarded
                path (consumer -> r1 -> r2 -> provider) vs one relay, registry resolve
                time (the mesh cache's lookup), cross-relay failover stall (bench/mesh.py)
+  udp          UDP services (issue 19): packets/s delivered and loss at rising offered
+               rates, over QUIC and the TLS+yamux fallback (bench/udp.py)
 
 Issue 16's targets (thresholds in bench/targets.py) are judged from bulk and
 ttfb and reported with a verdict at the top of results.md and at the end of
@@ -46,7 +48,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from bench import mesh, report, scenarios, setups, targets
+from bench import mesh, report, scenarios, setups, targets, udp
 from bench.common import BenchError
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -61,6 +63,7 @@ SCENARIOS = [
     "experiments",
     "profile",
     "mesh",
+    "udp",
 ]
 ALIASES = {"cpu": "bulk", "qh3": "stacks"}
 
@@ -202,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
             "experiments": scenarios.run_experiments,
             "profile": scenarios.run_profile,
             "mesh": mesh.run_mesh,
+            "udp": udp.run_udp,
         }
         steps += [
             (name, lambda fn=table[name]: fn(ctx))
