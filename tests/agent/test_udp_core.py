@@ -104,3 +104,15 @@ async def test_datagram_stream_frames_both_ways_and_drops_when_full() -> None:
     stream.abort()
     with pytest.raises(ClosedResourceError):
         await stream.send_all(b"\x00\x00")
+
+
+async def test_datagram_stream_queue_is_bounded_in_bytes_too() -> None:
+    drops = UdpDrops()
+    stream = DatagramStream(lambda _: None, drops, queue_max=1000)
+    for _ in range(10):
+        stream.deliver(b"x" * 60_000)
+    assert drops.by_reason["queue_full"] == 6  # 4 x 60,000 fit in 256 KiB
+    got = await stream.receive_some(10 * 65536)
+    assert len(got) == 4 * 60_002
+    stream.deliver(b"x" * 60_000)  # room again once drained
+    assert drops.by_reason["queue_full"] == 6

@@ -17,6 +17,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import socket
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -38,12 +39,25 @@ log = logging.getLogger("outrelay.agent.udp")
 
 DATAGRAM_QUEUE = 512
 """Datagrams queued per flow towards the relay stream; beyond this they are dropped."""
+QUEUE_BYTES = 256 * 1024
+"""Payload bytes queued per flow, at most (large datagrams reach it before the count):
+with ``MAX_FLOWS`` flows the queues hold at most 256 MiB however hard the flood."""
 FLOW_IDLE = 60.0
 """Seconds without a datagram either way before a flow (and its stream) ends."""
 MAX_FLOWS = 1024
 """Flows per ``--consume-udp`` socket; a new client beyond this is dropped."""
 SEND_BUFFER_MAX = 256 * 1024
 """Bytes the kernel refused that asyncio may hold per UDP socket before we drop."""
+SOCKET_RCVBUF = 1 << 20
+"""SO_RCVBUF asked for each UDP socket (the kernel caps it at ``net.core.rmem_max``):
+asyncio reads one datagram per readiness event, so bursts wait in the kernel."""
+
+
+def _enlarge_rcvbuf(transport: asyncio.DatagramTransport) -> None:
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_RCVBUF)
 
 
 def _buffered(transport: asyncio.DatagramTransport) -> int:
@@ -81,6 +95,7 @@ class DatagramStream(Stream):
         self._send = send
         self._drops = drops
         self._queue: collections.deque[bytes] = collections.deque()
+        self._queued = 0
         self._queue_max = queue_max
         self._deframer = DatagramDeframer()
         self._wake = asyncio.Event()
@@ -97,10 +112,11 @@ class DatagramStream(Stream):
         if self._input_closed:
             self._drops.drop("closed")
             return
-        if len(self._queue) >= self._queue_max:
+        if len(self._queue) >= self._queue_max or self._queued + len(datagram) > QUEUE_BYTES:
             self._drops.drop("queue_full")
             return
         self._queue.append(datagram)
+        self._queued += len(datagram)
         self._wake.set()
 
     def close_input(self) -> None:
@@ -120,8 +136,10 @@ class DatagramStream(Stream):
             await self._wake.wait()
         out = bytearray()
         while self._queue and (not out or len(out) + 2 + len(self._queue[0]) <= max_bytes):
+            datagram = self._queue.popleft()
+            self._queued -= len(datagram)
             try:
-                out += frame_datagram(self._queue.popleft())
+                out += frame_datagram(datagram)
             except FramingError:  # pragma: no cover - UDP payloads fit in 65535
                 self._drops.drop("too_large")
         if self._on_activity is not None:
@@ -145,6 +163,7 @@ class DatagramStream(Stream):
         self._closed = True
         self._input_closed = True
         self._queue.clear()
+        self._queued = 0
         self._wake.set()
 
     async def aclose(self) -> None:
@@ -193,6 +212,7 @@ async def open_udp_backend(host: str, port: int, drops: UdpDrops) -> DatagramStr
     transport, protocol = await loop.create_datagram_endpoint(
         _BackendProtocol, remote_addr=(host, port)
     )
+    _enlarge_rcvbuf(transport)
 
     def send(datagram: bytes) -> None:
         if transport.is_closing():
@@ -262,6 +282,7 @@ class UdpConsumer:
             lambda: _ConsumerProtocol(self), local_addr=(host or "0.0.0.0", port)
         )
         self._transport = transport
+        _enlarge_rcvbuf(transport)
         sock = transport.get_extra_info("sockname")
         self.bound = (str(sock[0]), int(sock[1]))
         self._sweeper = loop.create_task(self._sweep(), name=f"udp-sweep-{self.service}")
