@@ -9,12 +9,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from outrelay.agent.udp import (
+    CTRL_DATAGRAMS_REACH_ME,
     MAX_DATAGRAM,
     DatagramDeframer,
     DatagramStream,
     FlowTable,
     FramingError,
     UdpDrops,
+    control_frame,
     frame_datagram,
 )
 from outrelay.transport import ClosedResourceError
@@ -116,3 +118,12 @@ async def test_datagram_stream_queue_is_bounded_in_bytes_too() -> None:
     assert len(got) == 4 * 60_002
     stream.deliver(b"x" * 60_000)  # room again once drained
     assert drops.by_reason["queue_full"] == 6
+
+
+def test_deframer_separates_control_messages() -> None:
+    deframer = DatagramDeframer()
+    wire = frame_datagram(b"a") + control_frame(CTRL_DATAGRAMS_REACH_ME) + frame_datagram(b"b")
+    assert deframer.feed(wire[:4]) == [b"a"]  # the control frame is incomplete
+    assert deframer.controls == []
+    assert deframer.feed(wire[4:]) == [b"b"]
+    assert deframer.controls == [CTRL_DATAGRAMS_REACH_ME]

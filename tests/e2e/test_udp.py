@@ -187,6 +187,30 @@ def test_udp_echo_two_clients(cluster: Cluster, echo: UdpServer, transport: str)
     assert pair.metric("outrelay_udp_flows", service="uecho") == 2
     assert pair.provider.find("udp flow opened") == []  # consumer-side log only
     assert len(pair.consumer.find("udp flow opened", svc="uecho")) == 2
+    # Over QUIC both agents moved both flows to DATAGRAM frames (RFC 9221) through the
+    # relay; over TLS+yamux they stay on their streams.
+    for agent in (pair.consumer, pair.provider):
+        if transport == "quic":
+            agent.wait_for("udp flow: QUIC datagrams on", timeout=WAIT)
+            deadline = time.monotonic() + WAIT
+            while len(agent.find("udp flow: QUIC datagrams on")) < 2:
+                assert time.monotonic() < deadline, agent.tail(30)
+                time.sleep(0.1)
+        else:
+            assert agent.find("udp flow: QUIC datagrams on") == []
+    quic_sent = pair.metric("outrelay_udp_quic_datagrams_total", direction="sent")
+    if transport == "quic":
+        # Once switched, a datagram from the client goes as a DATAGRAM frame.
+        c = _client()
+        try:
+            for i in range(5):
+                assert _ask(c, port, b"dgram-%d" % i) == b"dgram-%d" % i
+        finally:
+            c.close()
+        assert pair.metric("outrelay_udp_quic_datagrams_total", direction="sent") > quic_sent
+        assert pair.metric("outrelay_udp_quic_datagrams_total", direction="received") > 0
+    else:
+        assert quic_sent == 0
 
 
 def test_dig_through_a_consumed_dns_service(cluster: Cluster) -> None:

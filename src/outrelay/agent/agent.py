@@ -21,7 +21,14 @@ from outrelay.agent.intercept import InterceptError, TproxyConfig, TransparentCa
 from outrelay.agent.p2p.promote import P2PConfig, P2PService
 from outrelay.agent.provider import PROVIDER_MODE_WAIT, handle_incoming_stream, split_host_port
 from outrelay.agent.session import RelayRefused, RelaySession, SessionConfig
-from outrelay.agent.udp import FLOW_IDLE, MAX_FLOWS, DatagramStream, UdpConsumer, UdpDrops
+from outrelay.agent.udp import (
+    FLOW_IDLE,
+    MAX_FLOWS,
+    DatagramRouter,
+    DatagramStream,
+    UdpConsumer,
+    UdpDrops,
+)
 from outrelay.observe import kv
 from outrelay.transport import SocketStream, Stream
 
@@ -95,6 +102,9 @@ class Agent:
         """Datagrams dropped by either role, by reason (``/metrics``)."""
         self.udp_consumers: list[UdpConsumer] = []
         """One per ``--consume-udp``, once bound."""
+        self.udp_router = DatagramRouter(self.session)
+        """UDP flows' QUIC DATAGRAM frames, by relay stream id."""
+        self.session.datagram_handler = self.udp_router.received_datagram
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -179,6 +189,7 @@ class Agent:
                 self.udp_drops,
                 idle_timeout=self.config.udp_idle,
                 max_flows=self.config.udp_max_flows,
+                router=self.udp_router,
             )
             try:
                 host, port = split_host_port(bind)
@@ -287,6 +298,7 @@ class Agent:
                 mode_wait=self.config.provider_mode_wait,
                 udp_services=self.config.udp_services,
                 udp_drops=self.udp_drops,
+                udp_router=self.udp_router,
             ),
             "incoming",
         )

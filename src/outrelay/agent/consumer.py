@@ -31,6 +31,7 @@ from outrelay.agent.bridge import AccessLog, bridge
 from outrelay.agent.forward import run_forward_consumer
 from outrelay.agent.resumable import ResumableStream
 from outrelay.agent.session import NotConnected, RelaySession, StreamMode
+from outrelay.agent.udp import DatagramStream
 from outrelay.observe import hop, hop_marks, kv
 from outrelay.orp import StreamRejected, classify_open_answer
 from outrelay.splice import copy_until
@@ -179,6 +180,8 @@ async def handle_consumer_connection(
             )
             return
         relay_stream = session.wrap(sid, stream, prefix, sent=bytes(pipelined))
+        if isinstance(local, DatagramStream):
+            local.attach(sid)  # a UDP flow: QUIC DATAGRAM frames beside the stream
         marks = hop_marks(sid, "c_up_first", "c_down_first")
         live = access.live()
         try:

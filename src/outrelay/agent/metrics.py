@@ -175,6 +175,14 @@ def _udp_metrics(agent: Agent) -> Iterator[Metric]:
         ["reason"],
         (([r], n) for r, n in sorted(agent.udp_drops.by_reason.items())),
     )
+    router = agent.udp_router
+    yield labelled(
+        CounterMetricFamily,
+        "outrelay_udp_quic_datagrams",
+        "UDP payloads carried as QUIC DATAGRAM frames through the relay (RFC 9221)",
+        ["direction"],
+        [(["sent"], router.sent), (["received"], router.received)],
+    )
 
 
 def readiness_of(agent: Agent) -> list[str]:

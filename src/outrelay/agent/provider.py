@@ -20,7 +20,7 @@ from typing import Any
 from outrelay.agent.bridge import AccessLog, bridge
 from outrelay.agent.forward import run_forward_provider
 from outrelay.agent.session import RelaySession, StreamMode
-from outrelay.agent.udp import UdpDrops, open_udp_backend
+from outrelay.agent.udp import DatagramRouter, DatagramStream, UdpDrops, open_udp_backend
 from outrelay.observe import hop, hop_marks, kv
 from outrelay.orp import (
     FrameType,
@@ -85,6 +85,7 @@ async def handle_incoming_stream(
     mode_wait: float = PROVIDER_MODE_WAIT,
     udp_services: frozenset[str] = frozenset(),
     udp_drops: UdpDrops | None = None,
+    udp_router: DatagramRouter | None = None,
 ) -> None:
     """Serve one relay-opened stream.
 
@@ -125,7 +126,7 @@ async def handle_incoming_stream(
         host, port = split_host_port(target)
         backend: Stream
         if service in udp_services:
-            backend = await open_udp_backend(host, port, udp_drops or UdpDrops())
+            backend = await open_udp_backend(host, port, udp_drops or UdpDrops(), udp_router)
         else:
             backend = await open_tcp(host, port, connect_timeout=BACKEND_DIAL_TIMEOUT)
     except (OSError, TimeoutError, ValueError) as exc:
@@ -181,6 +182,8 @@ async def handle_incoming_stream(
         prefix = reader.take_leftover() + early
         log.debug("bridging", extra=kv(**fields, target=target))
         relay_stream = session.wrap(sid, stream, prefix, peer_uri=incoming.source_agent_uri)
+        if isinstance(backend, DatagramStream):
+            backend.attach(sid)  # a UDP flow: QUIC DATAGRAM frames beside the stream
         live = access.live()
         try:
             result = await bridge(

@@ -4,16 +4,20 @@ Sans-IO framing and flow table in :mod:`.core`, asyncio sockets in :mod:`.shell`
 """
 
 from outrelay.agent.udp.core import (
+    CTRL_DATAGRAMS_REACH_ME,
     MAX_DATAGRAM,
     DatagramDeframer,
     FlowTable,
     FramingError,
+    control_frame,
     frame_datagram,
 )
 from outrelay.agent.udp.shell import (
     DATAGRAM_QUEUE,
     FLOW_IDLE,
     MAX_FLOWS,
+    DatagramLink,
+    DatagramRouter,
     DatagramStream,
     UdpConsumer,
     UdpDrops,
@@ -21,16 +25,20 @@ from outrelay.agent.udp.shell import (
 )
 
 __all__ = [
+    "CTRL_DATAGRAMS_REACH_ME",
     "DATAGRAM_QUEUE",
     "FLOW_IDLE",
     "MAX_DATAGRAM",
     "MAX_FLOWS",
     "DatagramDeframer",
+    "DatagramLink",
+    "DatagramRouter",
     "DatagramStream",
     "FlowTable",
     "FramingError",
     "UdpConsumer",
     "UdpDrops",
+    "control_frame",
     "frame_datagram",
     "open_udp_backend",
 ]

@@ -18,15 +18,30 @@ from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 __all__ = [
+    "CONTROL",
+    "CTRL_DATAGRAMS_REACH_ME",
+    "DGRAM_HEADER",
+    "KIND_DATA",
+    "KIND_PROBE",
     "MAX_DATAGRAM",
     "DatagramDeframer",
     "FlowTable",
     "FramingError",
+    "control_frame",
     "frame_datagram",
 ]
 
-MAX_DATAGRAM = 65535
-"""The largest payload a 2-byte length carries (and a UDP datagram can hold)."""
+MAX_DATAGRAM = 65527
+"""The largest UDP payload (65,535 minus the 8-byte UDP header)."""
+CONTROL = 0xFFFF
+"""A length no datagram has: a 1-byte control message follows (between our agents)."""
+CTRL_DATAGRAMS_REACH_ME = 1
+"""Control: "your QUIC DATAGRAM probes for this stream reach me" (send data that way)."""
+DGRAM_HEADER = struct.Struct("!QB")
+"""QUIC DATAGRAM frame payload: the relay stream id (the relay routes on it by its pair
+table), a kind (:data:`KIND_DATA` or :data:`KIND_PROBE`), then the UDP payload."""
+KIND_DATA = 0
+KIND_PROBE = 1
 
 _LEN = struct.Struct("!H")
 
@@ -46,6 +61,11 @@ def frame_datagram(payload: bytes | bytearray | memoryview) -> bytes:
     return _LEN.pack(len(payload)) + bytes(payload)
 
 
+def control_frame(kind: int) -> bytes:
+    """An in-band control message (:data:`CONTROL` then one byte)."""
+    return _LEN.pack(CONTROL) + bytes([kind])
+
+
 class DatagramDeframer:
     """Split a byte stream back into datagrams (the reverse of :func:`frame_datagram`).
 
@@ -54,6 +74,8 @@ class DatagramDeframer:
 
     def __init__(self) -> None:
         self._buf = bytearray()
+        self.controls: list[int] = []
+        """Control messages seen (:func:`control_frame`), oldest first; the caller empties it."""
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[bytes]:
         """Add stream bytes; return every datagram now complete, in order."""
@@ -63,6 +85,12 @@ class DatagramDeframer:
         buf = self._buf
         while len(buf) - pos >= 2:
             (size,) = _LEN.unpack_from(buf, pos)
+            if size == CONTROL:
+                if len(buf) - pos < 3:
+                    break
+                self.controls.append(buf[pos + 2])
+                pos += 3
+                continue
             if len(buf) - pos - 2 < size:
                 break
             out.append(bytes(buf[pos + 2 : pos + 2 + size]))

@@ -19,9 +19,19 @@ import contextlib
 import logging
 import socket
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, Protocol
 
-from outrelay.agent.udp.core import DatagramDeframer, FlowTable, FramingError, frame_datagram
+from outrelay.agent.udp.core import (
+    CTRL_DATAGRAMS_REACH_ME,
+    DGRAM_HEADER,
+    KIND_DATA,
+    KIND_PROBE,
+    DatagramDeframer,
+    FlowTable,
+    FramingError,
+    control_frame,
+    frame_datagram,
+)
 from outrelay.observe import kv
 from outrelay.transport import ClosedResourceError, Stream
 
@@ -29,6 +39,8 @@ __all__ = [
     "DATAGRAM_QUEUE",
     "FLOW_IDLE",
     "MAX_FLOWS",
+    "DatagramLink",
+    "DatagramRouter",
     "DatagramStream",
     "UdpConsumer",
     "UdpDrops",
@@ -76,6 +88,59 @@ class UdpDrops:
         self.by_reason[reason] += n
 
 
+PROBE_INTERVAL = 0.5
+PROBES = 8
+"""QUIC DATAGRAM probes sent per flow (one per ``PROBE_INTERVAL``) until the peer says
+they reach it; without an answer the flow stays on its stream."""
+
+
+class DatagramLink(Protocol):
+    """What a flow needs of the relay session for QUIC DATAGRAM frames."""
+
+    @property
+    def link_generation(self) -> int: ...
+
+    def send_datagram(self, data: bytes) -> bool: ...
+
+
+class DatagramRouter:
+    """QUIC DATAGRAM frames of the relay link <-> flows, by relay stream id.
+
+    Our relay forwards a DATAGRAM frame from one agent to the other agent of the
+    stream's pair (``relay.control``); a reference relay, the TLS+yamux fallback or a
+    pair across relays drops it, and the flow then stays on its stream.
+    """
+
+    def __init__(self, link: DatagramLink) -> None:
+        self.link = link
+        self._flows: dict[int, DatagramStream] = {}
+        self.received = 0
+        self.sent = 0
+
+    def register(self, sid: int, flow: DatagramStream) -> None:
+        self._flows[sid] = flow
+
+    def unregister(self, sid: int, flow: DatagramStream) -> None:
+        if self._flows.get(sid) is flow:
+            del self._flows[sid]
+
+    def send(self, sid: int, kind: int, payload: bytes) -> bool:
+        ok = self.link.send_datagram(DGRAM_HEADER.pack(sid, kind) + payload)
+        if ok and kind == KIND_DATA:
+            self.sent += 1
+        return ok
+
+    def received_datagram(self, data: bytes) -> None:
+        """From the relay link (``RelaySession.datagram_handler``)."""
+        if len(data) < DGRAM_HEADER.size:
+            return
+        sid, kind = DGRAM_HEADER.unpack_from(data)
+        flow = self._flows.get(sid)
+        if flow is not None:
+            self.received += kind == KIND_DATA
+            flow.on_link_datagram(kind, data[DGRAM_HEADER.size :])
+
+
 class DatagramStream(Stream):
     """One UDP flow as a stream of length-prefixed datagrams.
 
@@ -91,6 +156,7 @@ class DatagramStream(Stream):
         queue_max: int = DATAGRAM_QUEUE,
         peername: tuple[str, int] | None = None,
         on_activity: Callable[[], None] | None = None,
+        router: DatagramRouter | None = None,
     ) -> None:
         self._send = send
         self._drops = drops
@@ -104,6 +170,72 @@ class DatagramStream(Stream):
         self._on_activity = on_activity
         self.peername = peername
         self.stream_id = -1
+        self._router_offered = router
+        self._router: DatagramRouter | None = None
+        self._sid = 0
+        self._direct_gen: int | None = None
+        """The link generation on which the peer said our probes reach it."""
+        self._ack_due = False
+        self._probes_left = 0
+        self._probe_timer: asyncio.TimerHandle | None = None
+
+    # -- QUIC DATAGRAM frames ---------------------------------------------------------
+
+    def attach(self, sid: int) -> None:
+        """The flow's relay stream (splice mode) is ``sid``: try QUIC DATAGRAM frames
+        beside it, if the flow was given a router."""
+        router = self._router_offered
+        if router is None or sid == 0 or self._closed:
+            return
+        self._router, self._sid = router, sid
+        router.register(sid, self)
+        self._probes_left = PROBES
+        self._probe()
+
+    def _probe(self) -> None:
+        self._probe_timer = None
+        router = self._router
+        if router is None or self._input_closed or self._direct_gen is not None:
+            return
+        if self._probes_left <= 0:
+            return
+        self._probes_left -= 1
+        router.send(self._sid, KIND_PROBE, b"")
+        self._probe_timer = asyncio.get_running_loop().call_later(PROBE_INTERVAL, self._probe)
+
+    def on_link_datagram(self, kind: int, payload: bytes) -> None:
+        """A DATAGRAM frame for this flow from the peer agent, via the relay."""
+        if kind == KIND_PROBE:
+            if not self._input_closed:
+                self._ack_due = True  # answered in-band, on the stream
+                self._wake.set()
+                if self._direct_gen is None and self._probes_left > 0:
+                    # The peer's path works now: probe ours at once rather than at the
+                    # next tick (its first probes may have come before our attach).
+                    if self._probe_timer is not None:
+                        self._probe_timer.cancel()
+                    self._probe()
+        elif kind == KIND_DATA and not self._closed:
+            self._send(payload)
+            if self._on_activity is not None:
+                self._on_activity()
+
+    def _send_direct(self, datagram: bytes) -> bool:
+        router, gen = self._router, self._direct_gen
+        if router is None or gen is None:
+            return False
+        if router.link.link_generation != gen:
+            # A new relay link (resume): the path must be proven again.
+            self._direct_gen = None
+            self._probes_left = PROBES
+            self._probe()
+            return False
+        return router.send(self._sid, KIND_DATA, datagram)
+
+    @property
+    def direct(self) -> bool:
+        """True while this side sends its datagrams as QUIC DATAGRAM frames."""
+        return self._direct_gen is not None
 
     # -- the UDP side -------------------------------------------------------------
 
@@ -111,6 +243,8 @@ class DatagramStream(Stream):
         """Queue a datagram for the relay stream; drop it if the queue is full."""
         if self._input_closed:
             self._drops.drop("closed")
+            return
+        if self._direct_gen is not None and self._send_direct(datagram):
             return
         if len(self._queue) >= self._queue_max or self._queued + len(datagram) > QUEUE_BYTES:
             self._drops.drop("queue_full")
@@ -127,7 +261,7 @@ class DatagramStream(Stream):
     # -- Stream -------------------------------------------------------------------
 
     async def receive_some(self, max_bytes: int = 65536) -> bytes:
-        while not self._queue:
+        while not self._queue and not self._ack_due:
             if self._input_closed or self._closed:
                 if self._closed:
                     raise ClosedResourceError("datagram flow closed")
@@ -135,6 +269,9 @@ class DatagramStream(Stream):
             self._wake.clear()
             await self._wake.wait()
         out = bytearray()
+        if self._ack_due:
+            self._ack_due = False
+            out += control_frame(CTRL_DATAGRAMS_REACH_ME)
         while self._queue and (not out or len(out) + 2 + len(self._queue[0]) <= max_bytes):
             datagram = self._queue.popleft()
             self._queued -= len(datagram)
@@ -149,7 +286,14 @@ class DatagramStream(Stream):
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         if self._closed:
             raise ClosedResourceError("datagram flow closed")
-        datagrams = self._deframer.feed(data)
+        deframer = self._deframer
+        datagrams = deframer.feed(data)
+        if deframer.controls:
+            if CTRL_DATAGRAMS_REACH_ME in deframer.controls and self._router is not None:
+                if self._direct_gen is None:
+                    log.info("udp flow: QUIC datagrams on", extra=kv(stream_id=self._sid))
+                self._direct_gen = self._router.link.link_generation
+            deframer.controls.clear()
         for datagram in datagrams:
             self._send(datagram)
         if datagrams and self._on_activity is not None:
@@ -162,6 +306,10 @@ class DatagramStream(Stream):
     def abort(self, error_code: int = 0) -> None:
         self._closed = True
         self._input_closed = True
+        if self._probe_timer is not None:
+            self._probe_timer.cancel()
+        if self._router is not None:
+            self._router.unregister(self._sid, self)
         self._queue.clear()
         self._queued = 0
         self._wake.set()
@@ -202,7 +350,9 @@ class _BackendStream(DatagramStream):
             self.transport.close()
 
 
-async def open_udp_backend(host: str, port: int, drops: UdpDrops) -> DatagramStream:
+async def open_udp_backend(
+    host: str, port: int, drops: UdpDrops, router: DatagramRouter | None = None
+) -> DatagramStream:
     """A connected UDP socket to ``host:port`` as a :class:`DatagramStream`.
 
     Raises:
@@ -222,7 +372,7 @@ async def open_udp_backend(host: str, port: int, drops: UdpDrops) -> DatagramStr
         else:
             transport.sendto(datagram)
 
-    stream = _BackendStream(send, drops, peername=(host, port))
+    stream = _BackendStream(send, drops, peername=(host, port), router=router)
     stream.transport = transport
     protocol.stream = stream
     return stream
@@ -256,8 +406,10 @@ class UdpConsumer:
         idle_timeout: float = FLOW_IDLE,
         max_flows: int = MAX_FLOWS,
         queue_max: int = DATAGRAM_QUEUE,
+        router: DatagramRouter | None = None,
     ) -> None:
         self.service = service
+        self._router = router
         self._handler = handler
         self._spawn = spawn
         self._drops = drops
@@ -319,6 +471,7 @@ class UdpConsumer:
             queue_max=self._queue_max,
             peername=addr,
             on_activity=lambda: self.flows.touch(addr, loop.time()),
+            router=self._router,
         )
         self.flows.add(addr, flow, now)
         self.opened += 1
