@@ -23,6 +23,8 @@ Scenarios (``--only`` takes a comma-separated subset; default: all):
                time (the mesh cache's lookup), cross-relay failover stall (bench/mesh.py)
   api          the Python API (issue 19): fresh open_connection + 1-byte echo, median/p90,
                against the sidecar consumer in the same run (bench/api.py)
+  udp          UDP services (issue 19): packets/s delivered and loss at rising offered
+               rates, over QUIC and the TLS+yamux fallback (bench/udp.py)
 
 Issue 16's targets (thresholds in bench/targets.py) are judged from bulk and
 ttfb and reported with a verdict at the top of results.md and at the end of
@@ -48,7 +50,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from bench import api, mesh, report, scenarios, setups, targets
+from bench import api, mesh, report, scenarios, setups, targets, udp
 from bench.common import BenchError
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -64,6 +66,7 @@ SCENARIOS = [
     "profile",
     "mesh",
     "api",
+    "udp",
 ]
 ALIASES = {"cpu": "bulk", "qh3": "stacks"}
 
@@ -206,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
             "profile": scenarios.run_profile,
             "mesh": mesh.run_mesh,
             "api": api.run_api,
+            "udp": udp.run_udp,
         }
         steps += [
             (name, lambda fn=table[name]: fn(ctx))

@@ -17,7 +17,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from bench import api, mesh, targets
+from bench import api, mesh, targets, udp
 from bench.common import median, percentile
 
 MIB = 1 << 20
@@ -459,6 +459,7 @@ def markdown(results: dict[str, Any], summary: dict[str, Any], command: str) -> 
             lines += [f"- {share * 100:.1f}% `{name}`" for name, share in p["self"][:10]]
     lines += mesh.markdown(results)
     lines += api.markdown(results)
+    lines += udp.markdown(results)
     lines += ["", "Plots: " + ", ".join(f"`{p}`" for p in results.get("plots", [])), ""]
     return "\n".join(lines)
 

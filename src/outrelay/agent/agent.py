@@ -21,6 +21,14 @@ from outrelay.agent.intercept import InterceptError, TproxyConfig, TransparentCa
 from outrelay.agent.p2p.promote import P2PConfig, P2PService
 from outrelay.agent.provider import PROVIDER_MODE_WAIT, handle_incoming_stream, split_host_port
 from outrelay.agent.session import RelayRefused, RelaySession, SessionConfig
+from outrelay.agent.udp import (
+    FLOW_IDLE,
+    MAX_FLOWS,
+    DatagramRouter,
+    DatagramStream,
+    UdpConsumer,
+    UdpDrops,
+)
 from outrelay.observe import kv
 from outrelay.transport import SocketStream, Stream
 
@@ -53,6 +61,14 @@ class AgentConfig:
     """``--admin-listen``: where /healthz, /readyz and /metrics are served; None: off."""
     drain_delay: float = 0.0
     """``--drain-delay``: seconds between readiness off and the listeners closing (SIGTERM)."""
+    consumes_udp: list[tuple[str, str]] = field(default_factory=list)
+    """(service, bind ``host:port``) per ``--consume-udp``."""
+    udp_services: frozenset[str] = frozenset()
+    """Services of ``session.services`` exposed with ``--expose-udp`` (UDP backends)."""
+    udp_idle: float = FLOW_IDLE
+    """``--udp-idle``: seconds before an idle UDP flow's stream is closed."""
+    udp_max_flows: int = MAX_FLOWS
+    """``--udp-max-flows``: flows per ``--consume-udp`` socket."""
 
 
 class Agent:
@@ -82,6 +98,13 @@ class Agent:
         """Tproxy mode's VIPs, DNS server and listener, once started."""
         self.draining = False
         """Set by :meth:`begin_drain` (SIGTERM): readiness is off from then on."""
+        self.udp_drops = UdpDrops()
+        """Datagrams dropped by either role, by reason (``/metrics``)."""
+        self.udp_consumers: list[UdpConsumer] = []
+        """One per ``--consume-udp``, once bound."""
+        self.udp_router = DatagramRouter(self.session)
+        """UDP flows' QUIC DATAGRAM frames, by relay stream id."""
+        self.session.datagram_handler = self.udp_router.received_datagram
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -116,6 +139,13 @@ class Agent:
                 server.close()
             self._servers.clear()
             raise ListenerError(f"cannot listen for --consume {service}@{bind}: {exc}") from exc
+        try:
+            await self._start_udp()
+        except ListenerError:
+            for server in self._servers:
+                server.close()
+            self._servers.clear()
+            raise
         if self.config.tproxy is not None:
             capture = TransparentCapture(self.config.tproxy, self._on_intercepted)
             try:
@@ -145,6 +175,42 @@ class Agent:
         )
         self._session_task.add_done_callback(self._session_ended)
 
+    async def _start_udp(self) -> None:
+        """Bind every ``--consume-udp`` socket.
+
+        Raises:
+            ListenerError: a bind failed (sockets already bound are closed).
+        """
+        for service, bind in self.config.consumes_udp:
+            consumer = UdpConsumer(
+                service,
+                functools.partial(self._carry_udp_flow, service=service),
+                self._spawn,
+                self.udp_drops,
+                idle_timeout=self.config.udp_idle,
+                max_flows=self.config.udp_max_flows,
+                router=self.udp_router,
+            )
+            try:
+                host, port = split_host_port(bind)
+                bound = await consumer.start(host, port)
+            except (OSError, ValueError) as exc:
+                for started in self.udp_consumers:
+                    await started.close()
+                self.udp_consumers.clear()
+                raise ListenerError(f"cannot bind --consume-udp {service}@{bind}: {exc}") from exc
+            self.udp_consumers.append(consumer)
+            self.bound.append((service, bound[0], bound[1]))
+            log.info(
+                "intercept: udp socket bound",
+                extra=kv(bind=f"{bound[0]}:{bound[1]}", svc=service),
+            )
+
+    async def _carry_udp_flow(self, flow: DatagramStream, service: str) -> None:
+        await handle_consumer_connection(
+            self.session, flow, service, mode_wait=self.config.consumer_mode_wait
+        )
+
     def _session_ended(self, task: asyncio.Task[None]) -> None:
         """The session loop only ends when cancelled; anything else is a bug: stop."""
         if task.cancelled() or self._stopped.is_set():
@@ -171,6 +237,8 @@ class Agent:
         self.begin_drain()
         for server in self._servers:
             server.close()
+        for consumer in self.udp_consumers:
+            await consumer.close()
         if self.capture is not None:
             await self.capture.close()
         self.session.stop_accepting()
@@ -228,6 +296,9 @@ class Agent:
                 stream,
                 self.config.session.services,
                 mode_wait=self.config.provider_mode_wait,
+                udp_services=self.config.udp_services,
+                udp_drops=self.udp_drops,
+                udp_router=self.udp_router,
             ),
             "incoming",
         )

@@ -45,6 +45,7 @@ from outrelay.agent.intercept import (
 from outrelay.agent.metrics import admin_routes
 from outrelay.agent.p2p.promote import P2PConfig
 from outrelay.agent.session import SessionConfig
+from outrelay.agent.udp import FLOW_IDLE, MAX_FLOWS
 from outrelay.cliutil import (
     FlagError,
     FlagParser,
@@ -253,11 +254,87 @@ def build_parser() -> argparse.ArgumentParser:
         "before they close, with --admin-listen (lets a load balancer or Kubernetes stop "
         "sending new connections first); default %(default)s",
     )
+    _add_udp_flags(p)
     add_quic_datagram_flag(p)
     add_log_flags(p)
     add_config_flag(p)
     p.add_argument("--version", action="store_true", help="print the version and exit")
     return p
+
+
+# -- UDP services (issue 19 item 2) ------------------------------------------------------
+
+
+def _add_udp_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("UDP services (length-prefixed datagrams on a relay stream)")
+    g.add_argument(
+        "--expose-udp",
+        action="append",
+        default=[],
+        metavar="SVC=HOST:PORT",
+        help="provide SVC, sending each flow's datagrams to the UDP backend HOST:PORT "
+        "from its own socket (repeatable)",
+    )
+    g.add_argument(
+        "--consume-udp",
+        action="append",
+        default=[],
+        metavar="SVC@HOST:PORT",
+        help="bind UDP HOST:PORT; each client address is one flow (one stream) to remote "
+        "UDP service SVC (repeatable)",
+    )
+    g.add_argument(
+        "--udp-idle",
+        type=float,
+        default=FLOW_IDLE,
+        metavar="SECONDS",
+        help="close a UDP flow (and its stream) after this long without a datagram "
+        "(default %(default)s)",
+    )
+    g.add_argument(
+        "--udp-max-flows",
+        type=int,
+        default=MAX_FLOWS,
+        metavar="N",
+        help="flows per --consume-udp socket; datagrams from further clients are dropped "
+        "(default %(default)s)",
+    )
+
+
+def _udp_config(
+    args: argparse.Namespace, services: dict[str, str]
+) -> tuple[list[tuple[str, str]], frozenset[str]]:
+    """Parse the UDP flags; ``--expose-udp`` services are added to ``services``.
+
+    Returns:
+        (``--consume-udp`` (service, bind) pairs, names of the UDP services).
+    """
+    udp: set[str] = set()
+    for item in args.expose_udp:
+        name, sep, target = item.partition("=")
+        if not sep or not name:
+            raise FlagError(f"--expose-udp must be <svc>=<host:port>, got {item!r}")
+        if name in services:
+            raise FlagError(f"service {name!r} is exposed twice")
+        try:
+            parse_host_port(target, what=f"UDP backend for service {name!r}", port_zero=False)
+        except ValueError as exc:
+            raise FlagError(str(exc)) from exc
+        services[name] = target
+        udp.add(name)
+    consumes: list[tuple[str, str]] = []
+    for item in args.consume_udp:
+        service, sep, bind = item.partition("@")
+        if not sep or not service or not bind:
+            raise FlagError(f"--consume-udp must be <svc>@<host:port>, got {item!r}")
+        try:
+            parse_host_port(bind, what=f"--consume-udp bind address for {service!r}")
+        except ValueError as exc:
+            raise FlagError(str(exc)) from exc
+        consumes.append((service, bind))
+    if args.udp_idle <= 0 or args.udp_max_flows < 1:
+        raise FlagError("--udp-idle must be > 0 and --udp-max-flows >= 1")
+    return consumes, frozenset(udp)
 
 
 class SetupError(Exception):
@@ -322,6 +399,7 @@ def build_config(args: argparse.Namespace) -> AgentConfig:
         except ValueError as exc:
             raise FlagError(str(exc)) from exc
 
+    consumes_udp, udp_services = _udp_config(args, services)
     consumes: list[tuple[str, str]] = []
     tproxy: TproxyConfig | None = None
     if args.consume and args.intercept == "tproxy":
@@ -378,6 +456,10 @@ def build_config(args: argparse.Namespace) -> AgentConfig:
         tproxy=tproxy,
         admin_listen=_admin_address(args.admin_listen),
         drain_delay=args.drain_delay,
+        consumes_udp=consumes_udp,
+        udp_services=udp_services,
+        udp_idle=args.udp_idle,
+        udp_max_flows=args.udp_max_flows,
     )
 
 

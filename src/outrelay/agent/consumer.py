@@ -32,10 +32,11 @@ from outrelay.agent.bridge import AccessLog, bridge
 from outrelay.agent.forward import run_forward_consumer
 from outrelay.agent.resumable import ResumableStream
 from outrelay.agent.session import NotConnected, RelaySession, StreamMode
+from outrelay.agent.udp import DatagramStream
 from outrelay.observe import hop, hop_marks, kv
 from outrelay.orp import StreamRejected, classify_open_answer
 from outrelay.splice import copy_until
-from outrelay.transport import SocketStream, Stream, TransportError
+from outrelay.transport import Stream, TransportError
 
 __all__ = ["CONSUMER_MODE_WAIT", "handle_consumer_connection"]
 
@@ -102,7 +103,7 @@ async def _await_answer(
 
 async def handle_consumer_connection(
     session: RelaySession,
-    local: SocketStream,
+    local: Stream,
     service: str,
     *,
     mode_wait: float = CONSUMER_MODE_WAIT,
@@ -120,7 +121,8 @@ async def handle_consumer_connection(
             on_answer(outcome)
 
     accepted_at = time.monotonic()
-    peer = f"{local.peername[0]}:{local.peername[1]}" if local.peername else "?"
+    peername = getattr(local, "peername", None)  # a SocketStream's or a UDP flow's
+    peer = f"{peername[0]}:{peername[1]}" if peername else "?"
     access = AccessLog("consumer", service, session.link_address or "", "app", stats=session.stats)
     try:
         stream, sid, mode, may_pipeline = await session.open_stream(service)
@@ -193,6 +195,8 @@ async def handle_consumer_connection(
             )
             return
         relay_stream = session.wrap(sid, stream, prefix, sent=bytes(pipelined))
+        if isinstance(local, DatagramStream):
+            local.attach(sid)  # a UDP flow: QUIC DATAGRAM frames beside the stream
         marks = hop_marks(sid, "c_up_first", "c_down_first")
         live = access.live()
         try:

@@ -141,6 +141,48 @@ class AgentCollector(Collector):
             "Streams moved back from a direct path to the relay",
             value=stats.demotions,
         )
+        yield from _udp_metrics(agent)
+
+
+def _udp_metrics(agent: Agent) -> Iterator[Metric]:
+    """UDP services (issue 19): flows per ``--consume-udp`` socket, datagrams dropped."""
+    consumers = agent.udp_consumers
+    yield labelled(
+        GaugeMetricFamily,
+        "outrelay_udp_flows",
+        "UDP flows (client addresses) open per --consume-udp service",
+        ["service"],
+        (([c.service], float(len(c.flows))) for c in consumers),
+    )
+    yield labelled(
+        CounterMetricFamily,
+        "outrelay_udp_flows_opened",
+        "UDP flows started (one relay stream each) per --consume-udp service",
+        ["service"],
+        (([c.service], c.opened) for c in consumers),
+    )
+    yield labelled(
+        CounterMetricFamily,
+        "outrelay_udp_flows_expired",
+        "UDP flows closed after --udp-idle without a datagram",
+        ["service"],
+        (([c.service], c.expired) for c in consumers),
+    )
+    yield labelled(
+        CounterMetricFamily,
+        "outrelay_udp_datagrams_dropped",
+        "Datagrams dropped (queue_full: a flood; too_many_flows; send_buffer_full; closed)",
+        ["reason"],
+        (([r], n) for r, n in sorted(agent.udp_drops.by_reason.items())),
+    )
+    router = agent.udp_router
+    yield labelled(
+        CounterMetricFamily,
+        "outrelay_udp_quic_datagrams",
+        "UDP payloads carried as QUIC DATAGRAM frames through the relay (RFC 9221)",
+        ["direction"],
+        [(["sent"], router.sent), (["received"], router.received)],
+    )
 
 
 def readiness_of(agent: Agent) -> list[str]:

@@ -20,6 +20,7 @@ from typing import Any
 from outrelay.agent.bridge import AccessLog, bridge
 from outrelay.agent.forward import run_forward_provider
 from outrelay.agent.session import RelaySession, StreamMode
+from outrelay.agent.udp import DatagramRouter, DatagramStream, UdpDrops, open_udp_backend
 from outrelay.observe import hop, hop_marks, kv
 from outrelay.orp import (
     FrameType,
@@ -29,7 +30,7 @@ from outrelay.orp import (
     encode_message,
     encode_reject,
 )
-from outrelay.transport import SocketStream, Stream, TransportError, open_tcp
+from outrelay.transport import Stream, TransportError, open_tcp
 from outrelay.wire import FrameReader, expect_message, frame_name
 
 __all__ = ["PROVIDER_MODE_WAIT", "handle_incoming_stream"]
@@ -82,8 +83,16 @@ async def handle_incoming_stream(
     services: dict[str, str],
     *,
     mode_wait: float = PROVIDER_MODE_WAIT,
+    udp_services: frozenset[str] = frozenset(),
+    udp_drops: UdpDrops | None = None,
+    udp_router: DatagramRouter | None = None,
 ) -> None:
-    """Serve one relay-opened stream."""
+    """Serve one relay-opened stream.
+
+    A service in ``udp_services`` (``--expose-udp``) is a UDP backend: the stream
+    carries length-prefixed datagrams (:mod:`outrelay.agent.udp`), the backend is a
+    connected UDP socket, everything else (accept, mode, resume, bridge) is unchanged.
+    """
     reader = FrameReader(stream)
     try:
         async with asyncio.timeout(FIRST_FRAME_TIMEOUT):
@@ -115,9 +124,14 @@ async def handle_incoming_stream(
         return
     try:
         host, port = split_host_port(target)
-        backend: SocketStream = await open_tcp(host, port, connect_timeout=BACKEND_DIAL_TIMEOUT)
+        backend: Stream
+        if service in udp_services:
+            backend = await open_udp_backend(host, port, udp_drops or UdpDrops(), udp_router)
+        else:
+            backend = await open_tcp(host, port, connect_timeout=BACKEND_DIAL_TIMEOUT)
     except (OSError, TimeoutError, ValueError) as exc:
-        reason = f"dial tcp {target}: {exc or 'timeout'}"
+        proto = "udp" if service in udp_services else "tcp"
+        reason = f"dial {proto} {target}: {exc or 'timeout'}"
         log.warning(
             "backend unreachable; rejecting 502", extra=kv(**fields, target=target, err=reason)
         )
@@ -168,6 +182,8 @@ async def handle_incoming_stream(
         prefix = reader.take_leftover() + early
         log.debug("bridging", extra=kv(**fields, target=target))
         relay_stream = session.wrap(sid, stream, prefix, peer_uri=incoming.source_agent_uri)
+        if isinstance(backend, DatagramStream):
+            backend.attach(sid)  # a UDP flow: QUIC DATAGRAM frames beside the stream
         live = access.live()
         try:
             result = await bridge(

@@ -169,6 +169,8 @@ class RelaySession:
         """Stream counters the bridges and the resume supervisor update (``/metrics``)."""
         self._resumes = ResumeSupervisor(lambda: self._link, self.stats)
         self.connected = asyncio.Event()
+        self.datagram_handler: Callable[[bytes], None] | None = None
+        """Called with each QUIC DATAGRAM frame from the relay (UDP services, issue 19)."""
         """Set while a relay link is up and every ``--expose`` got its REGISTER_ACK."""
         self.resume_window = config.resume_window
         self._ever_connected = False
@@ -192,6 +194,18 @@ class RelaySession:
     def p2p_mode(self, stream_id: int) -> P2PMode | None:
         """The relay's word on P2P for ``stream_id`` (None: not told)."""
         return self._control.p2p_mode(stream_id)
+
+    def send_datagram(self, data: bytes) -> bool:
+        """One QUIC DATAGRAM frame to the relay; False when the link cannot carry it."""
+        link = self._link
+        if link is None or link.conn.is_closed:
+            return False
+        return link.conn.send_datagram(data)
+
+    def _on_datagram(self, data: bytes) -> None:
+        handler = self.datagram_handler
+        if handler is not None:
+            handler(data)
 
     @property
     def current_link(self) -> Link | None:
@@ -300,6 +314,7 @@ class RelaySession:
                 for task in helpers:
                     task.cancel()
                 return False
+            link.conn.on_datagram = self._on_datagram
             self._link = link
             self._ever_connected = True
             self.connected.set()

@@ -59,6 +59,8 @@ class ControlDispatch:
 
     def __init__(self, state: RelayState) -> None:
         self._state = state
+        self.datagrams_forwarded = 0
+        self.datagrams_dropped = 0
 
     async def serve(self, session: AgentSession) -> None:
         """Serve the control stream; when it ends, so does the connection.
@@ -67,10 +69,29 @@ class ControlDispatch:
         (spec 02 §2.4), which leaves PINGs unanswered and STREAM_READY writes
         stalled; our agents reconnect instead.
         """
+        session.conn.on_datagram = lambda data: self._forward_datagram(session, data)
         try:
             await self._serve(session)
         finally:
+            session.conn.on_datagram = None
             session.conn.close(0, "")
+
+    def _forward_datagram(self, session: AgentSession, data: bytes) -> None:
+        """Ours (issue 19, UDP services): a QUIC DATAGRAM frame (RFC 9221) whose first 8
+        bytes are a relay stream id goes, unchanged, to the other agent of that stream's
+        pair, if it is connected here; otherwise it is dropped (the agents then keep
+        the flow on its stream). Nothing is queued beyond the connection's bounded
+        datagram queue."""
+        if len(data) < 8:
+            self.datagrams_dropped += 1
+            return
+        state = self._state
+        target_uri = state.pairs.route(int.from_bytes(data[:8], "big"), session.uri)
+        target = state.agents.get(target_uri) if target_uri else None
+        if target is None or not target.conn.send_datagram(data):
+            self.datagrams_dropped += 1
+            return
+        self.datagrams_forwarded += 1
 
     async def _serve(self, session: AgentSession) -> None:
         reader = session.reader

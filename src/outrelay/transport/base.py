@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from cryptography import x509
@@ -203,3 +204,17 @@ class Connection(abc.ABC):
     def rtt(self) -> float | None:
         """Smoothed round-trip time in seconds, where the transport measures one."""
         return None
+
+    on_datagram: Callable[[bytes], None] | None = None
+    """Called with each unreliable datagram the peer sent (QUIC DATAGRAM frames, RFC
+    9221), where the transport carries them; set by the connection's owner."""
+
+    def send_datagram(self, data: bytes) -> bool:
+        """Send ``data`` as one unreliable datagram (RFC 9221) if the transport and the
+        peer support it and it fits in a packet.
+
+        Returns:
+            False when it was not sent (no datagram support, too large, closed): the
+            caller uses the stream instead. True does not mean it will arrive.
+        """
+        return False

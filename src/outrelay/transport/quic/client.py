@@ -42,6 +42,7 @@ def configuration(
         max_stream_data=settings.STREAM_WINDOW,
         max_data=settings.CONNECTION_WINDOW,
         max_datagram_size=settings.MAX_DATAGRAM_SIZE,
+        max_datagram_frame_size=settings.DATAGRAM_FRAME_MAX,
         server_name=tls.server_name if is_client else None,
     )
     config.load_cert_chain(tls.cert_file, tls.key_file)

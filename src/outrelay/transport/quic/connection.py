@@ -151,6 +151,22 @@ class QuicConnBase(ConnectionBase[QuicStream]):
     def transmit_soon(self) -> None:
         self._protocol.transmit_soon()
 
+    def send_datagram(self, data: bytes) -> bool:
+        """A QUIC DATAGRAM frame (RFC 9221), when the peer allows one of this size."""
+        quic: Any = self._protocol.quic
+        peer_max = quic._remote_max_datagram_frame_size
+        if self._terminated or peer_max is None or len(data) > settings.DATAGRAM_PAYLOAD_MAX:
+            return False
+        if len(quic._datagrams_pending) >= settings.DATAGRAM_QUEUE_MAX:
+            self.datagrams_dropped += 1  # a flood: drop, never queue more
+            return True
+        quic.send_datagram_frame(data)
+        self.transmit_soon()
+        return True
+
+    datagrams_dropped = 0
+    """DATAGRAM frames dropped because the library's queue was full."""
+
     def want_send(self, stream: QuicStream) -> None:
         self._want_send.add(stream)
 
@@ -188,6 +204,10 @@ class QuicConnBase(ConnectionBase[QuicStream]):
             stream = self._streams.get(event.stream_id)
             if stream is not None:
                 stream.on_stop_sending(event.error_code)
+        elif isinstance(event, ev.DatagramFrameReceived):
+            handler = self.on_datagram
+            if handler is not None:
+                handler(event.data)
         elif isinstance(event, ev.ConnectionTerminated):
             if not self._terminated:
                 self._close_code = event.error_code

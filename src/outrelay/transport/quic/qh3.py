@@ -254,6 +254,7 @@ def _configuration(tls: QuicTlsConfig) -> QuicConfiguration:
         max_stream_data=settings.STREAM_WINDOW,
         max_data=settings.CONNECTION_WINDOW,
         max_datagram_size=settings.MAX_DATAGRAM_SIZE,
+        max_datagram_frame_size=settings.DATAGRAM_FRAME_MAX,
         probe_datagram_size=False,
         server_name=tls.server_name,
     )

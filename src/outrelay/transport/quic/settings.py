@@ -58,3 +58,11 @@ lengths as 2-byte varints (at most 16,383), so a larger datagram carries a
 corrupt frame. Bench, loopback, one run (CPU s/GiB summed over relay and both
 agents): 1,350 B 87, 4 KiB 33, 16 KiB 14 (BENCHMARKS.md)."""
 CONNECTION_WINDOW = 16 << 20
+
+DATAGRAM_FRAME_MAX = 65536
+"""``max_datagram_frame_size`` we announce (RFC 9221 §3): we accept DATAGRAM frames."""
+DATAGRAM_PAYLOAD_MAX = 1100
+"""The largest payload we send in one DATAGRAM frame: it must fit in one packet of the
+1,200-byte minimum path with the QUIC headers; larger ones go on the stream."""
+DATAGRAM_QUEUE_MAX = 256
+"""DATAGRAM frames waiting in the QUIC library (congestion window full) before we drop."""
