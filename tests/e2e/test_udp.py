@@ -20,11 +20,14 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import dns.message
 import dns.rdatatype
 import dns.rrset
 import pytest
+from devpki import DevPki
+from quicbackends import HAVE_QH3
 
 from .harness import Agent, Cluster, Relay, free_tcp_port
 
@@ -317,3 +320,25 @@ def test_unknown_udp_service_is_rejected_and_dropped(cluster: Cluster, echo: Udp
         assert _ask(sock, pair.port("uecho"), b"fine") == b"fine"
     finally:
         sock.close()
+
+
+@pytest.mark.skipif(not HAVE_QH3, reason="qh3 not installed")
+def test_quic_datagrams_with_qh3_agents(tmp_path: Path, pki: DevPki, echo: UdpServer) -> None:
+    """The agents on qh3 (``--quic-backend qh3``) switch flows to DATAGRAM frames too."""
+    cluster = Cluster(tmp_path / "procs", pki, "qh3")
+    try:
+        pair = _start(cluster, {"uecho": echo.addr}, ["uecho"])
+        port = pair.port("uecho")
+        sock = _client()
+        try:
+            assert _ask(sock, port, b"first") == b"first"
+            for agent in (pair.consumer, pair.provider):
+                agent.wait_for("udp flow: QUIC datagrams on", timeout=WAIT)
+            for i in range(5):
+                assert _ask(sock, port, b"q-%d" % i) == b"q-%d" % i
+        finally:
+            sock.close()
+        assert pair.metric("outrelay_udp_quic_datagrams_total", direction="sent") > 0
+        assert pair.metric("outrelay_udp_quic_datagrams_total", direction="received") > 0
+    finally:
+        cluster.stop_all()

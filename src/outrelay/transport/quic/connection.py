@@ -157,7 +157,9 @@ class QuicConnBase(ConnectionBase[QuicStream]):
         peer_max = quic._remote_max_datagram_frame_size
         if self._terminated or peer_max is None or len(data) > settings.DATAGRAM_PAYLOAD_MAX:
             return False
-        if len(quic._datagrams_pending) >= settings.DATAGRAM_QUEUE_MAX:
+        # aioquic queues without a bound; qh3's core bounds its own queue.
+        pending = getattr(quic, "_datagrams_pending", ())
+        if len(pending) >= settings.DATAGRAM_QUEUE_MAX:
             self.datagrams_dropped += 1  # a flood: drop, never queue more
             return True
         quic.send_datagram_frame(data)
