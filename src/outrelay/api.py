@@ -49,7 +49,7 @@ from outrelay.cliutil import parse_host_port
 from outrelay.observe import kv
 from outrelay.orp import StreamRejected
 from outrelay.pki import first_uri_san, load_certificates
-from outrelay.transport import QuicTlsConfig, SocketStream, TransportError
+from outrelay.transport import QuicTlsConfig, SocketStream, Stream, TransportError
 
 __all__ = [
     "Agent",
@@ -73,6 +73,8 @@ OPEN_ANSWER_MARGIN = 10.0
 """Beyond the consumer's own mode wait, how long an open may take to be answered."""
 STREAM_LIMIT = 64 * 1024
 """asyncio ``StreamReader`` limit (buffer high-water mark) on the caller's side."""
+IN_PROCESS = "in-process"
+"""The ``local_addr`` a ``serve()`` registration reports to the relay (no network backend)."""
 
 
 class OutRelayError(Exception):
@@ -149,7 +151,6 @@ def _parse_relay(text: str) -> tuple[str, int]:
 
 @dataclass
 class _Served:
-    server: asyncio.Server | None = None
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
 
@@ -253,9 +254,6 @@ class Agent:
         if self._closed:
             return
         self._closed = True
-        for served in self._served.values():
-            if served.server is not None:
-                served.server.close()
         agent, self._agent = self._agent, None
         if agent is not None:
             await agent.shutdown()
@@ -383,9 +381,9 @@ class Agent:
         reads EOF); ``write_eof()`` half-closes. An exception in the handler is logged
         (logger ``outrelay.api``) and aborts that stream (the consumer sees a reset).
 
-        The agent reaches the handler through a listener on 127.0.0.1 (an ephemeral
-        port): a local process that finds the port can connect to it too, without mTLS.
-        Use :meth:`expose` with your own access control where that matters.
+        The handler is reached inside this process (each stream is one end of a private
+        ``socketpair``), so no port is opened: only the relay's authenticated streams reach
+        it.
 
         Raises:
             OutRelayError: the relay refused the registration.
@@ -398,9 +396,6 @@ class Agent:
         self._served[service] = served
 
         async def on_conn(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            task = asyncio.current_task()
-            assert task is not None
-            served.tasks.add(task)
             try:
                 await handler(reader, writer)
             except asyncio.CancelledError:
@@ -409,14 +404,27 @@ class Agent:
                 log.exception("serve: handler failed; stream aborted", extra=kv(svc=service))
                 writer.transport.abort()
             finally:
-                served.tasks.discard(task)
                 writer.close()
                 with contextlib.suppress(Exception):
                     await writer.wait_closed()
 
-        served.server = await asyncio.start_server(on_conn, "127.0.0.1", 0)
-        port = served.server.sockets[0].getsockname()[1]
-        await self._register(service, f"127.0.0.1:{port}")
+        async def connect() -> Stream:
+            """One incoming stream: the agent bridges one end, the handler gets the other."""
+            ours, theirs = socket.socketpair()
+            try:
+                reader, writer = await asyncio.open_connection(sock=ours)
+                handler_reader, handler_writer = await asyncio.open_connection(sock=theirs)
+            except BaseException:
+                ours.close()
+                theirs.close()
+                raise
+            task = asyncio.get_running_loop().create_task(on_conn(handler_reader, handler_writer))
+            served.tasks.add(task)
+            task.add_done_callback(served.tasks.discard)
+            return SocketStream(reader, writer)
+
+        self._running().local_backends[service] = connect
+        await self._register(service, IN_PROCESS)
 
     async def expose(self, service: str, target: str) -> None:
         """Expose ``service`` as a bridge to the TCP backend ``target`` (``host:port``).

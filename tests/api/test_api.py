@@ -8,6 +8,7 @@ and the other way round (``serve``/``expose`` here, a sidecar consumer there).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import socket
@@ -124,6 +125,24 @@ async def test_relay_unreachable_raises_within_the_timeout(
         await agent.open_connection("echo")
 
 
+def _own_listening_sockets() -> set[str]:
+    """The socket inodes this process listens on (TCP, IPv4 and IPv6), from /proc."""
+    listening: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table) as f:
+            for line in f.readlines()[1:]:
+                fields = line.split()
+                if fields[3] == "0A":  # TCP_LISTEN
+                    listening.add(fields[9])
+    own = set()
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            link = os.readlink(f"/proc/self/fd/{fd}")
+            if link.startswith("socket:["):
+                own.add(link[len("socket:[") : -1])
+    return listening & own
+
+
 async def test_serve_handler_reached_by_a_sidecar_consumer(
     cluster: Cluster, api_identity: outrelay.Identity
 ) -> None:
@@ -137,7 +156,9 @@ async def test_serve_handler_reached_by_a_sidecar_consumer(
         await writer.drain()
 
     async with outrelay.Agent(relays=[relay.addr], identity=api_identity) as agent:
+        listening = _own_listening_sockets()
         await agent.serve("upper", upper)
+        assert _own_listening_sockets() == listening, "serve() must not open a port"
         consumer = await asyncio.to_thread(
             cluster.start_agent, cluster.pki.agent(0), relay, name="consumer", consume=["upper"]
         )

@@ -83,6 +83,7 @@ def _roundtrip(port: int, payload: bytes) -> bytes:
 
 def test_every_example_is_tested() -> None:
     tested = {"open_connection.py", "serve.py", "expose.py", "sync_client.py"}
+    tested.add("udp_ping.py")  # run by tests/e2e/test_udp.py::test_udp_ping_example
     assert {p.name for p in EXAMPLES.glob("*.py")} == tested
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import socket
 import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -342,3 +343,32 @@ def test_quic_datagrams_with_qh3_agents(tmp_path: Path, pki: DevPki, echo: UdpSe
         assert pair.metric("outrelay_udp_quic_datagrams_total", direction="received") > 0
     finally:
         cluster.stop_all()
+
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "udp_ping.py"
+
+
+def test_udp_ping_example(cluster: Cluster, echo: UdpServer) -> None:
+    """``examples/udp_ping.py`` (issue 19: the examples show UDP working as pasted)."""
+    pair = _start(cluster, {"uecho": echo.addr}, ["uecho"])
+    address = f"127.0.0.1:{pair.port('uecho')}"
+    ran = subprocess.run(
+        [sys.executable, str(EXAMPLE), address, "10"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert ran.returncode == 0, ran.stderr
+    answered = int(ran.stdout.split("/", 1)[0])
+    assert answered >= 8, ran.stdout  # UDP may lose the first datagram of a new flow
+    echo.close()  # nobody answers now: the example says so and fails
+    silent = subprocess.run(
+        [sys.executable, str(EXAMPLE), address, "2"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert silent.returncode == 1, silent.stdout
+    assert "no answer" in silent.stderr

@@ -19,7 +19,12 @@ from typing import Any
 from outrelay.agent.consumer import CONSUMER_MODE_WAIT, handle_consumer_connection
 from outrelay.agent.intercept import InterceptError, TproxyConfig, TransparentCapture
 from outrelay.agent.p2p.promote import P2PConfig, P2PService
-from outrelay.agent.provider import PROVIDER_MODE_WAIT, handle_incoming_stream, split_host_port
+from outrelay.agent.provider import (
+    PROVIDER_MODE_WAIT,
+    LocalBackend,
+    handle_incoming_stream,
+    split_host_port,
+)
 from outrelay.agent.session import RelayRefused, RelaySession, SessionConfig
 from outrelay.agent.udp import (
     FLOW_IDLE,
@@ -103,6 +108,8 @@ class Agent:
         self.udp_consumers: list[UdpConsumer] = []
         """One per ``--consume-udp``, once bound."""
         self.udp_router = DatagramRouter(self.session)
+        self.local_backends: dict[str, LocalBackend] = {}
+        """Services served inside this process (the Python API's ``serve``), by name."""
         """UDP flows' QUIC DATAGRAM frames, by relay stream id."""
         self.session.datagram_handler = self.udp_router.received_datagram
 
@@ -299,6 +306,7 @@ class Agent:
                 udp_services=self.config.udp_services,
                 udp_drops=self.udp_drops,
                 udp_router=self.udp_router,
+                local_backends=self.local_backends,
             ),
             "incoming",
         )

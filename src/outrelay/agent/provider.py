@@ -15,7 +15,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import Any
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, TypeAlias
 
 from outrelay.agent.bridge import AccessLog, bridge
 from outrelay.agent.forward import run_forward_provider
@@ -33,7 +34,7 @@ from outrelay.orp import (
 from outrelay.transport import Stream, TransportError, open_tcp
 from outrelay.wire import FrameReader, expect_message, frame_name
 
-__all__ = ["PROVIDER_MODE_WAIT", "handle_incoming_stream"]
+__all__ = ["PROVIDER_MODE_WAIT", "LocalBackend", "handle_incoming_stream"]
 
 log = logging.getLogger("outrelay.agent.provider")
 
@@ -41,6 +42,9 @@ PROVIDER_MODE_WAIT = 5.0  # spec 03 §3.6 / §10
 FIRST_FRAME_TIMEOUT = 10.0
 """Ours: a relay-opened stream must carry INCOMING_STREAM promptly."""
 BACKEND_DIAL_TIMEOUT = 10.0
+
+LocalBackend: TypeAlias = Callable[[], Awaitable[Stream]]
+"""An in-process backend (the Python API's ``serve``): returns a fresh stream per call."""
 
 
 def split_host_port(target: str) -> tuple[str, int]:
@@ -86,8 +90,13 @@ async def handle_incoming_stream(
     udp_services: frozenset[str] = frozenset(),
     udp_drops: UdpDrops | None = None,
     udp_router: DatagramRouter | None = None,
+    local_backends: Mapping[str, LocalBackend] | None = None,
 ) -> None:
     """Serve one relay-opened stream.
+
+    A service in ``local_backends`` (the Python API's ``serve``) has no network backend:
+    its connector returns a stream into this process (one end of a socket pair whose other
+    end the handler holds); everything else is as for a TCP backend.
 
     A service in ``udp_services`` (``--expose-udp``) is a UDP backend: the stream
     carries length-prefixed datagrams (:mod:`outrelay.agent.udp`), the backend is a
@@ -123,11 +132,15 @@ async def handle_incoming_stream(
         await _reject(stream, int(RejectCode.NOT_FOUND), "no handler")
         return
     try:
-        host, port = split_host_port(target)
         backend: Stream
-        if service in udp_services:
+        connect_local = local_backends.get(service) if local_backends else None
+        if connect_local is not None:
+            backend = await connect_local()
+        elif service in udp_services:
+            host, port = split_host_port(target)
             backend = await open_udp_backend(host, port, udp_drops or UdpDrops(), udp_router)
         else:
+            host, port = split_host_port(target)
             backend = await open_tcp(host, port, connect_timeout=BACKEND_DIAL_TIMEOUT)
     except (OSError, TimeoutError, ValueError) as exc:
         proto = "udp" if service in udp_services else "tcp"
