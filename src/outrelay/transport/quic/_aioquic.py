@@ -49,6 +49,7 @@ __all__ = [
     "ServerBase",
     "announce_stream",
     "credit_due",
+    "datagram_backlog",
     "datagram_size",
     "has_stream",
     "install_patches",
@@ -298,6 +299,15 @@ def watch_packet_fates(
     cc.on_packet_acked = packet_acked
     cc.on_packets_lost = packets_lost
     cc.on_packets_expired = packets_expired
+
+
+def datagram_backlog(quic: QuicConnection) -> int | None:
+    """DATAGRAM frames queued to send (private ``_datagrams_pending``; aioquic does not bound
+    it), or None when the peer accepts none (its private ``_remote_max_datagram_frame_size``,
+    RFC 9221 §3)."""
+    if quic._remote_max_datagram_frame_size is None:
+        return None
+    return len(quic._datagrams_pending)
 
 
 def datagram_size(quic: QuicConnection) -> int:

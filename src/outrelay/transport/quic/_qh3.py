@@ -32,6 +32,7 @@ __all__ = [
     "HeldQuicConnection",
     "ProtocolBase",
     "bytes_in_flight",
+    "datagram_backlog",
     "remote_address",
     "rtt",
 ]
@@ -158,6 +159,12 @@ def bytes_in_flight(quic: QuicConnection) -> tuple[int, float]:
     if core is None:
         return 0, 0.0
     return int(core.bytes_in_flight), float(core.smoothed_rtt or 0.0)
+
+
+def datagram_backlog(quic: QuicConnection) -> int | None:
+    """0 (qh3's core bounds its own DATAGRAM queue), or None when the peer accepts no
+    DATAGRAM frames (private ``_remote_max_datagram_frame_size``, RFC 9221 §3)."""
+    return None if quic._remote_max_datagram_frame_size is None else 0
 
 
 def remote_address(quic: QuicConnection) -> Any:

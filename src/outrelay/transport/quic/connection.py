@@ -153,16 +153,13 @@ class QuicConnBase(ConnectionBase[QuicStream]):
 
     def send_datagram(self, data: bytes) -> bool:
         """A QUIC DATAGRAM frame (RFC 9221), when the peer allows one of this size."""
-        quic: Any = self._protocol.quic
-        peer_max = quic._remote_max_datagram_frame_size
-        if self._terminated or peer_max is None or len(data) > settings.DATAGRAM_PAYLOAD_MAX:
+        backlog = self._protocol.datagram_backlog()
+        if self._terminated or backlog is None or len(data) > settings.DATAGRAM_PAYLOAD_MAX:
             return False
-        # aioquic queues without a bound; qh3's core bounds its own queue.
-        pending = getattr(quic, "_datagrams_pending", ())
-        if len(pending) >= settings.DATAGRAM_QUEUE_MAX:
+        if backlog >= settings.DATAGRAM_QUEUE_MAX:
             self.datagrams_dropped += 1  # a flood: drop, never queue more
             return True
-        quic.send_datagram_frame(data)
+        self._protocol.quic.send_datagram_frame(data)
         self.transmit_soon()
         return True
 

@@ -192,6 +192,9 @@ class AioquicProtocol(_aioquic.ProtocolBase):
         self.quic.send_ping(0)
         self.transmit()
 
+    def datagram_backlog(self) -> int | None:
+        return _aioquic.datagram_backlog(self.quic)
+
     def probe_timeout_in_flight(self) -> float | None:
         in_flight, pto = _aioquic.loss_state(self.quic)
         return pto if in_flight > 0 else None

@@ -203,6 +203,9 @@ class _Qh3Protocol(_qh3.ProtocolBase):
             return
         self.transmit()
 
+    def datagram_backlog(self) -> int | None:
+        return _qh3.datagram_backlog(self.quic)
+
     def probe_timeout_in_flight(self) -> float | None:
         in_flight, srtt = _qh3.bytes_in_flight(self.quic)
         # qh3 exposes no PTO; srtt x 3 + max_ack_delay approximates it.
